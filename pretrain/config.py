@@ -1,0 +1,221 @@
+"""Run configuration: typed omegaconf structured configs, loaded from YAML plus `key=value`
+overrides, validated before any process group exists. Values derived from several settings
+(data-parallel size, gradient accumulation, padded vocabulary) are computed once, in `Layout`."""
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pretrain.model.args import LlamaArgs
+
+
+class ConfigError(ValueError):
+    """A setting is wrong; the message names it and says what to change."""
+
+
+class Schedule(str, enum.Enum):
+    cosine = "cosine"  # linear warmup, cosine decay to min_lr_ratio * lr at max_steps
+    constant = "constant"  # linear warmup, then constant
+    wsd = "wsd"  # warmup, stable, then linear decay over the last decay_fraction of the steps
+
+
+class Precision(str, enum.Enum):
+    auto = "auto"  # bf16 on GPU, fp32 on CPU
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+class Backend(str, enum.Enum):
+    auto = "auto"  # nccl on GPU, gloo on CPU
+    nccl = "nccl"
+    gloo = "gloo"
+
+
+class DataSource(str, enum.Enum):
+    synthetic = "synthetic"  # generated token patterns, for tests and benchmarks
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor-parallel size
+    pp: int = 1  # pipeline-parallel size; data-parallel size = world size / (tp * pp)
+    backend: Backend = Backend.auto
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.1  # applied to matrices only, never to norms or biases
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3 (2 and 3 only with parallel.pp = 1)
+    zero3_param_persistence_threshold: int = 100_000  # ZeRO-3 keeps parameters smaller than this whole
+
+
+@dataclass
+class ScheduleConfig:
+    kind: Schedule = Schedule.cosine
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * optimizer.lr (cosine and wsd)
+    decay_fraction: float = 0.2  # wsd: share of train.max_steps spent decaying
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    max_tokens: int = 0  # token budget; 0 = none. Training stops at whichever comes first
+    seed: int = 1234
+    micro_batch_size: int = 1  # sequences per rank per forward pass
+    global_batch_size: int = 8  # sequences per optimizer step, over all data-parallel ranks
+    precision: Precision = Precision.auto
+
+
+@dataclass
+class DataConfig:
+    source: DataSource = DataSource.synthetic
+
+
+@dataclass
+class LogConfig:
+    dir: str = "runs/default"  # TensorBoard events, metrics.jsonl and the resolved config
+    interval: int = 10  # steps between metric records
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # empty: no checkpoints
+    interval: int = 0  # steps between saves; 0 = only at the end
+
+
+@dataclass
+class Config:
+    model: LlamaArgs = field(default_factory=LlamaArgs)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sizes derived from the config and the world size, computed once."""
+
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    micro_batch_size: int
+    global_batch_size: int
+    grad_accumulation: int  # micro-batches per rank per optimizer step
+    padded_vocab_size: int
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file <- `section.key=value` overrides, type-checked against the schema."""
+    schema = OmegaConf.structured(Config)
+    try:
+        layers = [schema]
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
+            layers.append(OmegaConf.load(path))
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise ConfigError(_describe(error)) from None
+
+
+def _describe(error: OmegaConfBaseException) -> str:
+    key = getattr(error, "full_key", None)
+    message = str(error).splitlines()[0]
+    if type(error).__name__ == "ConfigKeyError" and key:
+        return f"unknown setting '{key}': check its spelling against configs/ and `pretrain train --help`"
+    if key:
+        return f"setting '{key}': {message}"
+    return message
+
+
+def validate(config: Config, world_size: int) -> Layout:
+    """Check every rule that involves several settings; report all broken rules at once."""
+    model, parallel, train = config.model, config.parallel, config.train
+    tp, pp = parallel.tp, parallel.pp
+    problems: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    for key, value in [("parallel.tp", tp), ("parallel.pp", pp), ("model.num_layers", model.num_layers),
+                       ("model.hidden_size", model.hidden_size), ("model.num_heads", model.num_heads),
+                       ("model.num_kv_heads", model.num_kv_heads), ("model.ffn_hidden_size", model.ffn_hidden_size),
+                       ("model.vocab_size", model.vocab_size), ("model.seq_len", model.seq_len),
+                       ("model.vocab_pad_multiple", model.vocab_pad_multiple),
+                       ("train.max_steps", train.max_steps), ("train.micro_batch_size", train.micro_batch_size),
+                       ("train.global_batch_size", train.global_batch_size), ("log.interval", config.log.interval)]:
+        need(value >= 1, f"{key}={value} must be at least 1")
+    if problems:
+        raise ConfigError(_report(problems))
+
+    need(model.hidden_size % model.num_heads == 0,
+         f"model.hidden_size={model.hidden_size} must be divisible by model.num_heads={model.num_heads}")
+    need(model.hidden_size % model.num_heads != 0 or model.head_dim % 2 == 0,
+         f"head dimension model.hidden_size/model.num_heads={model.hidden_size / model.num_heads:g} must be even for RoPE")
+    need(model.num_heads % model.num_kv_heads == 0,
+         f"model.num_heads={model.num_heads} must be a multiple of model.num_kv_heads={model.num_kv_heads}")
+    for key, value in [("model.num_heads", model.num_heads), ("model.num_kv_heads", model.num_kv_heads),
+                       ("model.ffn_hidden_size", model.ffn_hidden_size)]:
+        need(value % tp == 0, f"{key}={value} is not divisible by parallel.tp={tp}: "
+                              f"choose parallel.tp among {_divisors(value)} or change {key}")
+    need(model.num_layers >= pp, f"parallel.pp={pp} exceeds model.num_layers={model.num_layers}: "
+                                 "each pipeline stage needs at least one layer")
+    need(world_size % (tp * pp) == 0,
+         f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {tp} x {pp}: "
+         f"launch a multiple of {tp * pp} processes or change parallel.tp/parallel.pp")
+    need(config.optimizer.zero_stage in (0, 1, 2, 3), f"optimizer.zero_stage={config.optimizer.zero_stage} must be 0, 1, 2 or 3")
+    need(not (config.optimizer.zero_stage >= 2 and pp > 1),
+         f"optimizer.zero_stage={config.optimizer.zero_stage} cannot be combined with parallel.pp={pp}: DeepSpeed's "
+         "pipeline engine supports ZeRO stages 0 and 1 only; set optimizer.zero_stage=1 or parallel.pp=1")
+    need(config.optimizer.lr > 0, f"optimizer.lr={config.optimizer.lr} must be positive")
+    need(config.optimizer.grad_clip >= 0, f"optimizer.grad_clip={config.optimizer.grad_clip} must be >= 0 (0 = off)")
+    need(config.schedule.warmup_steps >= 0, f"schedule.warmup_steps={config.schedule.warmup_steps} must be >= 0")
+    need(0 <= config.schedule.min_lr_ratio <= 1, f"schedule.min_lr_ratio={config.schedule.min_lr_ratio} must be in [0, 1]")
+    need(0 < config.schedule.decay_fraction <= 1,
+         f"schedule.decay_fraction={config.schedule.decay_fraction} must be in (0, 1]")
+    need(train.max_tokens >= 0, f"train.max_tokens={train.max_tokens} must be >= 0 (0 = no token budget)")
+    need(config.checkpoint.interval >= 0, f"checkpoint.interval={config.checkpoint.interval} must be >= 0")
+
+    dp = max(world_size // (tp * pp), 1)
+    per_step = train.micro_batch_size * dp
+    need(train.global_batch_size % per_step == 0,
+         f"train.global_batch_size={train.global_batch_size} must be a multiple of train.micro_batch_size "
+         f"({train.micro_batch_size}) x data-parallel size ({dp}) = {per_step}, e.g. "
+         f"{max(per_step, train.global_batch_size // per_step * per_step)}")
+    if problems:
+        raise ConfigError(_report(problems))
+    return Layout(world_size=world_size, tp=tp, pp=pp, dp=dp, micro_batch_size=train.micro_batch_size,
+                  global_batch_size=train.global_batch_size, grad_accumulation=train.global_batch_size // per_step,
+                  padded_vocab_size=model.padded_vocab_size(tp))
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _report(problems: list[str]) -> str:
+    if len(problems) == 1:
+        return f"invalid configuration: {problems[0]}"
+    return "invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems)
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))

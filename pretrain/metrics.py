@@ -1,0 +1,103 @@
+"""Training metrics: throughput and MFU arithmetic, and the rank-0 writer that sends each
+record to TensorBoard, to metrics.jsonl and to the console."""
+
+import json
+import resource
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+# Dense bf16 peak per GPU (vendor datasheets, without sparsity), matched against the device name.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100 SXM": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "A6000": 155e12,
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Datasheet peak of this GPU, or None (CPU, unknown GPU): MFU is then not reported."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return flops
+    return None
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated GPU memory, or on CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def throughput(tokens: int, seconds: float, flops_per_token: int, world_size: int,
+               peak: float | None) -> dict[str, float]:
+    """tokens/s of the whole job, achieved TFLOP/s per GPU (or process) and MFU when the peak is known."""
+    tokens_per_sec = tokens / seconds
+    flops_per_gpu = tokens_per_sec * flops_per_token / world_size
+    result = {"tokens_per_sec": tokens_per_sec, "tflops_per_gpu": flops_per_gpu / 1e12}
+    if peak:
+        result["mfu"] = flops_per_gpu / peak
+    return result
+
+
+class MetricsWriter:
+    """Writes `train/<name>` scalars on rank 0; other ranks hold a disabled writer."""
+
+    def __init__(self, log_dir: Path, total_steps: int, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.tensorboard = SummaryWriter(str(log_dir))
+        self.jsonl = open(log_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self.progress = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True, disable=None)
+
+    def write(self, step: int, values: dict[str, float], group: str = "train") -> None:
+        if not self.enabled:
+            return
+        for name, value in values.items():
+            self.tensorboard.add_scalar(f"{group}/{name}", value, step)
+        self.jsonl.write(json.dumps({"step": step, "group": group, **values}) + "\n")
+        self.jsonl.flush()
+        self.progress.write(console_line(step, self.progress.total, values))
+
+    def advance(self, steps: int) -> None:
+        if self.enabled:
+            self.progress.update(steps)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.progress.close()
+            self.tensorboard.close()
+            self.jsonl.close()
+
+
+def console_line(step: int, total: int, values: dict[str, float]) -> str:
+    parts = [f"step {step}/{total}", f"loss {values['loss']:.4f}"]
+    if "lr" in values:
+        parts.append(f"lr {values['lr']:.2e}")
+    if "grad_norm" in values:
+        parts.append(f"grad {values['grad_norm']:.3f}")
+    if "tokens_per_sec" in values:
+        parts.append(f"{values['tokens_per_sec']:,.0f} tok/s")
+    if "mfu" in values:
+        parts.append(f"mfu {100 * values['mfu']:.1f}%")
+    if "step_time" in values:
+        parts.append(f"{values['step_time']:.3f} s/step")
+    if "mem_peak_gib" in values:
+        parts.append(f"mem {values['mem_peak_gib']:.1f} GiB")
+    return " | ".join(parts)

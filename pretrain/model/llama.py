@@ -1,0 +1,215 @@
+"""Llama decoder built from megatron-core tensor-parallel layers.
+
+Math follows Hugging Face's LlamaForCausalLM so that export is a renaming of tensors:
+RMSNorm in fp32 with eps inside the root, RoPE in the "rotate half" layout, grouped-query
+attention where query head i reads key/value head i // (num_heads // num_kv_heads).
+
+Tensor layout is [batch, sequence, hidden]. The model is a sequence of stages
+(embedding, blocks, head) so that the pipeline path can cut it between blocks.
+"""
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    vocab_parallel_cross_entropy,
+)
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pretrain.model.args import LlamaArgs
+from pretrain.model.weights import initialize, mark_tensor_parallel
+
+
+def megatron_layer_config(tp: int) -> ModelParallelConfig:
+    """Layer settings that run on CPU and GPU alike; weights are filled by pretrain.model.weights."""
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp,
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        gradient_accumulation_fusion=False,
+        params_dtype=torch.float32,
+    )
+
+
+def _no_init(_: torch.Tensor) -> None:
+    """Placeholder init_method: weights are set after construction, by parameter name."""
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for rotary position embedding, computed in fp32 like Hugging Face."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [batch, heads, seq, head_dim]; cos/sin: [batch, seq, head_dim]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query attention. The fused qkv projection is stored group-major: for each KV head
+    g, the query heads it serves, then key g, then value g. A contiguous TP slice therefore holds
+    whole groups, and the layout of the full tensor does not depend on TP."""
+
+    def __init__(self, args: LlamaArgs, layer_config: ModelParallelConfig, tp_group):
+        super().__init__()
+        tp = tp_group.size()
+        self.head_dim = args.head_dim
+        self.queries_per_group = args.num_heads // args.num_kv_heads
+        self.local_groups = args.num_kv_heads // tp
+        qkv_size = (args.num_heads + 2 * args.num_kv_heads) * self.head_dim
+        self.qkv_proj = ColumnParallelLinear(
+            args.hidden_size, qkv_size, config=layer_config, init_method=_no_init,
+            bias=False, gather_output=False, tp_group=tp_group,
+        )
+        self.o_proj = RowParallelLinear(
+            args.num_heads * self.head_dim, args.hidden_size, config=layer_config, init_method=_no_init,
+            bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
+        )
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        qkv, _ = self.qkv_proj(x)
+        qkv = qkv.view(batch, seq, self.local_groups, self.queries_per_group + 2, self.head_dim)
+        q, k, v = qkv.split([self.queries_per_group, 1, 1], dim=3)
+        q = q.reshape(batch, seq, -1, self.head_dim).transpose(1, 2)
+        k = k.reshape(batch, seq, -1, self.head_dim).transpose(1, 2)
+        v = v.reshape(batch, seq, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if attention_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, enable_gqa=True)
+        out = out.transpose(1, 2).reshape(batch, seq, -1)
+        out, _ = self.o_proj(out)
+        return out
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, args: LlamaArgs, layer_config: ModelParallelConfig, tp_group):
+        super().__init__()
+        column = dict(config=layer_config, init_method=_no_init, bias=False, gather_output=False, tp_group=tp_group)
+        self.gate_proj = ColumnParallelLinear(args.hidden_size, args.ffn_hidden_size, **column)
+        self.up_proj = ColumnParallelLinear(args.hidden_size, args.ffn_hidden_size, **column)
+        self.down_proj = RowParallelLinear(
+            args.ffn_hidden_size, args.hidden_size, config=layer_config, init_method=_no_init,
+            bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, _ = self.gate_proj(x)
+        up, _ = self.up_proj(x)
+        out, _ = self.down_proj(F.silu(gate) * up)
+        return out
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attention(norm(x)), then h + mlp(norm(h))."""
+
+    def __init__(self, args: LlamaArgs, layer_config: ModelParallelConfig, tp_group):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.hidden_size, args.norm_eps)
+        self.attention = Attention(args, layer_config, tp_group)
+        self.mlp_norm = RMSNorm(args.hidden_size, args.norm_eps)
+        self.mlp = SwiGLU(args, layer_config, tp_group)
+        self.rotary = RotaryEmbedding(args.head_dim, args.rope_theta)
+        self.recompute = args.activation_checkpointing
+
+    def _forward(self, x: torch.Tensor, position_ids: torch.Tensor,
+                 attention_mask: torch.Tensor | None) -> torch.Tensor:
+        cos, sin = self.rotary(position_ids, x.dtype)
+        h = x + self.attention(self.attention_norm(x), cos, sin, attention_mask)
+        return h + self.mlp(self.mlp_norm(h))
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, position_ids, attention_mask, use_reentrant=False)
+        return self._forward(x, position_ids, attention_mask)
+
+
+class Llama(nn.Module):
+    """Decoder-only Llama. forward(tokens) returns vocab-parallel logits [batch, seq, vocab/tp]:
+    each TP rank holds its slice of the (padded) vocabulary; use cross_entropy() for the loss."""
+
+    def __init__(self, args: LlamaArgs, tp_group):
+        super().__init__()
+        self.args = args
+        self.tp_group = tp_group
+        tp = tp_group.size()
+        layer_config = megatron_layer_config(tp)
+        self.padded_vocab_size = args.padded_vocab_size(tp)
+        self.embedding = VocabParallelEmbedding(
+            self.padded_vocab_size, args.hidden_size, init_method=_no_init, config=layer_config, tp_group=tp_group
+        )
+        self.layers = nn.ModuleList(Block(args, layer_config, tp_group) for _ in range(args.num_layers))
+        self.final_norm = RMSNorm(args.hidden_size, args.norm_eps)
+        self.output = ColumnParallelLinear(
+            args.hidden_size, self.padded_vocab_size, config=layer_config, init_method=_no_init, bias=False,
+            gather_output=False, skip_weight_param_allocation=args.tie_embeddings, tp_group=tp_group,
+        )
+        mark_tensor_parallel(self)
+
+    def init_weights(self, seed: int) -> None:
+        """Seeded initial weights, identical for any TP size (see pretrain.model.weights)."""
+        initialize(self, seed, self.args.init_std, self.args.num_layers, self.tp_group.rank(), self.tp_group.size())
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if position_ids is None:
+            position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        x = self.embedding(tokens)
+        for block in self.layers:
+            x = block(x, position_ids, attention_mask)
+        x = self.final_norm(x)
+        tied_weight = self.embedding.weight if self.args.tie_embeddings else None
+        logits, _ = self.output(x, weight=tied_weight)
+        return logits
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                  ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token loss over labels != ignore_index, from vocab-parallel logits.
+
+    Padding rows of the vocabulary are masked out of the softmax, so the loss equals that of the
+    unpadded model whatever the TP size (and that of the exported Hugging Face model)."""
+    local_vocab = logits.shape[-1]
+    first_column = parallel_state.get_tensor_model_parallel_rank() * local_vocab
+    column_ids = torch.arange(first_column, first_column + local_vocab, device=logits.device)
+    logits = logits.float().masked_fill(column_ids >= vocab_size, float("-inf"))
+    valid = labels != ignore_index
+    per_token = vocab_parallel_cross_entropy(logits, labels.masked_fill(~valid, 0))
+    return (per_token * valid).sum() / valid.sum().clamp(min=1)
+

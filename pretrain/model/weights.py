@@ -1,0 +1,87 @@
+"""How the model's parameters are split across tensor-parallel ranks, and how full tensors
+become this rank's shards: seeded initialisation (identical at any TP size) and loading.
+
+Every parameter is described by its full (unsharded) tensor; a rank holds the contiguous
+chunk number `tp_rank` of it along its partition dimension, as megatron-core's layers expect.
+"""
+
+import math
+import zlib
+from collections.abc import Mapping
+
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from torch import nn
+
+VOCAB_PARAMETERS = ("embedding.weight", "output.weight")
+OUTPUT_PROJECTIONS = ("attention.o_proj.weight", "mlp.down_proj.weight")
+
+_PARTITION_DIM = {ColumnParallelLinear: 0, RowParallelLinear: 1, VocabParallelEmbedding: 0}
+
+
+def mark_tensor_parallel(model: nn.Module) -> None:
+    """Set megatron's tensor_model_parallel/partition_dim attributes on every parameter.
+
+    DeepSpeed's gradient-norm and megatron's utilities read them to tell sharded parameters
+    from replicated ones; without them the clip norm across TP ranks is wrong."""
+    for module in model.modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            dim = _PARTITION_DIM.get(type(module)) if param_name == "weight" else None
+            if not hasattr(param, "tensor_model_parallel"):
+                set_tensor_model_parallel_attributes(param, dim is not None, -1 if dim is None else dim, 1)
+
+
+def full_shape(param: torch.Tensor, tp: int) -> tuple[int, ...]:
+    shape = list(param.shape)
+    if param.tensor_model_parallel:
+        shape[param.partition_dim] *= tp
+    return tuple(shape)
+
+
+def shard(full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
+    """This rank's slice of a full tensor."""
+    if not param.tensor_model_parallel:
+        return full
+    return full.chunk(tp, dim=param.partition_dim)[tp_rank]
+
+
+def parameter_seed(seed: int, name: str) -> int:
+    """A seed per parameter name, so that each full tensor is the same whatever the layout."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+@torch.no_grad()
+def initialize(model: nn.Module, seed: int, std: float, num_layers: int, tp_rank: int, tp: int) -> None:
+    """Normal(0, std) weights (output projections scaled by 1/sqrt(2 x layers)), norms at 1.
+
+    The full tensor of each parameter is drawn from a generator seeded by its name, then sliced,
+    so TP1 and TP8 start from identical weights. Rows past the vocabulary (padding) are drawn
+    last in row-major order, so the real rows do not depend on the padding either."""
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+            continue
+        scale = std / math.sqrt(2 * num_layers) if name.endswith(OUTPUT_PROJECTIONS) else std
+        generator = torch.Generator().manual_seed(parameter_seed(seed, name))
+        full = torch.empty(full_shape(param, tp)).normal_(0.0, scale, generator=generator)
+        param.copy_(shard(full, param, tp_rank, tp))
+
+
+@torch.no_grad()
+def load_full_state_dict(model: nn.Module, full_tensors: Mapping[str, torch.Tensor], tp_rank: int, tp: int) -> None:
+    """Copy full (unsharded) tensors into this rank's shards. Vocabulary tensors may have fewer
+    rows than the padded embedding: the padding rows are zero-filled. Missing or unexpected
+    names are errors."""
+    params = dict(model.named_parameters())
+    missing, unexpected = params.keys() - full_tensors.keys(), full_tensors.keys() - params.keys()
+    if missing or unexpected:
+        raise KeyError(f"state dict does not match the model: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+    for name, param in params.items():
+        expected = full_shape(param, tp)
+        full = full_tensors[name]
+        if name.endswith(VOCAB_PARAMETERS) and full.shape[0] < expected[0] and full.shape[1:] == expected[1:]:
+            full = torch.cat([full, full.new_zeros(expected[0] - full.shape[0], *expected[1:])])
+        if tuple(full.shape) != expected:
+            raise ValueError(f"{name}: full tensor has shape {tuple(full.shape)}, the model expects {expected}")
+        param.copy_(shard(full, param, tp_rank, tp))
