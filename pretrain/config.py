@@ -181,6 +181,8 @@ def validate(config: Config, world_size: int) -> Layout:
     need(world_size % (tp * pp) == 0,
          f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {tp} x {pp}: "
          f"launch a multiple of {tp * pp} processes or change parallel.tp/parallel.pp")
+    need(pp == 1, f"parallel.pp={pp}: pipeline parallelism is not available in this version yet; "
+                  "set parallel.pp=1 (use parallel.tp and data parallelism)")
     need(config.optimizer.zero_stage in (0, 1, 2, 3), f"optimizer.zero_stage={config.optimizer.zero_stage} must be 0, 1, 2 or 3")
     need(not (config.optimizer.zero_stage >= 2 and pp > 1),
          f"optimizer.zero_stage={config.optimizer.zero_stage} cannot be combined with parallel.pp={pp}: DeepSpeed's "

@@ -1,0 +1,118 @@
+"""Model math against Hugging Face's LlamaForCausalLM, loss padding, initialisation."""
+
+import pytest
+import torch
+
+from pretrain import parallel
+from pretrain.model.args import LlamaArgs
+from pretrain.model.hf import from_hf, merge_qkv, split_qkv, to_hf
+from pretrain.model.llama import Llama, cross_entropy
+from pretrain.model.weights import load_full_state_dict
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tp_group():
+    context = parallel.initialize(tp=1, pp=1, backend="gloo")
+    yield context.tp_group
+    parallel.shutdown()
+
+
+def hf_model(args: LlamaArgs) -> "transformers.LlamaForCausalLM":
+    config = transformers.LlamaConfig(
+        vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.ffn_hidden_size,
+        num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads,
+        rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta, max_position_embeddings=args.seq_len,
+        tie_word_embeddings=args.tie_embeddings, attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for param in model.parameters():  # HF initialises norms to 1: randomise them so eps/weight placement shows
+            param.normal_(0.0, 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("args", [
+    LlamaArgs(vocab_size=300, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=2, ffn_hidden_size=96,
+              seq_len=32, rope_theta=50000.0, norm_eps=1e-6),
+    LlamaArgs(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, ffn_hidden_size=96,
+              seq_len=32, tie_embeddings=True),
+], ids=["gqa-untied-theta5e4", "mha-tied"])
+def test_logits_and_loss_equal_hugging_face(args, tp_group):
+    reference = hf_model(args)
+    ours = Llama(args, tp_group).eval()
+    load_full_state_dict(ours, from_hf(dict(reference.state_dict()), args), tp_rank=0, tp=1)
+    tokens = torch.randint(0, args.vocab_size, (3, args.seq_len), generator=torch.Generator().manual_seed(1))
+    labels = torch.roll(tokens, -1, dims=1)
+    with torch.no_grad():
+        logits = ours(tokens)
+        expected = reference(tokens).logits
+    assert logits.shape[-1] == 384  # padded vocabulary
+    assert (logits[..., :300] - expected).abs().max().item() < 1e-5
+    expected_loss = torch.nn.functional.cross_entropy(expected.reshape(-1, args.vocab_size), labels.reshape(-1))
+    assert abs(cross_entropy(logits, labels, args.vocab_size).item() - expected_loss.item()) < 1e-5
+
+
+def test_qkv_regrouping_round_trip_and_head_order():
+    args = LlamaArgs(hidden_size=16, num_heads=4, num_kv_heads=2)
+    q, k, v = (torch.randn(n * 4, 16) for n in (4, 2, 2))
+    fused = merge_qkv(q, k, v, args)
+    # group 0 = query heads 0 and 1, then key 0, then value 0
+    assert torch.equal(fused[:8], q[:8]) and torch.equal(fused[8:12], k[:4]) and torch.equal(fused[12:16], v[:4])
+    assert all(torch.equal(a, b) for a, b in zip(split_qkv(fused, args), (q, k, v)))
+
+
+def test_hf_name_table_round_trip(tp_group):
+    args = LlamaArgs(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=48)
+    model = Llama(args, tp_group)
+    model.init_weights(seed=3)
+    ours = {name: p.detach()[:300] if name.endswith(("embedding.weight", "output.weight")) else p.detach()
+            for name, p in model.named_parameters()}
+    hf = to_hf(ours, args)
+    assert set(hf) == set(hf_model(args).state_dict())
+    assert all(torch.equal(hf_back, ours[name]) for name, hf_back in from_hf(hf, args).items())
+
+
+def test_padding_rows_never_enter_the_loss(tp_group):
+    logits = torch.randn(2, 5, 8, requires_grad=True)
+    labels = torch.randint(0, 6, (2, 5))
+    loss = cross_entropy(logits, labels, vocab_size=6)
+    expected = torch.nn.functional.cross_entropy(logits[..., :6].reshape(-1, 6), labels.reshape(-1))
+    assert abs(loss.item() - expected.item()) < 1e-6
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[..., 6:].abs().max() == 0
+
+
+def test_ignore_index_excluded_from_mean(tp_group):
+    logits = torch.randn(1, 4, 8)
+    labels = torch.tensor([[1, 2, -100, -100]])
+    expected = torch.nn.functional.cross_entropy(logits[0, :2], labels[0, :2])
+    assert abs(cross_entropy(logits, labels, 8).item() - expected.item()) < 1e-6
+
+
+def test_init_is_seeded_per_parameter_and_norms_start_at_one(tp_group):
+    args = LlamaArgs(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=48)
+    first, second = Llama(args, tp_group), Llama(args, tp_group)
+    first.init_weights(seed=5)
+    second.init_weights(seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
+    second.init_weights(seed=6)
+    assert not torch.equal(first.embedding.weight, second.embedding.weight)
+    assert torch.equal(first.layers[0].attention_norm.weight, torch.ones(32))
+    std = first.layers[1].mlp.down_proj.weight.std().item()
+    assert 0.02 / 2 / 1.5 < std < 0.02 / 2 * 1.5  # output projections scaled by 1/sqrt(2 x layers)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tp_group):
+    args = LlamaArgs(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=48)
+    grads = []
+    for recompute in (False, True):
+        args.activation_checkpointing = recompute
+        model = Llama(args, tp_group)
+        model.init_weights(seed=1)
+        tokens = torch.arange(32).reshape(2, 16) % 128
+        cross_entropy(model(tokens), torch.roll(tokens, -1, 1), 128).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
