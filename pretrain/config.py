@@ -5,6 +5,7 @@ overrides, validated before any process group exists. Values derived from severa
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -35,6 +36,8 @@ class Backend(str, enum.Enum):
 
 
 class DataSource(str, enum.Enum):
+    shards = "shards"  # tokenized shards from `pretrain data build`
+    raw = "raw"  # tar shards of raw text documents, tokenized and packed while training
     synthetic = "synthetic"  # generated token patterns, for tests and benchmarks
 
 
@@ -73,11 +76,23 @@ class TrainConfig:
     micro_batch_size: int = 1  # sequences per rank per forward pass
     global_batch_size: int = 8  # sequences per optimizer step, over all data-parallel ranks
     precision: Precision = Precision.auto
+    eval_interval: int = 0  # steps between validation passes over data.valid_path; 0 = none
+    eval_steps: int = 10  # global batches per validation pass (the same batches every time)
 
 
 @dataclass
 class DataConfig:
-    source: DataSource = DataSource.synthetic
+    source: DataSource = DataSource.shards
+    # shards folder(s) or manifest.json (relative to the working directory); a list blends datasets
+    path: Any = None
+    weights: list[float] = field(default_factory=list)  # blend weights, one per path (empty: equal)
+    valid_path: str = ""  # held-out shards for valid/loss every train.eval_interval steps
+    tokenizer: str = ""  # tokenizer folder; required for source=raw, checked against the shards otherwise
+    num_workers: int = 2  # DataLoader worker processes per rank
+    doc_mask: bool = False  # attention stays within each document; positions restart per document
+    skip_corrupt: int = 0  # damaged samples to skip (and count) before stopping; 0 = stop at the first
+    allow_pipe: bool = False  # allow `pipe:` shard URLs (they run shell commands)
+    verify: bool = True  # check every shard's sha256 against the manifest at start-up
 
 
 @dataclass
@@ -115,7 +130,6 @@ class Layout:
     micro_batch_size: int
     global_batch_size: int
     grad_accumulation: int  # micro-batches per rank per optimizer step
-    padded_vocab_size: int
 
 
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -195,6 +209,23 @@ def validate(config: Config, world_size: int) -> Layout:
          f"schedule.decay_fraction={config.schedule.decay_fraction} must be in (0, 1]")
     need(train.max_tokens >= 0, f"train.max_tokens={train.max_tokens} must be >= 0 (0 = no token budget)")
     need(config.checkpoint.interval >= 0, f"checkpoint.interval={config.checkpoint.interval} must be >= 0")
+    need(train.eval_interval >= 0, f"train.eval_interval={train.eval_interval} must be >= 0 (0 = no validation)")
+    need(train.eval_steps >= 1, f"train.eval_steps={train.eval_steps} must be at least 1")
+    need(not (train.eval_interval and not config.data.valid_path),
+         f"train.eval_interval={train.eval_interval} needs data.valid_path (held-out shards), or set train.eval_interval=0")
+    need(config.data.num_workers >= 0, f"data.num_workers={config.data.num_workers} must be >= 0")
+    need(config.data.skip_corrupt >= 0, f"data.skip_corrupt={config.data.skip_corrupt} must be >= 0")
+    data_paths = data_path_list(config.data.path)
+    if config.data.source == DataSource.synthetic:
+        need(model.vocab_size > 0, "model.vocab_size must be set (> 0) for data.source=synthetic")
+    else:
+        need(bool(data_paths), f"data.path is not set: point it at a shards folder (data.source={config.data.source.value})"
+                               " or use data.source=synthetic")
+        need(not config.data.weights or len(config.data.weights) == len(data_paths),
+             f"data.weights has {len(config.data.weights)} entries for {len(data_paths)} data.path entries")
+        need(all(w > 0 for w in config.data.weights), f"data.weights={list(config.data.weights)} must all be > 0")
+    need(config.data.source != DataSource.raw or bool(config.data.tokenizer),
+         "data.source=raw needs data.tokenizer (a folder from `pretrain tokenizer train`)")
 
     dp = max(world_size // (tp * pp), 1)
     per_step = train.micro_batch_size * dp
@@ -205,8 +236,18 @@ def validate(config: Config, world_size: int) -> Layout:
     if problems:
         raise ConfigError(_report(problems))
     return Layout(world_size=world_size, tp=tp, pp=pp, dp=dp, micro_batch_size=train.micro_batch_size,
-                  global_batch_size=train.global_batch_size, grad_accumulation=train.global_batch_size // per_step,
-                  padded_vocab_size=model.padded_vocab_size(tp))
+                  global_batch_size=train.global_batch_size, grad_accumulation=train.global_batch_size // per_step)
+
+
+def data_path_list(path: Any) -> list[str]:
+    """data.path as a list: one location or several (blending)."""
+    if path is None or path == "":
+        return []
+    if isinstance(path, str):
+        return [path]
+    if isinstance(path, (list, tuple)) and all(isinstance(p, str) for p in path):
+        return list(path)
+    raise ConfigError(f"setting 'data.path': expected a path or a list of paths, got {path!r}")
 
 
 def _divisors(n: int) -> list[int]:

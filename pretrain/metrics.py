@@ -66,14 +66,15 @@ class MetricsWriter:
         self.jsonl = open(log_dir / "metrics.jsonl", "a", encoding="utf-8")
         self.progress = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True, disable=None)
 
-    def write(self, step: int, values: dict[str, float], group: str = "train") -> None:
+    def write(self, step: int, values: dict[str, float], group: str = "train", console: bool = True) -> None:
         if not self.enabled:
             return
         for name, value in values.items():
             self.tensorboard.add_scalar(f"{group}/{name}", value, step)
         self.jsonl.write(json.dumps({"step": step, "group": group, **values}) + "\n")
         self.jsonl.flush()
-        self.progress.write(console_line(step, self.progress.total, values))
+        if console:
+            self.progress.write(console_line(group, step, self.progress.total, values))
 
     def advance(self, steps: int) -> None:
         if self.enabled:
@@ -86,8 +87,11 @@ class MetricsWriter:
             self.jsonl.close()
 
 
-def console_line(step: int, total: int, values: dict[str, float]) -> str:
-    parts = [f"step {step}/{total}", f"loss {values['loss']:.4f}"]
+def console_line(group: str, step: int, total: int, values: dict[str, float]) -> str:
+    parts = [f"{group} step {step}/{total}" if group != "train" else f"step {step}/{total}",
+             f"loss {values['loss']:.4f}"]
+    if "ppl" in values:
+        parts.append(f"ppl {values['ppl']:.2f}")
     if "lr" in values:
         parts.append(f"lr {values['lr']:.2e}")
     if "grad_norm" in values:

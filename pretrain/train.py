@@ -1,6 +1,8 @@
-"""The training loop: model + optimizer inside a DeepSpeed engine, fed by a data source split
-by data-parallel rank, with metrics every `log.interval` steps and checkpoints."""
+"""The training loop: model + optimizer inside a DeepSpeed engine, fed by a data stream split
+by data-parallel rank, with metrics every `log.interval` steps, validation and checkpoints."""
 
+import itertools
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -12,7 +14,9 @@ import torch.distributed as dist
 
 from pretrain import parallel
 from pretrain.config import Config, Layout, Precision, to_yaml, validate
-from pretrain.data.synthetic import synthetic_batches
+from pretrain.data import pipeline
+from pretrain.data.loader import document_attention_mask
+from pretrain.data.shards import ShardError
 from pretrain.metrics import MetricsWriter, peak_flops, peak_memory_gib, throughput
 from pretrain.model.llama import Llama, cross_entropy
 from pretrain.optim import build_optimizer, build_scheduler
@@ -26,6 +30,7 @@ class TrainResult:
     tokens: int
     losses: dict[int, float] = field(default_factory=dict)  # step -> global mean loss, at logged steps
     grad_norms: dict[int, float] = field(default_factory=dict)  # step -> global gradient norm, likewise
+    valid_losses: dict[int, float] = field(default_factory=dict)  # step -> validation loss
 
 
 def total_steps(config: Config) -> int:
@@ -59,87 +64,140 @@ def deepspeed_config(config: Config, layout: Layout, precision: Precision) -> di
     }
 
 
-def data_source(config: Config, context: parallel.ParallelContext):
-    return synthetic_batches(config.train.seed, config.model.vocab_size, config.model.seq_len,
-                             config.train.micro_batch_size, context.dp_rank, context.dp)
-
-
 def train(config: Config) -> TrainResult:
     """Run training as this process's share of the job (torchrun sets the world; else 1 process).
 
+    The config is validated and the data checked against it before any process group exists.
     A process group that already exists is used and left running (several runs in one launch)."""
     layout = validate(config, int(os.environ.get("WORLD_SIZE", "1")))
+    data = pipeline.resolve(config)
     owns_process_group = not dist.is_initialized()
     context = parallel.initialize(layout.tp, layout.pp, config.parallel.backend.value)
     try:
-        return _train(config, layout, context)
+        return Trainer(config, layout, context, data).run()
     finally:
         parallel.shutdown(destroy_process_group=owns_process_group)
 
 
-def _train(config: Config, layout: Layout, context: parallel.ParallelContext) -> TrainResult:
-    precision = resolve_precision(config.train.precision, context.device)
-    if precision == Precision.bf16 and context.device.type != "cuda":
-        raise ValueError("train.precision=bf16 needs a GPU; use train.precision=fp32 (or auto) on CPU")
-    steps = total_steps(config)
-    log_dir = Path(config.log.dir)
-    if context.rank == 0:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / "config.yaml").write_text(to_yaml(config))
+class Trainer:
+    def __init__(self, config: Config, layout: Layout, context: parallel.ParallelContext,
+                 data: pipeline.DataInfo | None):
+        self.config, self.layout, self.context, self.data = config, layout, context, data
+        self.precision = resolve_precision(config.train.precision, context.device)
+        if self.precision == Precision.bf16 and context.device.type != "cuda":
+            raise ValueError("train.precision=bf16 needs a GPU; use train.precision=fp32 (or auto) on CPU")
+        self.steps = total_steps(config)
+        self.log_dir = Path(config.log.dir)
+        if context.rank == 0:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            (self.log_dir / "config.yaml").write_text(to_yaml(config))
+        if data is not None and config.data.verify:
+            pipeline.verify_shards(data, context.rank, context.world_size, tolerate=config.data.skip_corrupt > 0)
 
-    torch.manual_seed(config.train.seed)
-    model = Llama(config.model, context.tp_group)
-    model.init_weights(config.train.seed)
-    optimizer = build_optimizer(model, config.optimizer, context.device)
-    scheduler = build_scheduler(optimizer, config.schedule, steps)
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(config, layout, precision), mpu=parallel.MegatronMpu(),
-    )
-    batches = data_source(config, context)
-    metrics = MetricsWriter(log_dir, steps, enabled=context.rank == 0)
-    flops_per_token = config.model.flops_per_token()
-    peak = peak_flops(context.device)
-    tokens_per_step = layout.global_batch_size * config.model.seq_len
-    result = TrainResult(steps=0, tokens=0)
+        torch.manual_seed(config.train.seed)
+        self.model = Llama(config.model, context.tp_group)
+        self.model.init_weights(config.train.seed)
+        optimizer = build_optimizer(self.model, config.optimizer, context.device)
+        scheduler = build_scheduler(optimizer, config.schedule, self.steps)
+        self.engine, *_ = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(config, layout, self.precision), mpu=parallel.MegatronMpu(),
+        )
+        self.metrics = MetricsWriter(self.log_dir, self.steps, enabled=context.rank == 0)
+        self.samples_per_step = layout.global_batch_size
+        self.consumed_samples = 0
+        self.skipped_corrupt = 0
 
-    window_start, window_steps = time.perf_counter(), 0
-    loss_sum = torch.zeros((), device=context.device)
-    # DeepSpeed clips ZeRO-0 fp32 gradients without keeping the norm: measure it ourselves.
-    engine_reports_norm = config.optimizer.zero_stage > 0 or precision != Precision.fp32
-    for step in range(1, steps + 1):
-        lr = engine.get_lr()[0]
-        log_step = step % config.log.interval == 0 or step == steps
-        for micro in range(layout.grad_accumulation):
-            tokens, labels = (t.to(context.device, non_blocking=True) for t in next(batches))
-            loss = cross_entropy(engine(tokens), labels, config.model.vocab_size)
-            engine.backward(loss)
-            if log_step and not engine_reports_norm and micro == layout.grad_accumulation - 1:
-                grad_norm = reduced_grad_norm(model, context)
-            engine.step()
-            loss_sum += loss.detach()
-        result.steps, result.tokens = step, result.tokens + tokens_per_step
-        window_steps += 1
+    def _batches(self):
+        batches = pipeline.training_batches(self.config, self.data, self.layout, self.context.dp_rank,
+                                            self.consumed_samples, pin_memory=self.context.device.type == "cuda")
+        first = next(batches)
+        pipeline.check_batch_agreement(first["tokens"], self.context.dp_rank)
+        return itertools.chain([first], batches)
 
-        if log_step:
-            if engine_reports_norm:
-                grad_norm = float(engine.get_global_grad_norm())
-            mean_loss = _global_mean(loss_sum / layout.grad_accumulation, context)
-            elapsed = time.perf_counter() - window_start
-            values = {"loss": mean_loss / window_steps, "lr": lr, "grad_norm": grad_norm,
-                      **throughput(tokens_per_step * window_steps, elapsed, flops_per_token, context.world_size, peak),
-                      "step_time": elapsed / window_steps, "mem_peak_gib": peak_memory_gib(context.device)}
-            result.losses[step], result.grad_norms[step] = values["loss"], grad_norm
-            metrics.write(step, values)
-            loss_sum.zero_()
-            window_start, window_steps = time.perf_counter(), 0
-        metrics.advance(1)
-        if config.checkpoint.dir and (step == steps or (config.checkpoint.interval
-                                                        and step % config.checkpoint.interval == 0)):
-            engine.save_checkpoint(config.checkpoint.dir, tag=f"step_{step:08d}",
-                                   client_state={"step": step, "tokens": result.tokens})
-    metrics.close()
-    return result
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean loss of a micro-batch and its number of predicted tokens."""
+        device = self.context.device
+        labels = batch["labels"].to(device, non_blocking=True)
+        position_ids = batch["position_ids"].to(device, non_blocking=True) if "position_ids" in batch else None
+        mask = document_attention_mask(batch["document_ids"].to(device)) if "document_ids" in batch else None
+        logits = self.engine(batch["tokens"].to(device, non_blocking=True), position_ids, mask)
+        return cross_entropy(logits, labels, self.config.model.vocab_size), (labels != -100).sum()
+
+    def run(self) -> TrainResult:
+        config, layout, context = self.config, self.layout, self.context
+        batches = self._batches()
+        flops_per_token, peak = config.model.flops_per_token(), peak_flops(context.device)
+        tokens_per_step = layout.global_batch_size * config.model.seq_len
+        result = TrainResult(steps=0, tokens=0)
+        # DeepSpeed clips ZeRO-0 fp32 gradients without keeping the norm: measure it ourselves.
+        engine_reports_norm = config.optimizer.zero_stage > 0 or self.precision != Precision.fp32
+        window_start, window_steps = time.perf_counter(), 0
+        window = torch.zeros(2, device=context.device)  # loss sum, damaged samples
+        for step in range(1, self.steps + 1):
+            lr = self.engine.get_lr()[0]
+            log_step = step % config.log.interval == 0 or step == self.steps
+            for micro in range(layout.grad_accumulation):
+                batch = next(batches)
+                loss, _ = self._loss(batch)
+                self.engine.backward(loss)
+                if log_step and not engine_reports_norm and micro == layout.grad_accumulation - 1:
+                    grad_norm = reduced_grad_norm(self.model, context)
+                self.engine.step()
+                window[0] += loss.detach()
+                window[1] += batch.get("corrupt", 0)
+            self.consumed_samples += self.samples_per_step
+            result.steps, result.tokens = step, result.tokens + tokens_per_step
+            window_steps += 1
+
+            if log_step:
+                if engine_reports_norm:
+                    grad_norm = float(self.engine.get_global_grad_norm())
+                dist.all_reduce(window, group=context.dp_group)
+                loss_sum, corrupt = window.tolist()
+                self.skipped_corrupt += int(corrupt)
+                elapsed = time.perf_counter() - window_start
+                values = {"loss": loss_sum / (context.dp * layout.grad_accumulation * window_steps), "lr": lr,
+                          "grad_norm": grad_norm,
+                          **throughput(tokens_per_step * window_steps, elapsed, flops_per_token,
+                                       context.world_size, peak),
+                          "step_time": elapsed / window_steps, "mem_peak_gib": peak_memory_gib(context.device)}
+                result.losses[step], result.grad_norms[step] = values["loss"], grad_norm
+                self.metrics.write(step, values)
+                if self.data is not None:
+                    self.metrics.write(step, {"skipped_corrupt": self.skipped_corrupt}, group="data", console=False)
+                if self.skipped_corrupt > config.data.skip_corrupt:
+                    raise ShardError(f"{self.skipped_corrupt} damaged samples so far, more than data.skip_corrupt="
+                                     f"{config.data.skip_corrupt}: see the warnings above for the shards")
+                window.zero_()
+                window_start, window_steps = time.perf_counter(), 0
+            self.metrics.advance(1)
+            if config.train.eval_interval and (step % config.train.eval_interval == 0 or step == self.steps):
+                result.valid_losses[step] = self.evaluate(step)
+            if config.checkpoint.dir and (step == self.steps or (config.checkpoint.interval
+                                                                 and step % config.checkpoint.interval == 0)):
+                self.save(step, result.tokens)
+        self.metrics.close()
+        return result
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> float:
+        """Mean loss per predicted token over the fixed validation batches; logs valid/loss and valid/ppl."""
+        self.engine.eval()
+        totals = torch.zeros(2, device=self.context.device)
+        for batch in pipeline.validation_batches(self.config, self.data, self.layout, self.context.dp_rank):
+            loss, count = self._loss(batch)
+            totals += torch.stack([loss * count, count.to(loss.dtype)])
+        self.engine.train()
+        dist.all_reduce(totals, group=self.context.dp_group)
+        mean = (totals[0] / totals[1]).item()
+        self.metrics.write(step, {"loss": mean, "ppl": math.exp(min(mean, 50.0))}, group="valid")
+        return mean
+
+    def save(self, step: int, tokens: int) -> None:
+        self.engine.save_checkpoint(self.config.checkpoint.dir, tag=f"step_{step:08d}", client_state={
+            "step": step, "tokens": tokens, "data": {"consumed_samples": self.consumed_samples},
+        })
 
 
 def reduced_grad_norm(model: torch.nn.Module, context: parallel.ParallelContext) -> float:
@@ -151,10 +209,3 @@ def reduced_grad_norm(model: torch.nn.Module, context: parallel.ParallelContext)
             squares += param.grad.float().pow(2).sum()
     dist.all_reduce(squares, group=context.tp_group)
     return squares.sqrt().item()
-
-
-def _global_mean(value: torch.Tensor, context: parallel.ParallelContext) -> float:
-    """Average over data-parallel ranks (TP peers already agree)."""
-    value = value.clone()
-    dist.all_reduce(value, group=context.dp_group)
-    return value.item() / context.dp

@@ -23,12 +23,12 @@ def test_yaml_then_overrides_and_derived_layout():
     layout = validate(config, world_size=4)
     assert (layout.tp, layout.pp, layout.dp) == (2, 1, 2)
     assert layout.grad_accumulation == 32 // (config.train.micro_batch_size * 2)
-    assert layout.padded_vocab_size == 512  # 512 is already a multiple of 128 x 2
 
 
 def test_vocab_padding_to_multiple_of_128_times_tp():
-    assert validate(load(TINY, ["model.vocab_size=1000"]), 1).padded_vocab_size == 1024
-    assert validate(load(TINY, ["model.vocab_size=1100", "parallel.tp=2"]), 2).padded_vocab_size == 1280
+    assert load(TINY, ["model.vocab_size=512"]).model.padded_vocab_size(tp=2) == 512
+    assert load(TINY, ["model.vocab_size=1000"]).model.padded_vocab_size(tp=1) == 1024
+    assert load(TINY, ["model.vocab_size=1100"]).model.padded_vocab_size(tp=2) == 1280
     assert "model.vocab_pad_multiple=0 must be at least 1" in error_of(["model.vocab_pad_multiple=0"])
 
 

@@ -8,7 +8,7 @@ from conftest import run_layouts
 STEPS = 6
 # vocab 300 pads to 384 rows at TP1 and to 512 at TP2: the padding must not change the loss.
 BASE = [
-    "model.vocab_size=300", "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4",
+    "data.source=synthetic", "model.vocab_size=300", "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4",
     "model.num_kv_heads=2", "model.ffn_hidden_size=96", "model.seq_len=32",
     "optimizer.lr=3e-3", "optimizer.grad_clip=0.5", "schedule.warmup_steps=2",
     f"train.max_steps={STEPS}", "train.micro_batch_size=2", "train.global_batch_size=8", "log.interval=1",

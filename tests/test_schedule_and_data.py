@@ -45,9 +45,9 @@ def test_synthetic_split_by_data_parallel_rank_covers_the_global_batch():
         source = synthetic_batches(7, 100, 16, 2, dp_rank, dp_size)
         return [next(source) for _ in range(micro_batches)]
 
-    single = torch.cat([tokens for tokens, _ in take(0, 1, 4)])
-    split = [torch.cat([tokens for tokens, _ in take(rank, 2, 2)]) for rank in range(2)]
+    single = torch.cat([batch["tokens"] for batch in take(0, 1, 4)])
+    split = [torch.cat([batch["tokens"] for batch in take(rank, 2, 2)]) for rank in range(2)]
     assert sorted(map(tuple, single.tolist())) == sorted(map(tuple, torch.cat(split).tolist()))
     assert not torch.equal(split[0], split[1])
-    tokens, labels = take(0, 1, 1)[0]
+    tokens, labels = take(0, 1, 1)[0].values()
     assert torch.equal(tokens[:, 1:], labels[:, :-1]) and tokens.max() < 100

@@ -18,15 +18,14 @@ def synthetic_sample(seed: int, index: int, vocab_size: int, length: int) -> tor
 
 
 def synthetic_batches(seed: int, vocab_size: int, seq_len: int, micro_batch_size: int,
-                      dp_rank: int, dp_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (tokens, labels) micro-batches for one data-parallel rank.
+                      dp_rank: int, dp_size: int, start_sample: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless {"tokens", "labels"} micro-batches for one data-parallel rank.
 
-    Micro-batch k of the whole job holds samples k*micro*dp .. (k+1)*micro*dp - 1; this rank
-    takes its contiguous share of them."""
-    micro_batch = 0
+    Global micro-batch k holds samples k*m .. k*m+m-1 and belongs to rank k % dp, as for shards."""
+    micro_batch = start_sample // micro_batch_size + dp_rank
     while True:
-        first = (micro_batch * dp_size + dp_rank) * micro_batch_size
+        first = micro_batch * micro_batch_size
         samples = torch.stack([synthetic_sample(seed, first + i, vocab_size, seq_len + 1)
                                for i in range(micro_batch_size)])
-        yield samples[:, :-1], samples[:, 1:]
-        micro_batch += 1
+        yield {"tokens": samples[:, :-1], "labels": samples[:, 1:]}
+        micro_batch += dp_size

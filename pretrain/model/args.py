@@ -7,7 +7,7 @@ from dataclasses import dataclass
 class LlamaArgs:
     """Llama hyper-parameters, named after what they mean (Hugging Face names in comments)."""
 
-    vocab_size: int = 32000  # vocab_size (the tokenizer's; the embedding is padded beyond it)
+    vocab_size: int = 0  # vocab_size; 0 = the data's tokenizer's (the embedding is padded beyond it)
     hidden_size: int = 2048  # hidden_size
     num_layers: int = 22  # num_hidden_layers
     num_heads: int = 32  # num_attention_heads

@@ -1,0 +1,149 @@
+"""Data for a training run: the checks that tie shards to the config (sequence length,
+tokenizer, vocabulary), shard verification, and the per-rank training/validation streams."""
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pretrain.config import Config, DataSource, Layout, data_path_list
+from pretrain.data.loader import StreamSpec, is_url, micro_batch_loader
+from pretrain.data.shards import Manifest, ShardError, file_sha256, index_path
+from pretrain.data.synthetic import synthetic_batches
+from pretrain.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataInfo:
+    paths: list[str]
+    weights: list[float]
+    manifests: list[Manifest]
+    valid: Manifest | None
+    tokenizer_sha256: str
+
+
+def _absolute(location: str) -> str:
+    return location if is_url(location) else str(Path(location).resolve())
+
+
+def resolve(config: Config) -> DataInfo | None:
+    """Read the manifests, check them against the config and fill in model.vocab_size from the
+    tokenizer when it is 0. Paths become absolute (the written config is unambiguous)."""
+    if config.data.source == DataSource.synthetic:
+        return None
+    paths = [_absolute(p) for p in data_path_list(config.data.path)]
+    config.data.path = paths
+    manifests = [Manifest.load(p) for p in paths]
+    valid = Manifest.load(_absolute(config.data.valid_path)) if config.data.valid_path else None
+    if valid is not None:
+        config.data.valid_path = _absolute(config.data.valid_path)
+    everything = list(zip(paths, manifests)) + ([(config.data.valid_path, valid)] if valid else [])
+
+    for path, manifest in everything:
+        if manifest.seq_len != config.model.seq_len:
+            raise ShardError(f"shards at {path} hold samples of seq_len {manifest.seq_len} but model.seq_len="
+                             f"{config.model.seq_len}: set model.seq_len={manifest.seq_len} or rebuild the shards "
+                             f"with --seq-len {config.model.seq_len}")
+    shas = {manifest.data["tokenizer"]["sha256"] for _, manifest in everything}
+    if len(shas) > 1:
+        raise ShardError("data.path/data.valid_path shards were built with different tokenizers: "
+                         + ", ".join(f"{p} ({m.data['tokenizer']['sha256'][:12]})" for p, m in everything))
+    sha = shas.pop()
+    if config.data.tokenizer:
+        tokenizer = Tokenizer.load(config.data.tokenizer)
+        if tokenizer.sha256 != sha:
+            raise ShardError(f"data.tokenizer {config.data.tokenizer} (sha256 {tokenizer.sha256[:12]}) is not the "
+                             f"tokenizer the shards were built with ({sha[:12]}, "
+                             f"{manifests[0].data['tokenizer']['path']}): use that one or rebuild the shards")
+    vocab = manifests[0].data["tokenizer"]["vocab_size"]
+    if config.model.vocab_size == 0:
+        config.model.vocab_size = vocab
+    elif config.model.vocab_size < vocab:
+        raise ShardError(f"model.vocab_size={config.model.vocab_size} is smaller than the shards' tokenizer "
+                         f"vocabulary ({vocab}): set model.vocab_size={vocab} or leave it 0 to take it from the data")
+    weights = list(config.data.weights) or [1.0] * len(paths)
+    return DataInfo(paths, weights, manifests, valid, sha)
+
+
+def verify_shards(info: DataInfo, rank: int, world_size: int, tolerate: bool) -> None:
+    """Check every local shard and index against the manifest's sha256, each by one rank.
+    A mismatch stops the run, or is only reported when damaged samples may be skipped."""
+    problems = []
+    manifests = info.manifests + ([info.valid] if info.valid else [])
+    work = [(m, s) for m in manifests for s in m.shards if not is_url(m.root)]
+    for manifest, shard in work[rank::world_size]:
+        path = Path(manifest.shard_path(shard))
+        for file, expected in ((path, shard["sha256"]), (index_path(path), shard["index_sha256"])):
+            if not file.is_file():
+                problems.append(f"{file} is missing")
+            elif file_sha256(file) != expected:
+                problems.append(f"{file} does not match the sha256 in its manifest")
+    gathered = [None] * world_size if dist.is_initialized() else None
+    if gathered is not None:
+        dist.all_gather_object(gathered, problems)
+        problems = [p for part in gathered for p in part]
+    if not problems:
+        return
+    message = "damaged or replaced shard files: " + "; ".join(problems)
+    if not tolerate:
+        raise ShardError(message + ". Rebuild or restore them, or set data.skip_corrupt=N to skip damaged samples")
+    log.warning("%s (continuing: data.skip_corrupt is set)", message)
+
+
+def stream_spec(config: Config, info: DataInfo, layout: Layout, dp_rank: int, start_sample: int,
+                validation: bool = False) -> StreamSpec:
+    return StreamSpec(
+        paths=(config.data.valid_path,) if validation else tuple(info.paths),
+        weights=(1.0,) if validation else tuple(info.weights),
+        seed=config.train.seed, vocab_size=config.model.vocab_size, micro_batch_size=layout.micro_batch_size,
+        dp_rank=dp_rank, dp_size=layout.dp, start_sample=start_sample, doc_mask=config.data.doc_mask,
+        skip_corrupt=config.data.skip_corrupt, allow_pipe=config.data.allow_pipe,
+    )
+
+
+def training_batches(config: Config, info: DataInfo | None, layout: Layout, dp_rank: int,
+                     start_sample: int, pin_memory: bool) -> Iterator[dict]:
+    """This rank's endless stream of micro-batches, starting at the job's `start_sample`."""
+    if info is None:
+        return synthetic_batches(config.train.seed, config.model.vocab_size, config.model.seq_len,
+                                 layout.micro_batch_size, dp_rank, layout.dp, start_sample)
+    if start_sample % layout.micro_batch_size:
+        raise ShardError(f"cannot resume at sample {start_sample} with train.micro_batch_size="
+                         f"{layout.micro_batch_size}: it must divide the samples already consumed")
+    spec = stream_spec(config, info, layout, dp_rank, start_sample)
+    return iter(micro_batch_loader(spec, config.data.num_workers, pin_memory))
+
+
+def validation_batches(config: Config, info: DataInfo, layout: Layout, dp_rank: int) -> Iterator[dict]:
+    """The first train.eval_steps global batches of the validation shards, this rank's share."""
+    spec = stream_spec(config, info, layout, dp_rank, start_sample=0, validation=True)
+    stream = iter(micro_batch_loader(spec, num_workers=0, pin_memory=False))
+    return (next(stream) for _ in range(config.train.eval_steps * layout.grad_accumulation))
+
+
+def batch_fingerprint(tokens: torch.Tensor) -> int:
+    return int.from_bytes(hashlib.sha256(tokens.cpu().numpy().astype(np.int64).tobytes()).digest()[:7], "little")
+
+
+def check_batch_agreement(tokens: torch.Tensor, dp_rank: int, group=None) -> None:
+    """Ranks of one model replica (tensor-parallel peers, pipeline stages) must see the same
+    batch: all-gather a hash of this rank's first micro-batch and stop on any mismatch."""
+    mine = torch.tensor([dp_rank, batch_fingerprint(tokens)], dtype=torch.long)
+    world = dist.get_world_size(group)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    first_of_replica: dict[int, tuple[int, int]] = {}
+    for rank, (replica, fingerprint) in enumerate(t.tolist() for t in gathered):
+        seen = first_of_replica.setdefault(replica, (rank, fingerprint))
+        if seen[1] != fingerprint:
+            raise RuntimeError(
+                f"ranks {seen[0]} and {rank} belong to data-parallel rank {replica} but received different "
+                "batches: the data must be split by data-parallel rank, not by global rank"
+            )

@@ -1,0 +1,118 @@
+"""The on-disk format of tokenized data: webdataset tar shards plus `manifest.json`.
+
+Each sample has two members: `<key>.tokens`, the seq_len + 1 token ids as little-endian
+uint16/uint32, and `<key>.json`, {"doc_starts": [...]}, the offsets inside the sample where a
+document begins. Documents end with EOS; the last sample of a dataset is filled with the pad id.
+Beside each shard, `<shard>.idx` lists the byte offset of every sample's tokens (uint64), so
+that a sample can be read without scanning the tar. Tar headers are fixed (mtime 0, uid 0,
+mode 0644): the same input gives byte-identical shards."""
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+FORMAT = "pretrain-tokens"
+VERSION = 1
+
+
+class ShardError(ValueError):
+    """A shard or manifest is missing, damaged or does not fit the run; the message names it."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+def sample_key(shard_index: int, sample_index: int) -> str:
+    return f"{shard_index:06d}{sample_index:07d}"
+
+
+class ShardWriter:
+    """Writes one tar shard and its index; renames both into place on close."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.partial = path.with_name(path.name + ".partial")
+        self.tar = tarfile.open(self.partial, "w", format=tarfile.USTAR_FORMAT)
+        self.offsets: list[int] = []
+
+    def _member(self, name: str, payload: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uid, info.gid = len(payload), 0, 0o644, 0, 0
+        self.tar.addfile(info, io.BytesIO(payload))
+
+    def add(self, key: str, tokens: np.ndarray, doc_starts: list[int]) -> None:
+        self.offsets.append(self.tar.fileobj.tell() + tarfile.BLOCKSIZE)
+        self._member(f"{key}.tokens", tokens.tobytes())
+        self._member(f"{key}.json", json.dumps({"doc_starts": doc_starts}, separators=(",", ":")).encode())
+
+    def close(self) -> dict:
+        """Finish the shard; returns its manifest entry."""
+        self.tar.close()
+        index = index_path(self.path)
+        np.asarray(self.offsets, dtype="<u8").tofile(index)
+        os.replace(self.partial, self.path)
+        return {"name": self.path.name, "samples": len(self.offsets), "bytes": self.path.stat().st_size,
+                "sha256": file_sha256(self.path), "index_sha256": file_sha256(index)}
+
+
+def index_path(shard: Path) -> Path:
+    return shard.with_name(shard.name + ".idx")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Manifest:
+    """A shards folder (or a URL prefix) and its manifest."""
+
+    root: str  # folder or URL prefix the shard names are relative to
+    data: dict
+
+    @classmethod
+    def load(cls, location: str | Path) -> "Manifest":
+        """`location`: a shards directory or its manifest.json."""
+        location = Path(location)
+        path = location if location.name == MANIFEST else location / MANIFEST
+        if not path.is_file():
+            raise ShardError(f"no {MANIFEST} at {path}: build shards with `pretrain data build` "
+                             "or point data.path at a shards folder")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ShardError(f"{path} is not valid JSON ({error}); rebuild the shards") from None
+        if data.get("format") != FORMAT or data.get("version") != VERSION:
+            raise ShardError(f"{path} is not a version-{VERSION} {FORMAT} manifest; rebuild the shards")
+        return cls(str(path.parent), data)
+
+    @property
+    def shards(self) -> list[dict]:
+        return self.data["shards"]
+
+    @property
+    def seq_len(self) -> int:
+        return self.data["seq_len"]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.data["dtype"]).newbyteorder("<")
+
+    @property
+    def num_samples(self) -> int:
+        return sum(shard["samples"] for shard in self.shards)
+
+    def shard_path(self, shard: dict) -> str:
+        return os.path.join(self.root, shard["name"])

@@ -1,0 +1,139 @@
+"""Sentencepiece tokenizers: training (`pretrain tokenizer train`) and loading.
+
+A tokenizer is a folder holding `tokenizer.model`, `tokenizer.vocab` (id, piece, score per
+line) and `card.json` (vocab size, special ids, sha256 of the model). The trainer settings are
+the ones that keep ids identical when the model is exported to Hugging Face (byte fallback, no
+normalisation, whitespace kept as is, no dummy prefix)."""
+
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import sentencepiece as spm
+
+from pretrain.data.documents import DocumentStats, check_inputs, iter_documents
+
+MODEL_FILE, VOCAB_FILE, CARD_FILE = "tokenizer.model", "tokenizer.vocab", "card.json"
+SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
+SPECIAL_PIECES = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
+# sentencepiece drops training sentences above this many bytes: documents are cut at line breaks.
+_CHUNK_BYTES = 8192
+
+
+class TokenizerError(ValueError):
+    """A tokenizer folder is missing, incomplete or does not match its card."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _chunks(documents: Iterator[str], max_chars: int) -> Iterator[str]:
+    """Documents cut into pieces of at most _CHUNK_BYTES at line breaks, up to max_chars in all."""
+    seen = 0
+    for text in documents:
+        piece = ""
+        for line in text.splitlines(keepends=True):
+            if piece and len((piece + line).encode()) > _CHUNK_BYTES:
+                yield piece
+                piece = ""
+            piece += line[: _CHUNK_BYTES // 4] if len(line.encode()) > _CHUNK_BYTES else line
+        if piece:
+            yield piece
+        seen += len(text)
+        if max_chars and seen >= max_chars:
+            return
+
+
+def train_tokenizer(inputs: list[str | Path], vocab_size: int, out: Path, model_type: str = "bpe",
+                    text_field: str = "text", max_chars: int = 0, user_symbols: tuple[str, ...] = (),
+                    threads: int = 2) -> dict:
+    """Train a sentencepiece model on the documents of `inputs`; returns the card."""
+    paths = check_inputs(inputs)
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"model type '{model_type}' is not supported: choose bpe or unigram")
+    stats = DocumentStats()
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_chunks(iter_documents(paths, text_field, stats), max_chars),
+        model_writer=model, vocab_size=vocab_size, model_type=model_type, character_coverage=1.0,
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, add_dummy_prefix=False,
+        max_sentence_length=_CHUNK_BYTES * 2, num_threads=threads, minloglevel=2,
+        unk_id=SPECIAL_IDS["unk"], bos_id=SPECIAL_IDS["bos"], eos_id=SPECIAL_IDS["eos"], pad_id=SPECIAL_IDS["pad"],
+        unk_piece=SPECIAL_PIECES["unk"], bos_piece=SPECIAL_PIECES["bos"], eos_piece=SPECIAL_PIECES["eos"],
+        pad_piece=SPECIAL_PIECES["pad"], control_symbols=list(user_symbols),
+        hard_vocab_limit=True,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MODEL_FILE).write_bytes(model.getvalue())
+    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    with open(out / VOCAB_FILE, "w", encoding="utf-8") as listing:
+        for piece_id in range(processor.get_piece_size()):
+            listing.write(f"{piece_id}\t{processor.id_to_piece(piece_id)}\t{processor.get_score(piece_id)}\n")
+    card = {
+        "vocab_size": processor.get_piece_size(),
+        "model_type": model_type,
+        "special_ids": {**SPECIAL_IDS, **{s: processor.piece_to_id(s) for s in user_symbols}},
+        "special_pieces": {**SPECIAL_PIECES, **{s: s for s in user_symbols}},
+        "sha256": sha256_of(out / MODEL_FILE),
+        "inputs": [str(p) for p in paths],
+        "documents": stats.documents,
+        "characters": stats.characters,
+        "empty_documents_skipped": stats.empty_skipped,
+        "invalid_utf8_replaced": stats.invalid_utf8_replaced,
+    }
+    (out / CARD_FILE).write_text(json.dumps(card, indent=1) + "\n")
+    return card
+
+
+@dataclass
+class Tokenizer:
+    """A trained tokenizer folder, checked against its card."""
+
+    path: Path
+    card: dict
+    processor: spm.SentencePieceProcessor
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        path = Path(path)
+        model, card_path = path / MODEL_FILE, path / CARD_FILE
+        for required in (model, card_path):
+            if not required.is_file():
+                raise TokenizerError(f"tokenizer folder {path} has no {required.name}: "
+                                     "train one with `pretrain tokenizer train`")
+        card = json.loads(card_path.read_text())
+        if sha256_of(model) != card["sha256"]:
+            raise TokenizerError(f"{model} does not match the sha256 in {card_path}: the model file was replaced "
+                                 "or damaged; retrain it or restore the original")
+        return cls(path, card, spm.SentencePieceProcessor(model_file=str(model)))
+
+    @property
+    def sha256(self) -> str:
+        return self.card["sha256"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.card["vocab_size"]
+
+    @property
+    def eos_id(self) -> int:
+        return self.card["special_ids"]["eos"]
+
+    @property
+    def pad_id(self) -> int:
+        return self.card["special_ids"]["pad"]
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.processor.encode(texts)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.processor.decode(ids)
