@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[hf,test]'
 	touch $(STAMP)
 
+# DATA="files..." trains on your files instead of the Python standard library's sources.
 demo: $(STAMP)
-	$(BIN)/pretrain train --config configs/tiny.yaml
+	PY=$(BIN)/python DATA="$(DATA)" launch/demo.sh
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

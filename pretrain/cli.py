@@ -1,8 +1,10 @@
-"""Command line: `pretrain train --config configs/tiny.yaml key.sub=value ...`."""
+"""Command line: `pretrain train|tokenizer train|data build ...`."""
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 from pretrain.config import ConfigError, load, to_yaml, validate
 
@@ -18,33 +20,87 @@ e.g. torchrun --nproc_per_node 2 -m pretrain train --config configs/tiny.yaml pa
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pretrain", description="Pretrain Llama-style language models.")
     commands = parser.add_subparsers(dest="command", required=True)
+
     train = commands.add_parser("train", help="train a model", epilog=TRAIN_EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--config", help="YAML file of settings (defaults apply to what it leaves out)")
     train.add_argument("--print-config", action="store_true", help="print the resolved, validated config and exit")
     train.add_argument("overrides", nargs="*", metavar="key=value")
+
+    tokenizer = commands.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
+    tok_train = tokenizer.add_parser("train", help="train a sentencepiece tokenizer")
+    tok_train.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                           help="jsonl (one document per line), parquet, or any other file as one document")
+    tok_train.add_argument("--vocab-size", type=int, required=True)
+    tok_train.add_argument("--out", help="output folder (default: tokenizers/<model-type>-<vocab-size>)")
+    tok_train.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    tok_train.add_argument("--text-field", default="text", help="jsonl field / parquet column with the text")
+    tok_train.add_argument("--max-chars", type=int, default=0, help="stop reading after this many characters")
+    tok_train.add_argument("--special", nargs="*", default=[], metavar="TOKEN",
+                           help="extra special tokens besides <unk> <s> </s> <pad>")
+
+    data = commands.add_parser("data", help="data tools").add_subparsers(dest="action", required=True)
+    build = data.add_parser("build", help="tokenize and pack documents into shards")
+    build.add_argument("--input", nargs="+", required=True, metavar="FILE")
+    build.add_argument("--tokenizer", required=True, help="folder from `pretrain tokenizer train`")
+    build.add_argument("--seq-len", type=int, required=True, help="model.seq_len; samples hold seq_len + 1 tokens")
+    build.add_argument("--out", required=True, help="output folder (must not hold shards yet)")
+    build.add_argument("--shard-samples", type=int, default=10_000, help="samples per shard")
+    build.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    build.add_argument("--text-field", default="text")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "train":
-        return _train(args)
-    return 2
+    from pretrain.data.documents import InputError
+    from pretrain.data.shards import ShardError
+    from pretrain.tokenizer import TokenizerError
+
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "tokenizer":
+            return _tokenizer_train(args)
+        return _data_build(args)
+    except (ConfigError, InputError, ShardError, TokenizerError) as error:
+        print(f"pretrain: {error}", file=sys.stderr)
+        return 2
 
 
 def _train(args: argparse.Namespace) -> int:
-    try:
-        config = load(args.config, args.overrides)
-        layout = validate(config, int(os.environ.get("WORLD_SIZE", "1")))
-    except ConfigError as error:
-        print(f"pretrain: {error}", file=sys.stderr)
-        return 2
+    from pretrain.data import pipeline
+
+    config = load(args.config, args.overrides)
+    layout = validate(config, int(os.environ.get("WORLD_SIZE", "1")))
     if args.print_config:
+        pipeline.resolve(config)
         print(to_yaml(config), end="")
         print(f"# derived: {layout}")
         return 0
     from pretrain.train import train
 
     train(config)
+    return 0
+
+
+def _tokenizer_train(args: argparse.Namespace) -> int:
+    from pretrain.tokenizer import train_tokenizer
+
+    out = Path(args.out or f"tokenizers/{args.model_type}-{args.vocab_size}")
+    card = train_tokenizer(args.input, args.vocab_size, out, model_type=args.model_type, text_field=args.text_field,
+                           max_chars=args.max_chars, user_symbols=tuple(args.special))
+    print(f"tokenizer written to {out}: vocab {card['vocab_size']}, {card['documents']} documents, "
+          f"sha256 {card['sha256'][:12]}")
+    return 0
+
+
+def _data_build(args: argparse.Namespace) -> int:
+    from pretrain.data.build import build_shards
+
+    manifest = build_shards(args.input, args.tokenizer, args.seq_len, args.out, shard_samples=args.shard_samples,
+                            workers=args.workers, text_field=args.text_field)
+    summary = {k: manifest[k] for k in ("documents", "tokens", "samples", "empty_documents_skipped",
+                                        "invalid_utf8_replaced")}
+    print(f"{len(manifest['shards'])} shards written to {args.out}: {json.dumps(summary)}")
     return 0

@@ -172,11 +172,12 @@ def validate(config: Config, world_size: int) -> Layout:
     for key, value in [("parallel.tp", tp), ("parallel.pp", pp), ("model.num_layers", model.num_layers),
                        ("model.hidden_size", model.hidden_size), ("model.num_heads", model.num_heads),
                        ("model.num_kv_heads", model.num_kv_heads), ("model.ffn_hidden_size", model.ffn_hidden_size),
-                       ("model.vocab_size", model.vocab_size), ("model.seq_len", model.seq_len),
+                       ("model.seq_len", model.seq_len),
                        ("model.vocab_pad_multiple", model.vocab_pad_multiple),
                        ("train.max_steps", train.max_steps), ("train.micro_batch_size", train.micro_batch_size),
                        ("train.global_batch_size", train.global_batch_size), ("log.interval", config.log.interval)]:
         need(value >= 1, f"{key}={value} must be at least 1")
+    need(model.vocab_size >= 0, f"model.vocab_size={model.vocab_size} must be >= 0 (0 = from the data's tokenizer)")
     if problems:
         raise ConfigError(_report(problems))
 

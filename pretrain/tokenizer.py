@@ -1,13 +1,14 @@
 """Sentencepiece tokenizers: training (`pretrain tokenizer train`) and loading.
 
-A tokenizer is a folder holding `tokenizer.model`, `tokenizer.vocab` (id, piece, score per
-line) and `card.json` (vocab size, special ids, sha256 of the model). The trainer settings are
+A tokenizer is a folder holding `tokenizer.model`, `tokenizer.vocab` (id, piece with control
+characters JSON-escaped, score per line) and `card.json` (vocab size, special ids, sha256 of the model). The trainer settings are
 the ones that keep ids identical when the model is exported to Hugging Face (byte fallback, no
 normalisation, whitespace kept as is, no dummy prefix)."""
 
 import hashlib
 import io
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,23 +62,21 @@ def train_tokenizer(inputs: list[str | Path], vocab_size: int, out: Path, model_
         raise ValueError(f"model type '{model_type}' is not supported: choose bpe or unigram")
     stats = DocumentStats()
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_chunks(iter_documents(paths, text_field, stats), max_chars),
-        model_writer=model, vocab_size=vocab_size, model_type=model_type, character_coverage=1.0,
-        byte_fallback=True, split_digits=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, add_dummy_prefix=False,
-        max_sentence_length=_CHUNK_BYTES * 2, num_threads=threads, minloglevel=2,
-        unk_id=SPECIAL_IDS["unk"], bos_id=SPECIAL_IDS["bos"], eos_id=SPECIAL_IDS["eos"], pad_id=SPECIAL_IDS["pad"],
-        unk_piece=SPECIAL_PIECES["unk"], bos_piece=SPECIAL_PIECES["bos"], eos_piece=SPECIAL_PIECES["eos"],
-        pad_piece=SPECIAL_PIECES["pad"], control_symbols=list(user_symbols),
-        hard_vocab_limit=True,
-    )
+    try:
+        _train_sentencepiece(paths, stats, model, vocab_size, model_type, text_field, max_chars, user_symbols, threads)
+    except RuntimeError as error:
+        limit = re.search(r"value <= (\d+)", str(error))
+        if limit:
+            raise TokenizerError(f"--vocab-size {vocab_size} is more than this corpus yields (at most "
+                                 f"{limit.group(1)}): lower it or add text") from None
+        raise
     out.mkdir(parents=True, exist_ok=True)
     (out / MODEL_FILE).write_bytes(model.getvalue())
     processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
     with open(out / VOCAB_FILE, "w", encoding="utf-8") as listing:
         for piece_id in range(processor.get_piece_size()):
-            listing.write(f"{piece_id}\t{processor.id_to_piece(piece_id)}\t{processor.get_score(piece_id)}\n")
+            piece = json.dumps(processor.id_to_piece(piece_id), ensure_ascii=False)[1:-1]  # control chars escaped
+            listing.write(f"{piece_id}\t{piece}\t{processor.get_score(piece_id)}\n")
     card = {
         "vocab_size": processor.get_piece_size(),
         "model_type": model_type,
@@ -92,6 +91,21 @@ def train_tokenizer(inputs: list[str | Path], vocab_size: int, out: Path, model_
     }
     (out / CARD_FILE).write_text(json.dumps(card, indent=1) + "\n")
     return card
+
+
+def _train_sentencepiece(paths: list[Path], stats: DocumentStats, model: io.BytesIO, vocab_size: int,
+                         model_type: str, text_field: str, max_chars: int, user_symbols: tuple[str, ...],
+                         threads: int) -> None:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_chunks(iter_documents(paths, text_field, stats), max_chars),
+        model_writer=model, vocab_size=vocab_size, model_type=model_type, character_coverage=1.0,
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, add_dummy_prefix=False,
+        max_sentence_length=_CHUNK_BYTES * 2, num_threads=threads, minloglevel=2,
+        unk_id=SPECIAL_IDS["unk"], bos_id=SPECIAL_IDS["bos"], eos_id=SPECIAL_IDS["eos"], pad_id=SPECIAL_IDS["pad"],
+        unk_piece=SPECIAL_PIECES["unk"], bos_piece=SPECIAL_PIECES["bos"], eos_piece=SPECIAL_PIECES["eos"],
+        pad_piece=SPECIAL_PIECES["pad"], control_symbols=list(user_symbols),
+    )
 
 
 @dataclass

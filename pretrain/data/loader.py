@@ -22,27 +22,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pretrain.data.shards import Manifest, ShardError, index_path, sample_key
+from pretrain.data.shards import Manifest, ShardError, index_path, is_url, open_location, sample_key
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 _BLEND_BLOCK = 10_000  # blend weights are honoured exactly within every block of this many samples
-
-
-def is_url(location: str) -> bool:
-    return "://" in location or location.startswith("pipe:")
-
-
-def open_location(location: str, allow_pipe: bool):
-    """A local file or any URL webdataset can open (`pipe:` only when allowed)."""
-    if location.startswith("pipe:") and not allow_pipe:
-        raise ShardError(f"{location}: pipe: URLs run shell commands; set data.allow_pipe=true to allow them")
-    if is_url(location):
-        from webdataset.gopen import gopen
-
-        return gopen(location, "rb")
-    return open(location, "rb")
 
 
 class ShardReader:
@@ -193,7 +178,7 @@ class MicroBatches(IterableDataset):
         spec = self.spec
         worker = get_worker_info()
         worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        manifests = [Manifest.load(p) for p in spec.paths]
+        manifests = [Manifest.load(p, spec.allow_pipe) for p in spec.paths]
         readers = [ShardReader(m, spec.allow_pipe, spec.vocab_size) for m in manifests]
         orders = [DatasetOrder([s["samples"] for s in m.shards], spec.seed, d) for d, m in enumerate(manifests)]
         blend = Blend(list(spec.weights))

@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import Config, DataSource, Layout, data_path_list
-from pretrain.data.loader import StreamSpec, is_url, micro_batch_loader
-from pretrain.data.shards import Manifest, ShardError, file_sha256, index_path
+from pretrain.data.loader import StreamSpec, micro_batch_loader
+from pretrain.data.shards import Manifest, ShardError, file_sha256, index_path, is_url
 from pretrain.data.synthetic import synthetic_batches
 from pretrain.tokenizer import Tokenizer
 
@@ -40,8 +40,9 @@ def resolve(config: Config) -> DataInfo | None:
         return None
     paths = [_absolute(p) for p in data_path_list(config.data.path)]
     config.data.path = paths
-    manifests = [Manifest.load(p) for p in paths]
-    valid = Manifest.load(_absolute(config.data.valid_path)) if config.data.valid_path else None
+    allow_pipe = config.data.allow_pipe
+    manifests = [Manifest.load(p, allow_pipe) for p in paths]
+    valid = Manifest.load(_absolute(config.data.valid_path), allow_pipe) if config.data.valid_path else None
     if valid is not None:
         config.data.valid_path = _absolute(config.data.valid_path)
     everything = list(zip(paths, manifests)) + ([(config.data.valid_path, valid)] if valid else [])

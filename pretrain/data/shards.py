@@ -63,6 +63,21 @@ class ShardWriter:
                 "sha256": file_sha256(self.path), "index_sha256": file_sha256(index)}
 
 
+def is_url(location: str) -> bool:
+    return "://" in location or location.startswith("pipe:")
+
+
+def open_location(location: str, allow_pipe: bool):
+    """A local file or any URL webdataset can open (`pipe:` only when allowed)."""
+    if location.startswith("pipe:") and not allow_pipe:
+        raise ShardError(f"{location}: pipe: URLs run shell commands; set data.allow_pipe=true to allow them")
+    if is_url(location):
+        from webdataset.gopen import gopen
+
+        return gopen(location, "rb")
+    return open(location, "rb")
+
+
 def index_path(shard: Path) -> Path:
     return shard.with_name(shard.name + ".idx")
 
@@ -83,20 +98,23 @@ class Manifest:
     data: dict
 
     @classmethod
-    def load(cls, location: str | Path) -> "Manifest":
-        """`location`: a shards directory or its manifest.json."""
-        location = Path(location)
-        path = location if location.name == MANIFEST else location / MANIFEST
-        if not path.is_file():
-            raise ShardError(f"no {MANIFEST} at {path}: build shards with `pretrain data build` "
-                             "or point data.path at a shards folder")
+    def load(cls, location: str | Path, allow_pipe: bool = False) -> "Manifest":
+        """`location`: a shards directory or its manifest.json, as a path or a URL."""
+        location = str(location)
+        path = location if location.endswith(MANIFEST) else location.rstrip("/") + "/" + MANIFEST
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ShardError(f"{path} is not valid JSON ({error}); rebuild the shards") from None
+            with open_location(path, allow_pipe) as f:
+                data = json.loads(f.read())
+        except ShardError:
+            raise
+        except (OSError, ValueError) as error:
+            if isinstance(error, json.JSONDecodeError):
+                raise ShardError(f"{path} is not valid JSON ({error}); rebuild the shards") from None
+            raise ShardError(f"no {MANIFEST} at {path} ({error}): build shards with `pretrain data build` "
+                             "or point data.path at a shards folder") from None
         if data.get("format") != FORMAT or data.get("version") != VERSION:
             raise ShardError(f"{path} is not a version-{VERSION} {FORMAT} manifest; rebuild the shards")
-        return cls(str(path.parent), data)
+        return cls(path[: -len(MANIFEST) - 1], data)
 
     @property
     def shards(self) -> list[dict]:
@@ -115,4 +133,4 @@ class Manifest:
         return sum(shard["samples"] for shard in self.shards)
 
     def shard_path(self, shard: dict) -> str:
-        return os.path.join(self.root, shard["name"])
+        return f"{self.root}/{shard['name']}"

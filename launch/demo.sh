@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# `make demo`: a corpus -> sentencepiece tokenizer -> tokenized shards -> training of the tiny
+# model on them, with a held-out validation split. Needs no download: by default the corpus is
+# this Python's own standard library sources. DATA="files..." uses your files instead
+# (jsonl with a "text" field, parquet, or plain-text files, one document each).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-runs/demo}
+STEPS=${STEPS:-300}
+
+if [ -n "${DATA:-}" ]; then
+  read -r -a files <<< "$DATA"
+else
+  mapfile -t files < <("$PY" -c 'import pathlib, sysconfig
+root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+print("\n".join(sorted(str(p) for p in root.rglob("*.py") if "site-packages" not in p.parts)))')
+fi
+# every 20th file is held out for validation
+train=() valid=()
+for i in "${!files[@]}"; do
+  if (( i % 20 == 19 )); then valid+=("${files[$i]}"); else train+=("${files[$i]}"); fi
+done
+[ ${#valid[@]} -gt 0 ] || valid=("${files[@]: -1}")
+echo "demo: ${#train[@]} training files, ${#valid[@]} validation files -> $OUT"
+
+rm -rf "$OUT"
+"$PY" -m pretrain tokenizer train --input "${train[@]}" --vocab-size 4096 --out "$OUT/tokenizer"
+"$PY" -m pretrain data build --input "${train[@]}" --tokenizer "$OUT/tokenizer" --seq-len 256 \
+  --out "$OUT/shards" --shard-samples 4000 --workers 2
+"$PY" -m pretrain data build --input "${valid[@]}" --tokenizer "$OUT/tokenizer" --seq-len 256 \
+  --out "$OUT/valid" --shard-samples 4000 --workers 2
+"$PY" -m pretrain train --config configs/tiny.yaml \
+  data.source=shards data.path="$OUT/shards" data.valid_path="$OUT/valid" data.tokenizer="$OUT/tokenizer" \
+  model.vocab_size=0 model.seq_len=256 model.hidden_size=128 model.ffn_hidden_size=352 \
+  train.max_steps="$STEPS" train.eval_interval=100 train.eval_steps=4 schedule.warmup_steps=30 \
+  optimizer.lr=2e-3 log.dir="$OUT/log" log.interval=25 checkpoint.dir="$OUT/checkpoints"

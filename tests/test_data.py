@@ -1,0 +1,210 @@
+"""Tokenizer training, shard building and the loader: round trip, determinism, splits,
+resume, blending, document masking."""
+
+import json
+import random
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.data.build import build_shards
+from pretrain.data.loader import (
+    IGNORE_INDEX, MicroBatches, StreamSpec, document_attention_mask, make_batch, micro_batch_loader,
+)
+from pretrain.data.shards import Manifest
+from pretrain.tokenizer import Tokenizer, train_tokenizer
+
+SEQ_LEN, MICRO = 32, 2
+WORDS = ["alpha", "beta", "gamma", "delta", "def", "return", "    ", "\n", "x = 1", "12345", "é", "中文", "😀"]
+
+
+def random_documents(count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 60))) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("corpus")
+    documents = random_documents(300, seed=1)
+    jsonl = root / "docs.jsonl"
+    lines = [json.dumps({"text": d}) for d in documents[:200]] + [json.dumps({"text": ""})]
+    jsonl.write_bytes(("\n".join(lines) + "\n").encode() + b'{"text": "bad \xff byte"}\n')
+    text = root / "one.txt"
+    text.write_text(documents[200])
+    tokenizer_dir = root / "tokenizer"
+    card = train_tokenizer([jsonl, text], vocab_size=360, out=tokenizer_dir)
+    shards = root / "shards"
+    manifest = build_shards([jsonl, text], tokenizer_dir, SEQ_LEN, shards, shard_samples=40, workers=2, progress=False)
+    expected_docs = documents[:200] + ["bad \ufffd byte", documents[200]]
+    return dict(root=root, inputs=[jsonl, text], tokenizer=Tokenizer.load(tokenizer_dir), card=card,
+                shards=shards, manifest=manifest, documents=expected_docs)
+
+
+def read_shards_in_order(shards: Path) -> tuple[list[np.ndarray], list[list[int]]]:
+    manifest = Manifest.load(shards)
+    samples, starts = [], []
+    for shard in manifest.shards:
+        with tarfile.open(shards / shard["name"]) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name in sorted(n for n in members if n.endswith(".tokens")):
+            samples.append(np.frombuffer(members[name], dtype=manifest.dtype))
+            starts.append(json.loads(members[name.replace(".tokens", ".json")])["doc_starts"])
+    return samples, starts
+
+
+def spec(path, **overrides) -> StreamSpec:
+    values = dict(paths=(str(path),), weights=(1.0,), seed=7, vocab_size=360, micro_batch_size=MICRO, dp_rank=0,
+                  dp_size=1, start_sample=0, doc_mask=False, skip_corrupt=0, allow_pipe=False)
+    values.update(overrides)
+    return StreamSpec(**values)
+
+
+def take(stream_spec: StreamSpec, count: int, workers: int = 0) -> list[torch.Tensor]:
+    iterator = iter(micro_batch_loader(stream_spec, workers, pin_memory=False))
+    return [next(iterator)["tokens"] for _ in range(count)]
+
+
+def global_sequence(path, dp: int, micro_batches_per_rank: int, start_sample: int = 0, workers: int = 0):
+    """The job's micro-batches in global order, interleaving the ranks (global k -> rank k % dp)."""
+    per_rank = [take(spec(path, dp_rank=r, dp_size=dp, start_sample=start_sample), micro_batches_per_rank, workers)
+                for r in range(dp)]
+    return [per_rank[k % dp][k // dp] for k in range(dp * micro_batches_per_rank)]
+
+
+def test_tokenizer_card_and_special_ids(corpus):
+    card, tokenizer = corpus["card"], corpus["tokenizer"]
+    assert card["vocab_size"] == 360 and card["special_ids"] == {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
+    assert card["empty_documents_skipped"] == 1 and card["invalid_utf8_replaced"] == 1
+    listing = (tokenizer.path / "tokenizer.vocab").read_text().split("\n")[:-1]
+    assert len(listing) == 360 and listing[2].split("\t")[1] == "</s>"
+    text = "    def f(x):\n\treturn 12345  # é 中文 😀\n\n"
+    assert tokenizer.decode(tokenizer.encode([text])[0]) == text  # lossless, whitespace kept
+
+
+def test_build_round_trip_gives_back_the_documents(corpus):
+    manifest, tokenizer = corpus["manifest"], corpus["tokenizer"]
+    samples, starts = read_shards_in_order(corpus["shards"])
+    stream = np.concatenate(samples)
+    expected = [ids + [tokenizer.eos_id] for ids in tokenizer.encode(corpus["documents"])]
+    flat = np.concatenate([np.asarray(ids) for ids in expected])
+    assert np.array_equal(stream[:len(flat)], flat)
+    assert (stream[len(flat):] == tokenizer.pad_id).all() and len(stream) - len(flat) < SEQ_LEN + 1
+    # each sample's document starts are exactly where the documents begin
+    boundaries = np.cumsum([0] + [len(ids) for ids in expected])[:-1]
+    recorded = [i * (SEQ_LEN + 1) + s for i, sample_starts in enumerate(starts) for s in sample_starts]
+    assert recorded == boundaries.tolist()
+    assert manifest["documents"] == 202 and manifest["tokens"] == len(flat)
+    assert manifest["empty_documents_skipped"] == 1 and manifest["invalid_utf8_replaced"] == 1
+    assert all(s["samples"] == 40 for s in manifest["shards"][:-1]) and manifest["shards"][-1]["samples"] <= 40
+    assert manifest["dtype"] == "uint16" and manifest["seq_len"] == SEQ_LEN
+
+
+def test_same_input_gives_identical_bytes(corpus, tmp_path):
+    again = tmp_path / "again"
+    build_shards(corpus["inputs"], corpus["tokenizer"].path, SEQ_LEN, again, shard_samples=40, workers=1,
+                 progress=False)
+    produced = sorted(p.name for p in again.iterdir())
+    assert produced == sorted(p.name for p in corpus["shards"].iterdir())
+    for name in produced:
+        assert (again / name).read_bytes() == (corpus["shards"] / name).read_bytes(), name
+
+
+def test_same_sequence_for_any_number_of_workers(corpus):
+    reference = take(spec(corpus["shards"]), 25, workers=0)
+    for workers in (1, 2, 4):
+        assert all(torch.equal(a, b) for a, b in zip(reference, take(spec(corpus["shards"]), 25, workers)))
+
+
+@pytest.mark.parametrize("dp", [1, 2, 4])
+def test_each_sample_once_per_epoch_with_equal_counts(corpus, dp):
+    samples, _ = read_shards_in_order(corpus["shards"])
+    total = len(samples)
+    per_rank = total // (MICRO * dp)  # whole global micro-batches in one epoch
+    epoch = global_sequence(corpus["shards"], dp, per_rank)
+    seen = sorted(tuple(row) for batch in epoch for row in torch.as_tensor(batch).tolist())
+    labels_seen = len(seen)
+    everything = sorted(tuple(s[:-1].tolist()) for s in samples)
+    assert labels_seen == per_rank * dp * MICRO
+    # no sample twice, and every sample seen (up to the < MICRO*dp left for the next epoch)
+    assert len(set(seen)) == len(seen) and set(seen) <= set(everything)
+    assert len(everything) - len(seen) < MICRO * dp
+
+
+def test_order_depends_on_seed_and_epoch(corpus):
+    first_epoch = take(spec(corpus["shards"]), 3)
+    other_seed = take(spec(corpus["shards"], seed=8), 3)
+    total = sum(s["samples"] for s in corpus["manifest"]["shards"])
+    first_sample = take(spec(corpus["shards"], micro_batch_size=1), 1)[0]
+    next_epoch = take(spec(corpus["shards"], micro_batch_size=1, start_sample=total), 1)[0]
+    assert not torch.equal(first_epoch[0], other_seed[0])
+    assert torch.equal(first_sample[0], first_epoch[0][0]) and not torch.equal(first_sample, next_epoch)
+
+
+def test_resume_at_cut_points_continues_identically(corpus):
+    total = sum(s["samples"] for s in corpus["manifest"]["shards"])
+    uninterrupted = global_sequence(corpus["shards"], 2, 120)  # 480 samples: crosses the epoch end
+    rng = random.Random(3)
+    cuts = [rng.randrange(1, 60) * 2, (total // (2 * MICRO) - 1) * 2, rng.randrange(60, 110) * 2]  # in global micro-batches
+    for index, cut in enumerate(cuts):
+        workers = 2 if index == 1 else 0  # one resume with another worker count
+        resumed = global_sequence(corpus["shards"], 2, 120 - cut // 2, start_sample=cut * MICRO, workers=workers)
+        assert all(torch.equal(a, b) for a, b in zip(uninterrupted[cut:], resumed)), f"cut at {cut}"
+    assert any(cut * MICRO < total < (cut + 20) * MICRO for cut in cuts)  # one cut sits just before the epoch end
+
+
+def test_elastic_resume_from_two_to_four_ranks(corpus):
+    single = global_sequence(corpus["shards"], 1, 80)
+    before = global_sequence(corpus["shards"], 2, 20)
+    after = global_sequence(corpus["shards"], 4, 10, start_sample=40 * MICRO)
+    assert all(torch.equal(a, b) for a, b in zip(single, before + after))
+
+
+def test_blending_follows_the_weights(corpus, tmp_path):
+    other = tmp_path / "other"
+    build_shards([corpus["inputs"][1]], corpus["tokenizer"].path, SEQ_LEN, other, shard_samples=5, progress=False)
+    blended = spec(corpus["shards"], paths=(str(corpus["shards"]), str(other)), weights=(3.0, 1.0),
+                   micro_batch_size=1)
+    other_samples = {tuple(s[:-1].tolist()) for s in read_shards_in_order(other)[0]}
+    drawn = [tuple(t[0].tolist()) for t in take(blended, 400)]
+    from_other = sum(sample in other_samples for sample in drawn)
+    assert 90 <= from_other <= 110  # 1/4 of 400, spread evenly
+    assert drawn == [tuple(t[0].tolist()) for t in take(blended, 400, workers=2)]
+
+
+def test_document_positions_and_mask():
+    eos, pad = 2, 3
+    sample = np.array([[10, 11, eos, 20, 21, 22, eos, 30, pad, pad]])
+    batch = make_batch(sample, eos, pad, doc_mask=True)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 1]]
+    assert batch["labels"].tolist() == [[11, eos, 20, 21, 22, eos, 30, IGNORE_INDEX, IGNORE_INDEX]]
+    mask = document_attention_mask(batch["document_ids"])[0, 0]
+    assert mask[4].tolist() == [False, False, False, True, True, False, False, False, False]
+    assert not mask[3, 4]  # causal inside a document
+
+
+def test_doc_mask_makes_documents_independent(corpus):
+    from pretrain import parallel
+    from pretrain.model.args import LlamaArgs
+    from pretrain.model.llama import Llama
+
+    context = parallel.initialize(tp=1, pp=1, backend="gloo")
+    try:
+        args = LlamaArgs(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=48)
+        model = Llama(args, context.tp_group)
+        model.init_weights(seed=0)
+        first, second = [5, 6, 7, 2], [8, 9, 10, 11, 12]
+        batch = make_batch(np.array([first + second + [13]]), eos_id=2, pad_id=3, doc_mask=True)
+        packed = model(batch["tokens"], batch["position_ids"], document_attention_mask(batch["document_ids"]))
+        alone = model(torch.tensor([second]))
+        assert (packed[0, 4:] - alone[0]).abs().max() < 1e-5
+    finally:
+        parallel.shutdown()
+
+
+def test_micro_batches_is_reiterable_from_its_state(corpus):
+    stream = MicroBatches(spec(corpus["shards"], start_sample=10))
+    assert torch.equal(next(iter(stream))["tokens"], next(iter(stream))["tokens"])
