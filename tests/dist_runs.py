@@ -1,15 +1,22 @@
 """Runs several trainings in one launch (under torchrun or as one process) and writes each
 run's per-step losses and gradient norms as JSON: python dist_runs.py SPEC.json OUT.json.
 
-SPEC is {"base": [overrides], "runs": {name: [overrides]}}. Launch costs dominate on small
-machines, so the parity tests put all the layouts of one world size into one launch."""
+SPEC is {"config": yaml or null, "base": [overrides], "runs": {name: [overrides]}, and optionally
+"split_check": [overrides]}: then the start-up batch check is also run on batches split by data-
+parallel rank (must pass) and by global rank (must fail), with its message recorded. Launch
+costs dominate on small machines, so tests put many runs of one world size into one launch."""
 
 import json
 import sys
 
 import torch.distributed as dist
 
-from pretrain.config import load
+from dataclasses import replace
+
+from pretrain import parallel
+from pretrain.config import load, validate
+from pretrain.data import pipeline
+from pretrain.data.loader import MicroBatches
 from pretrain.train import train
 
 
@@ -20,11 +27,34 @@ def main(spec_path: str, out_path: str) -> None:
     for name, overrides in spec["runs"].items():
         config = load(spec.get("config"), spec["base"] + overrides)
         result = train(config)
-        results[name] = {"loss": result.losses, "grad_norm": result.grad_norms}
+        results[name] = {"loss": result.losses, "grad_norm": result.grad_norms, "valid_loss": result.valid_losses}
+    if "split_check" in spec:
+        results["split_check"] = split_check(load(spec.get("config"), spec["base"] + spec["split_check"]))
     if dist.get_rank() == 0:
         with open(out_path, "w") as out:
             json.dump(results, out, indent=1)
     dist.destroy_process_group()
+
+
+def split_check(config) -> dict[str, str]:
+    """The batch-agreement check on a correct and on a deliberately wrong (global-rank) split."""
+    layout = validate(config, dist.get_world_size())
+    info = pipeline.resolve(config)
+    context = parallel.initialize(layout.tp, layout.pp, "gloo")
+    outcome = {}
+    try:
+        for name, dp_rank in (("by_data_parallel_rank", context.dp_rank), ("by_global_rank", context.rank)):
+            spec = pipeline.stream_spec(config, info, replace(layout, dp=context.world_size) if name == "by_global_rank"
+                                        else layout, dp_rank, start_sample=0)
+            batch = next(iter(MicroBatches(spec)))
+            try:
+                pipeline.check_batch_agreement(batch["tokens"], context.dp_rank)
+                outcome[name] = "passed"
+            except RuntimeError as error:
+                outcome[name] = str(error)
+    finally:
+        parallel.shutdown(destroy_process_group=False)
+    return outcome
 
 
 if __name__ == "__main__":

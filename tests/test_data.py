@@ -208,3 +208,34 @@ def test_doc_mask_makes_documents_independent(corpus):
 def test_micro_batches_is_reiterable_from_its_state(corpus):
     stream = MicroBatches(spec(corpus["shards"], start_sample=10))
     assert torch.equal(next(iter(stream))["tokens"], next(iter(stream))["tokens"])
+
+
+def test_cli_tokenizer_and_build_from_parquet(tmp_path):
+    import subprocess
+    import sys
+
+    import pyarrow
+    import pyarrow.parquet
+
+    from conftest import ROOT, child_env
+
+    documents = random_documents(120, seed=4)
+    pyarrow.parquet.write_table(pyarrow.table({"body": documents}), tmp_path / "docs.parquet")
+
+    def cli(*args):
+        proc = subprocess.run([sys.executable, "-m", "pretrain", *map(str, args)], cwd=tmp_path, env=child_env(),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    out = cli("tokenizer", "train", "--input", "docs.parquet", "--text-field", "body", "--vocab-size", 320,
+              "--special", "<tool>", "<think>")
+    assert "tokenizer written to tokenizers/bpe-320" in out  # the default home of tokenizers
+    card = json.loads((tmp_path / "tokenizers/bpe-320/card.json").read_text())
+    assert card["special_ids"]["<tool>"] == 4 and card["special_ids"]["<think>"] == 5
+    tokenizer = Tokenizer.load(tmp_path / "tokenizers/bpe-320")
+    assert 4 not in tokenizer.encode(["<tool>"])[0]  # control symbols are never produced from text
+    cli("data", "build", "--input", "docs.parquet", "--text-field", "body", "--tokenizer", "tokenizers/bpe-320",
+        "--seq-len", 16, "--out", "shards", "--workers", 2)
+    manifest = json.loads((tmp_path / "shards/manifest.json").read_text())
+    assert manifest["documents"] == 120 and manifest["inputs"][0]["documents"] == 120

@@ -45,9 +45,10 @@ class Packer:
         self.filled = 0
         self.doc_starts: list[int] = []
 
-    def add(self, ids: list[int]) -> Iterator[tuple[np.ndarray, list[int]]]:
+    def add(self, ids: "list[int] | np.ndarray") -> Iterator[tuple[np.ndarray, list[int]]]:
         """Append one document; yields every sample it completes."""
-        document = np.asarray(ids + [self.eos_id], dtype=self.dtype)
+        document = np.empty(len(ids) + 1, dtype=self.dtype)
+        document[:-1], document[-1] = ids, self.eos_id
         self.doc_starts.append(self.filled)
         while len(document):
             take = min(self.length - self.filled, len(document))

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from pretrain.config import Config, DataSource, Layout, data_path_list
 from pretrain.data.loader import StreamSpec, micro_batch_loader
+from pretrain.data.raw import RawSpec, RawState, raw_batches, raw_shard_files
 from pretrain.data.shards import Manifest, ShardError, file_sha256, index_path, is_url
 from pretrain.data.synthetic import synthetic_batches
 from pretrain.tokenizer import Tokenizer
@@ -27,6 +28,7 @@ class DataInfo:
     manifests: list[Manifest]
     valid: Manifest | None
     tokenizer_sha256: str
+    raw_files: list[str]  # data.source=raw: the text shards
 
 
 def _absolute(location: str) -> str:
@@ -38,9 +40,11 @@ def resolve(config: Config) -> DataInfo | None:
     tokenizer when it is 0. Paths become absolute (the written config is unambiguous)."""
     if config.data.source == DataSource.synthetic:
         return None
+    allow_pipe = config.data.allow_pipe
     paths = [_absolute(p) for p in data_path_list(config.data.path)]
     config.data.path = paths
-    allow_pipe = config.data.allow_pipe
+    if config.data.source == DataSource.raw:
+        return _resolve_raw(config, paths)
     manifests = [Manifest.load(p, allow_pipe) for p in paths]
     valid = Manifest.load(_absolute(config.data.valid_path), allow_pipe) if config.data.valid_path else None
     if valid is not None:
@@ -70,7 +74,27 @@ def resolve(config: Config) -> DataInfo | None:
         raise ShardError(f"model.vocab_size={config.model.vocab_size} is smaller than the shards' tokenizer "
                          f"vocabulary ({vocab}): set model.vocab_size={vocab} or leave it 0 to take it from the data")
     weights = list(config.data.weights) or [1.0] * len(paths)
-    return DataInfo(paths, weights, manifests, valid, sha)
+    return DataInfo(paths, weights, manifests, valid, sha, raw_files=[])
+
+
+def _resolve_raw(config: Config, paths: list[str]) -> DataInfo:
+    if len(paths) != 1:
+        raise ShardError("data.source=raw reads one folder of text shards: give data.path a single folder "
+                         "(build tokenized shards with `pretrain data build` to blend datasets)")
+    tokenizer = Tokenizer.load(config.data.tokenizer)
+    if config.model.vocab_size == 0:
+        config.model.vocab_size = tokenizer.vocab_size
+    elif config.model.vocab_size < tokenizer.vocab_size:
+        raise ShardError(f"model.vocab_size={config.model.vocab_size} is smaller than data.tokenizer's vocabulary "
+                         f"({tokenizer.vocab_size}): set model.vocab_size={tokenizer.vocab_size} or leave it 0")
+    valid = None
+    if config.data.valid_path:
+        config.data.valid_path = _absolute(config.data.valid_path)
+        valid = Manifest.load(config.data.valid_path, config.data.allow_pipe)
+        if valid.data["tokenizer"]["sha256"] != tokenizer.sha256:
+            raise ShardError(f"data.valid_path {config.data.valid_path} was built with another tokenizer than "
+                             f"data.tokenizer {config.data.tokenizer}")
+    return DataInfo(paths, [1.0], [], valid, tokenizer.sha256, raw_files=raw_shard_files(paths[0]))
 
 
 def verify_shards(info: DataInfo, rank: int, world_size: int, tolerate: bool) -> None:
@@ -115,6 +139,10 @@ def training_batches(config: Config, info: DataInfo | None, layout: Layout, dp_r
     if info is None:
         return synthetic_batches(config.train.seed, config.model.vocab_size, config.model.seq_len,
                                  layout.micro_batch_size, dp_rank, layout.dp, start_sample)
+    if info.raw_files:
+        spec = RawSpec(tuple(info.raw_files), config.data.tokenizer, config.model.seq_len, config.train.seed,
+                       dp_rank, layout.dp, first_shard=0)
+        return raw_batches(spec, RawState(), layout.micro_batch_size, config.data.num_workers, config.data.doc_mask)
     if start_sample % layout.micro_batch_size:
         raise ShardError(f"cannot resume at sample {start_sample} with train.micro_batch_size="
                          f"{layout.micro_batch_size}: it must divide the samples already consumed")
