@@ -1,4 +1,4 @@
-"""Command line: `pretrain train|tokenizer train|data build ...`."""
+"""Command line: `pretrain train|tokenizer train|data build|bench data ...`."""
 
 import argparse
 import json
@@ -48,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--shard-samples", type=int, default=10_000, help="samples per shard")
     build.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     build.add_argument("--text-field", default="text")
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="action", required=True)
+    bench_data = bench.add_parser("data", help="loader and tokenization throughput beside raw baselines")
+    bench_data.add_argument("--input", nargs="+", metavar="FILE", help="corpus (default: Python's stdlib sources)")
+    bench_data.add_argument("--work", default="runs/bench-data", help="folder for the tokenizer and shards it builds")
+    bench_data.add_argument("--seq-len", type=int, default=2048)
+    bench_data.add_argument("--seconds", type=float, default=3.0, help="measuring time per figure")
+    bench_data.add_argument("--out", help="write the figures as JSON here")
     return parser
 
 
@@ -62,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "tokenizer":
             return _tokenizer_train(args)
+        if args.command == "bench":
+            from pretrain.bench import data
+
+            return data.main(args.input, args.work, args.out, args.seq_len, args.seconds)
         return _data_build(args)
     except (ConfigError, InputError, ShardError, TokenizerError) as error:
         print(f"pretrain: {error}", file=sys.stderr)

@@ -146,8 +146,10 @@ class Tokenizer:
     def pad_id(self) -> int:
         return self.card["special_ids"]["pad"]
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        return self.processor.encode(texts)
+    def encode(self, texts: list[str], threads: int = 1) -> list[list[int]]:
+        """Token ids of each text (no BOS/EOS added). One thread by default: callers parallelise
+        with processes."""
+        return self.processor.encode(texts, num_threads=threads)
 
     def decode(self, ids: list[int]) -> str:
         return self.processor.decode(ids)

@@ -114,3 +114,14 @@ def test_training_from_raw_text(raw, tmp_path):
     losses = [r["loss"] for r in records if r["group"] == "train"]
     assert len(losses) == 2 and losses[1] < losses[0]
     assert "vocab_size: 300" in (tmp_path / "config.yaml").read_text()
+
+
+def test_data_benchmark_runs_and_reports_every_figure(raw, tmp_path):
+    from pretrain.bench.data import run
+
+    result = run([str(raw / "all.txt")], tmp_path, seq_len=SEQ_LEN, vocab_size=300, seconds=0.05)
+    rates = result["tokens_per_sec_one_core"]
+    assert set(rates) == {"webdataset_raw_iteration", "loader", "loader_doc_mask", "sentencepiece_encode",
+                          "on_the_fly_raw"}
+    assert all(rate > 0 for rate in rates.values())
+    assert result["loader_vs_raw_iteration"] == round(rates["loader"] / rates["webdataset_raw_iteration"], 2)

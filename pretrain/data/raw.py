@@ -12,6 +12,7 @@ import io
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +91,7 @@ class TokenizedShards(IterableDataset):
         while True:
             encoded = tokenizer.encode([d for d in read_documents(self.shard_at(ordinal)) if d.strip()])
             lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-            yield np.fromiter((t for ids in encoded for t in ids), dtype=np.int64, count=int(lengths.sum())), lengths
+            yield np.fromiter(chain.from_iterable(encoded), dtype=np.int64, count=int(lengths.sum())), lengths
             ordinal += workers
 
 
