@@ -35,6 +35,12 @@ class Backend(str, enum.Enum):
     gloo = "gloo"
 
 
+class PipelinePartition(str, enum.Enum):
+    blocks = "blocks"  # equal numbers of transformer blocks per stage
+    parameters = "parameters"  # equal numbers of parameters per stage (embedding and head count)
+    uniform = "uniform"  # equal numbers of pipeline layers (embedding and head count as one each)
+
+
 class DataSource(str, enum.Enum):
     shards = "shards"  # tokenized shards from `pretrain data build`
     raw = "raw"  # tar shards of raw text documents, tokenized and packed while training
@@ -46,6 +52,7 @@ class ParallelConfig:
     tp: int = 1  # tensor-parallel size
     pp: int = 1  # pipeline-parallel size; data-parallel size = world size / (tp * pp)
     backend: Backend = Backend.auto
+    pp_partition: PipelinePartition = PipelinePartition.blocks  # how layers are split among pipeline stages
 
 
 @dataclass
@@ -196,12 +203,13 @@ def validate(config: Config, world_size: int) -> Layout:
     need(world_size % (tp * pp) == 0,
          f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {tp} x {pp}: "
          f"launch a multiple of {tp * pp} processes or change parallel.tp/parallel.pp")
-    need(pp == 1, f"parallel.pp={pp}: pipeline parallelism is not available in this version yet; "
-                  "set parallel.pp=1 (use parallel.tp and data parallelism)")
     need(config.optimizer.zero_stage in (0, 1, 2, 3), f"optimizer.zero_stage={config.optimizer.zero_stage} must be 0, 1, 2 or 3")
     need(not (config.optimizer.zero_stage >= 2 and pp > 1),
          f"optimizer.zero_stage={config.optimizer.zero_stage} cannot be combined with parallel.pp={pp}: DeepSpeed's "
          "pipeline engine supports ZeRO stages 0 and 1 only; set optimizer.zero_stage=1 or parallel.pp=1")
+    need(not (config.optimizer.zero_stage == 0 and pp > 1),
+         f"optimizer.zero_stage=0 cannot be combined with parallel.pp={pp}: DeepSpeed then computes the "
+         "gradient-clipping norm wrongly on later pipeline stages; set optimizer.zero_stage=1")
     need(config.optimizer.lr > 0, f"optimizer.lr={config.optimizer.lr} must be positive")
     need(config.optimizer.grad_clip >= 0, f"optimizer.grad_clip={config.optimizer.grad_clip} must be >= 0 (0 = off)")
     need(config.schedule.warmup_steps >= 0, f"schedule.warmup_steps={config.schedule.warmup_steps} must be >= 0")

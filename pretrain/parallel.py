@@ -5,6 +5,7 @@ import os
 import socket
 from dataclasses import dataclass
 
+import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
@@ -67,6 +68,7 @@ def initialize(tp: int, pp: int, backend: str = "auto") -> ParallelContext:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(_free_port()))
         dist.init_process_group(backend=choose_backend(backend))
+    deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the group (PipelineModule needs it)
     world_size, rank = dist.get_world_size(), dist.get_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():

@@ -3,9 +3,11 @@ by data-parallel rank, with metrics every `log.interval` steps, validation and c
 
 import itertools
 import math
+import warnings
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import deepspeed
@@ -15,10 +17,10 @@ import torch.distributed as dist
 from pretrain import parallel
 from pretrain.config import Config, Layout, Precision, to_yaml, validate
 from pretrain.data import pipeline
-from pretrain.data.loader import document_attention_mask
 from pretrain.data.shards import ShardError
 from pretrain.metrics import MetricsWriter, peak_flops, peak_memory_gib, throughput
 from pretrain.model.llama import Llama, cross_entropy
+from pretrain.model.pipeline import build_pipeline
 from pretrain.optim import build_optimizer, build_scheduler
 
 
@@ -95,70 +97,115 @@ class Trainer:
             pipeline.verify_shards(data, context.rank, context.world_size, tolerate=config.data.skip_corrupt > 0)
 
         torch.manual_seed(config.train.seed)
-        self.model = Llama(config.model, context.tp_group)
-        self.model.init_weights(config.train.seed)
+        self.pipelined = layout.pp > 1
+        if self.pipelined:
+            if layout.grad_accumulation < layout.pp and context.rank == 0:
+                warnings.warn(f"{layout.grad_accumulation} micro-batches per step for {layout.pp} pipeline stages: "
+                              "most of each step is pipeline bubble; raise train.global_batch_size or lower "
+                              "train.micro_batch_size")
+            self.model = build_pipeline(config.model, context.tp_group, context.topology,
+                                        config.parallel.pp_partition.value, config.train.seed,
+                                        loss_fn=partial(cross_entropy, vocab_size=config.model.vocab_size))
+        else:
+            self.model = Llama(config.model, context.tp_group)
+            self.model.init_weights(config.train.seed)
         optimizer = build_optimizer(self.model, config.optimizer, context.device)
         scheduler = build_scheduler(optimizer, config.schedule, self.steps)
         self.engine, *_ = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(config, layout, self.precision), mpu=parallel.MegatronMpu(),
+            config=deepspeed_config(config, layout, self.precision),
+            mpu=None if self.pipelined else parallel.MegatronMpu(),  # the pipeline module brings its own grid
         )
         self.metrics = MetricsWriter(self.log_dir, self.steps, enabled=context.rank == 0)
         self.samples_per_step = layout.global_batch_size
         self.consumed_samples = 0
         self.skipped_corrupt = 0
+        # each damaged sample is counted once per replica: by its first-stage, TP-rank-0 process
+        self.counts_damage = context.is_first_stage and context.tp_rank == 0
+        self.window_damaged = 0
 
     def _batches(self):
         batches = pipeline.training_batches(self.config, self.data, self.layout, self.context.dp_rank,
                                             self.consumed_samples, pin_memory=self.context.device.type == "cuda")
         first = next(batches)
         pipeline.check_batch_agreement(first["tokens"], self.context.dp_rank)
-        return itertools.chain([first], batches)
+        return self._counted(itertools.chain([first], batches))
+
+    def _counted(self, batches):
+        for batch in batches:
+            if self.counts_damage:
+                self.window_damaged += batch.get("corrupt", 0)
+            yield batch
+
+    @staticmethod
+    def _pipeline_feed(batches):
+        """Micro-batch dicts -> the pipeline engine's ((tokens, position_ids[, document_ids]), labels)."""
+        for batch in batches:
+            tokens = batch["tokens"]
+            position_ids = batch.get("position_ids")
+            if position_ids is None:
+                position_ids = torch.arange(tokens.shape[1]).repeat(tokens.shape[0], 1)
+            extra = (batch["document_ids"],) if "document_ids" in batch else ()
+            yield (tokens, position_ids, *extra), batch["labels"]
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean loss of a micro-batch and its number of predicted tokens."""
         device = self.context.device
         labels = batch["labels"].to(device, non_blocking=True)
         position_ids = batch["position_ids"].to(device, non_blocking=True) if "position_ids" in batch else None
-        mask = document_attention_mask(batch["document_ids"].to(device)) if "document_ids" in batch else None
-        logits = self.engine(batch["tokens"].to(device, non_blocking=True), position_ids, mask)
+        document_ids = batch["document_ids"].to(device, non_blocking=True) if "document_ids" in batch else None
+        logits = self.engine(batch["tokens"].to(device, non_blocking=True), position_ids, document_ids)
         return cross_entropy(logits, labels, self.config.model.vocab_size), (labels != -100).sum()
+
+    def _step(self, batches, log_step: bool) -> tuple[torch.Tensor, float | None]:
+        """One optimizer step; returns this rank's loss contribution (summed over DP ranks and
+        divided by dp x accumulation it is the step's mean loss) and, when DeepSpeed does not
+        report it, the gradient norm."""
+        accumulation = self.layout.grad_accumulation
+        if self.pipelined:
+            loss = self.engine.train_batch(data_iter=batches)  # already averaged over micro-batches and DP
+            return loss.detach() * accumulation, None
+        total, grad_norm = torch.zeros((), device=self.context.device), None
+        for micro in range(accumulation):
+            loss, _ = self._loss(next(batches))
+            self.engine.backward(loss)
+            if log_step and not self.engine_reports_norm and micro == accumulation - 1:
+                grad_norm = reduced_grad_norm(self.model, self.context)
+            self.engine.step()
+            total += loss.detach()
+        return total, grad_norm
 
     def run(self) -> TrainResult:
         config, layout, context = self.config, self.layout, self.context
         batches = self._batches()
+        if self.pipelined:
+            batches = self._pipeline_feed(batches) if context.is_first_stage or context.is_last_stage else None
         flops_per_token, peak = config.model.flops_per_token(), peak_flops(context.device)
         tokens_per_step = layout.global_batch_size * config.model.seq_len
         result = TrainResult(steps=0, tokens=0)
         # DeepSpeed clips ZeRO-0 fp32 gradients without keeping the norm: measure it ourselves.
-        engine_reports_norm = config.optimizer.zero_stage > 0 or self.precision != Precision.fp32
+        self.engine_reports_norm = config.optimizer.zero_stage > 0 or self.precision != Precision.fp32
         window_start, window_steps = time.perf_counter(), 0
-        window = torch.zeros(2, device=context.device)  # loss sum, damaged samples
+        window_loss = torch.zeros((), device=context.device)
         for step in range(1, self.steps + 1):
             lr = self.engine.get_lr()[0]
             log_step = step % config.log.interval == 0 or step == self.steps
-            for micro in range(layout.grad_accumulation):
-                batch = next(batches)
-                loss, _ = self._loss(batch)
-                self.engine.backward(loss)
-                if log_step and not engine_reports_norm and micro == layout.grad_accumulation - 1:
-                    grad_norm = reduced_grad_norm(self.model, context)
-                self.engine.step()
-                window[0] += loss.detach()
-                window[1] += batch.get("corrupt", 0)
+            loss, grad_norm = self._step(batches, log_step)
+            window_loss += loss
             self.consumed_samples += self.samples_per_step
             result.steps, result.tokens = step, result.tokens + tokens_per_step
             window_steps += 1
 
             if log_step:
-                if engine_reports_norm:
+                if grad_norm is None:
                     grad_norm = float(self.engine.get_global_grad_norm())
-                dist.all_reduce(window, group=context.dp_group)
-                loss_sum, corrupt = window.tolist()
-                self.skipped_corrupt += int(corrupt)
+                dist.all_reduce(window_loss, group=context.dp_group)
+                damaged = torch.tensor(self.window_damaged, device=context.device)
+                dist.all_reduce(damaged)
+                self.skipped_corrupt += int(damaged)
                 elapsed = time.perf_counter() - window_start
-                values = {"loss": loss_sum / (context.dp * layout.grad_accumulation * window_steps), "lr": lr,
-                          "grad_norm": grad_norm,
+                values = {"loss": window_loss.item() / (context.dp * layout.grad_accumulation * window_steps),
+                          "lr": lr, "grad_norm": grad_norm,
                           **throughput(tokens_per_step * window_steps, elapsed, flops_per_token,
                                        context.world_size, peak),
                           "step_time": elapsed / window_steps, "mem_peak_gib": peak_memory_gib(context.device)}
@@ -169,7 +216,8 @@ class Trainer:
                 if self.skipped_corrupt > config.data.skip_corrupt:
                     raise ShardError(f"{self.skipped_corrupt} damaged samples so far, more than data.skip_corrupt="
                                      f"{config.data.skip_corrupt}: see the warnings above for the shards")
-                window.zero_()
+                window_loss.zero_()
+                self.window_damaged = 0
                 window_start, window_steps = time.perf_counter(), 0
             self.metrics.advance(1)
             if config.train.eval_interval and (step % config.train.eval_interval == 0 or step == self.steps):
@@ -183,12 +231,22 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, step: int) -> float:
         """Mean loss per predicted token over the fixed validation batches; logs valid/loss and valid/ppl."""
-        self.engine.eval()
-        totals = torch.zeros(2, device=self.context.device)
-        for batch in pipeline.validation_batches(self.config, self.data, self.layout, self.context.dp_rank):
-            loss, count = self._loss(batch)
-            totals += torch.stack([loss * count, count.to(loss.dtype)])
-        self.engine.train()
+        batches = list(pipeline.validation_batches(self.config, self.data, self.layout, self.context.dp_rank))
+        totals = torch.zeros(2, device=self.context.device)  # loss sum, predicted tokens
+        totals[1] = sum(int((batch["labels"] != -100).sum()) for batch in batches)
+        if self.pipelined:
+            mean_loss = self.model.loss_fn
+            self.model.loss_fn = partial(cross_entropy, vocab_size=self.config.model.vocab_size, reduction="sum")
+            per_micro_batch = self.engine.eval_batch(iter(self._pipeline_feed(batches)),
+                                                     num_micro_batches=len(batches))  # averaged over DP too
+            self.model.loss_fn = mean_loss
+            totals[0] = per_micro_batch * len(batches)  # summed over DP below: the loss sum of all batches
+        else:
+            self.engine.eval()
+            for batch in batches:
+                loss, count = self._loss(batch)
+                totals[0] += loss * count
+            self.engine.train()
         dist.all_reduce(totals, group=self.context.dp_group)
         mean = (totals[0] / totals[1]).item()
         self.metrics.write(step, {"loss": mean, "ppl": math.exp(min(mean, 50.0))}, group="valid")

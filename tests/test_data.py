@@ -12,8 +12,9 @@ import torch
 
 from pretrain.data.build import build_shards
 from pretrain.data.loader import (
-    IGNORE_INDEX, MicroBatches, StreamSpec, document_attention_mask, make_batch, micro_batch_loader,
+    IGNORE_INDEX, MicroBatches, StreamSpec, make_batch, micro_batch_loader,
 )
+from pretrain.model.llama import document_attention_mask
 from pretrain.data.shards import Manifest
 from pretrain.tokenizer import Tokenizer, train_tokenizer
 
@@ -198,7 +199,7 @@ def test_doc_mask_makes_documents_independent(corpus):
         model.init_weights(seed=0)
         first, second = [5, 6, 7, 2], [8, 9, 10, 11, 12]
         batch = make_batch(np.array([first + second + [13]]), eos_id=2, pad_id=3, doc_mask=True)
-        packed = model(batch["tokens"], batch["position_ids"], document_attention_mask(batch["document_ids"]))
+        packed = model(batch["tokens"], batch["position_ids"], batch["document_ids"])
         alone = model(torch.tensor([second]))
         assert (packed[0, 4:] - alone[0]).abs().max() < 1e-5
     finally:

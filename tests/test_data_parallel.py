@@ -1,5 +1,5 @@
-"""Training from shards across processes: TP2 x DP2 equals one process (document masking
-and validation included), and the start-up batch check catches a split by global rank."""
+"""Training from shards across processes: TP2 x DP2 and TP2 x PP2 equal one process (document
+masking and validation included), and the start-up batch check catches a split by global rank."""
 
 import json
 
@@ -38,13 +38,15 @@ def base(data) -> list[str]:
 
 def test_tp2_dp2_from_shards_equals_one_process(data, tmp_path):
     reference = run_layouts(tmp_path / "one", 1, base(data), {"single": []})["single"]
-    runs = run_layouts(tmp_path / "four", 4, base(data), {"tp2_dp2": ["parallel.tp=2"]},
+    runs = run_layouts(tmp_path / "four", 4, base(data), {"tp2_dp2": ["parallel.tp=2"],
+                                                           "tp2_pp2": ["parallel.tp=2", "parallel.pp=2"]},
                        split_check=["parallel.tp=2"])
-    run = runs["tp2_dp2"]
-    loss_diff = max(abs(run["loss"][s] - reference["loss"][s]) for s in reference["loss"])
-    valid_diff = abs(run["valid_loss"][STEPS] - reference["valid_loss"][STEPS])
-    print(f"TP2 x DP2 from shards: max |loss difference| {loss_diff:.3g}, validation {valid_diff:.3g}")
-    assert sorted(run["loss"]) == list(range(1, STEPS + 1)) and loss_diff <= 1e-5 and valid_diff <= 1e-5
+    for layout in ("tp2_dp2", "tp2_pp2"):
+        run = runs[layout]
+        loss_diff = max(abs(run["loss"][s] - reference["loss"][s]) for s in reference["loss"])
+        valid_diff = abs(run["valid_loss"][STEPS] - reference["valid_loss"][STEPS])
+        print(f"{layout} from shards: max |loss difference| {loss_diff:.3g}, validation {valid_diff:.3g}")
+        assert sorted(run["loss"]) == list(range(1, STEPS + 1)) and loss_diff <= 1e-5 and valid_diff <= 1e-5
     assert reference["loss"][STEPS] < reference["loss"][1]
 
     check = runs["split_check"]

@@ -226,14 +226,6 @@ def make_batch(samples: np.ndarray, eos_id: int, pad_id: int, doc_mask: bool) ->
     return batch
 
 
-def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean [m, 1, L, L]: causal and within the same document (True = may attend)."""
-    length = document_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
-    same = document_ids[:, :, None] == document_ids[:, None, :]
-    return (same & causal)[:, None]
-
-
 def micro_batch_loader(spec: StreamSpec, num_workers: int, pin_memory: bool) -> DataLoader:
     return DataLoader(MicroBatches(spec), batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None)

@@ -160,26 +160,42 @@ class Block(nn.Module):
         return self._forward(x, position_ids, attention_mask)
 
 
+def vocab_embedding(args: LlamaArgs, layer_config: ModelParallelConfig, tp_group) -> VocabParallelEmbedding:
+    return VocabParallelEmbedding(args.padded_vocab_size(tp_group.size()), args.hidden_size, init_method=_no_init,
+                                  config=layer_config, tp_group=tp_group)
+
+
+def output_projection(args: LlamaArgs, layer_config: ModelParallelConfig, tp_group,
+                      tied: bool) -> ColumnParallelLinear:
+    """hidden -> vocab-parallel logits; with `tied` it owns no weight (the embedding's is passed in)."""
+    return ColumnParallelLinear(
+        args.hidden_size, args.padded_vocab_size(tp_group.size()), config=layer_config, init_method=_no_init,
+        bias=False, gather_output=False, skip_weight_param_allocation=tied, tp_group=tp_group,
+    )
+
+
+def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean [batch, 1, seq, seq]: causal and within the same document (True = may attend)."""
+    length = document_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    return (same & causal)[:, None]
+
+
 class Llama(nn.Module):
     """Decoder-only Llama. forward(tokens) returns vocab-parallel logits [batch, seq, vocab/tp]:
-    each TP rank holds its slice of the (padded) vocabulary; use cross_entropy() for the loss."""
+    each TP rank holds its slice of the (padded) vocabulary; use cross_entropy() for the loss.
+    (pretrain.model.pipeline cuts the same modules into pipeline stages.)"""
 
     def __init__(self, args: LlamaArgs, tp_group):
         super().__init__()
         self.args = args
         self.tp_group = tp_group
-        tp = tp_group.size()
-        layer_config = megatron_layer_config(tp)
-        self.padded_vocab_size = args.padded_vocab_size(tp)
-        self.embedding = VocabParallelEmbedding(
-            self.padded_vocab_size, args.hidden_size, init_method=_no_init, config=layer_config, tp_group=tp_group
-        )
+        layer_config = megatron_layer_config(tp_group.size())
+        self.embedding = vocab_embedding(args, layer_config, tp_group)
         self.layers = nn.ModuleList(Block(args, layer_config, tp_group) for _ in range(args.num_layers))
         self.final_norm = RMSNorm(args.hidden_size, args.norm_eps)
-        self.output = ColumnParallelLinear(
-            args.hidden_size, self.padded_vocab_size, config=layer_config, init_method=_no_init, bias=False,
-            gather_output=False, skip_weight_param_allocation=args.tie_embeddings, tp_group=tp_group,
-        )
+        self.output = output_projection(args, layer_config, tp_group, tied=args.tie_embeddings)
         mark_tensor_parallel(self)
 
     def init_weights(self, seed: int) -> None:
@@ -187,12 +203,14 @@ class Llama(nn.Module):
         initialize(self, seed, self.args.init_std, self.args.num_layers, self.tp_group.rank(), self.tp_group.size())
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """document_ids (optional, [batch, seq]): attention stays within each document."""
         if position_ids is None:
             position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        mask = None if document_ids is None else document_attention_mask(document_ids)
         x = self.embedding(tokens)
         for block in self.layers:
-            x = block(x, position_ids, attention_mask)
+            x = block(x, position_ids, mask)
         x = self.final_norm(x)
         tied_weight = self.embedding.weight if self.args.tie_embeddings else None
         logits, _ = self.output(x, weight=tied_weight)
@@ -200,8 +218,9 @@ class Llama(nn.Module):
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
-                  ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token loss over labels != ignore_index, from vocab-parallel logits.
+                  ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    """Mean (or with reduction="sum", summed) next-token loss over labels != ignore_index, from
+    vocab-parallel logits.
 
     Padding rows of the vocabulary are masked out of the softmax, so the loss equals that of the
     unpadded model whatever the TP size (and that of the exported Hugging Face model)."""
@@ -211,5 +230,6 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
     logits = logits.float().masked_fill(column_ids >= vocab_size, float("-inf"))
     valid = labels != ignore_index
     per_token = vocab_parallel_cross_entropy(logits, labels.masked_fill(~valid, 0))
-    return (per_token * valid).sum() / valid.sum().clamp(min=1)
+    total = (per_token * valid).sum()
+    return total if reduction == "sum" else total / valid.sum().clamp(min=1)
 

@@ -7,7 +7,7 @@ chunk number `tp_rank` of it along its partition dimension, as megatron-core's l
 
 import math
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
@@ -52,13 +52,16 @@ def parameter_seed(seed: int, name: str) -> int:
 
 
 @torch.no_grad()
-def initialize(model: nn.Module, seed: int, std: float, num_layers: int, tp_rank: int, tp: int) -> None:
+def initialize(model: nn.Module, seed: int, std: float, num_layers: int, tp_rank: int, tp: int,
+               canonical: Callable[[str], str] = lambda name: name) -> None:
     """Normal(0, std) weights (output projections scaled by 1/sqrt(2 x layers)), norms at 1.
 
     The full tensor of each parameter is drawn from a generator seeded by its name, then sliced,
     so TP1 and TP8 start from identical weights. Rows past the vocabulary (padding) are drawn
-    last in row-major order, so the real rows do not depend on the padding either."""
-    for name, param in model.named_parameters():
+    last in row-major order, so the real rows do not depend on the padding either. `canonical`
+    maps a module's own parameter names (a pipeline stage's) to the single-stage model's."""
+    for module_name, param in model.named_parameters():
+        name = canonical(module_name)
         if name.endswith("norm.weight"):
             param.fill_(1.0)
             continue

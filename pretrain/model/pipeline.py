@@ -1,0 +1,110 @@
+"""The same Llama cut into DeepSpeed pipeline stages (used when parallel.pp > 1).
+
+Stages pass tuples between them: (hidden, position_ids[, document_ids]). Layer 0 embeds,
+layers 1..N are the blocks, then the head (final norm + output projection). With tied
+embeddings the head is split: a final-norm layer, then the embedding module itself (a
+TiedLayerSpec shared with layer 0) projecting to the vocabulary.
+
+DeepSpeed names parameters by layer index ("3.attention.qkv_proj.weight"); canonical_name()
+maps them to the names of the single-stage model ("layers.2.attention.qkv_proj.weight"), which
+seed the initial weights and are what checkpoints and exports use."""
+
+from collections.abc import Callable
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.pipe.topology import ProcessTopology
+from torch import nn
+
+from pretrain.model.args import LlamaArgs
+from pretrain.model.llama import (
+    Block, RMSNorm, document_attention_mask, megatron_layer_config, output_projection, vocab_embedding,
+)
+from pretrain.model.weights import initialize, mark_tensor_parallel
+
+TIED_KEY = "embedding"
+
+
+class EmbeddingStage(nn.Module):
+    """(tokens, position_ids[, document_ids]) -> (hidden, position_ids[, document_ids])."""
+
+    def __init__(self, args: LlamaArgs, tp_group):
+        super().__init__()
+        layer_config = megatron_layer_config(tp_group.size())
+        self.embedding = vocab_embedding(args, layer_config, tp_group)
+        if args.tie_embeddings:
+            self.projection = output_projection(args, layer_config, tp_group, tied=True)
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        tokens, *rest = inputs
+        return (self.embedding(tokens), *rest)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The tied output head: hidden -> vocab-parallel logits with the embedding matrix."""
+        logits, _ = self.projection(hidden, weight=self.embedding.weight)
+        return logits
+
+
+class PipelineBlock(Block):
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        hidden, position_ids, *document_ids = inputs
+        mask = document_attention_mask(document_ids[0]) if document_ids else None
+        return (super().forward(hidden, position_ids, mask), position_ids, *document_ids)
+
+
+class FinalNormStage(nn.Module):
+    def __init__(self, args: LlamaArgs):
+        super().__init__()
+        self.final_norm = RMSNorm(args.hidden_size, args.norm_eps)
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self.final_norm(inputs[0])
+
+
+class HeadStage(FinalNormStage):
+    """Final norm and an untied output projection: -> vocab-parallel logits."""
+
+    def __init__(self, args: LlamaArgs, tp_group):
+        super().__init__(args)
+        self.output = output_projection(args, megatron_layer_config(tp_group.size()), tp_group, tied=False)
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        logits, _ = self.output(super().forward(inputs))
+        return logits
+
+
+def _tied_logits(module: EmbeddingStage, hidden: torch.Tensor) -> torch.Tensor:
+    return module.logits(hidden)
+
+
+def layer_specs(args: LlamaArgs, tp_group) -> list:
+    layer_config = megatron_layer_config(tp_group.size())
+    blocks = [LayerSpec(PipelineBlock, args, layer_config, tp_group) for _ in range(args.num_layers)]
+    if not args.tie_embeddings:
+        return [LayerSpec(EmbeddingStage, args, tp_group), *blocks, LayerSpec(HeadStage, args, tp_group)]
+    tied = dict(tied_weight_attr="embedding.weight")
+    return [TiedLayerSpec(TIED_KEY, EmbeddingStage, args, tp_group, **tied), *blocks, LayerSpec(FinalNormStage, args),
+            TiedLayerSpec(TIED_KEY, EmbeddingStage, args, tp_group, forward_fn=_tied_logits, **tied)]
+
+
+def canonical_name(name: str, num_layers: int) -> str:
+    """DeepSpeed's layer-indexed parameter name -> the single-stage model's name."""
+    first, rest = name.split(".", 1)
+    if first == "tied_modules":
+        return rest.split(".", 1)[1]  # tied_modules.<key>.embedding.weight
+    index = int(first)
+    return f"layers.{index - 1}.{rest}" if 1 <= index <= num_layers else rest
+
+
+PARTITION_METHODS = {"blocks": "type:PipelineBlock", "parameters": "parameters", "uniform": "uniform"}
+
+
+def build_pipeline(args: LlamaArgs, tp_group, topology: ProcessTopology, partition: str, seed: int,
+                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> PipelineModule:
+    """This rank's stage of the pipeline, with the same initial weights as Llama(args).init_weights(seed)."""
+    module = PipelineModule(layers=layer_specs(args, tp_group), topology=topology, loss_fn=loss_fn,
+                            partition_method=PARTITION_METHODS[partition])
+    mark_tensor_parallel(module)
+    initialize(module, seed, args.init_std, args.num_layers, tp_group.rank(), tp_group.size(),
+               canonical=lambda name: canonical_name(name, args.num_layers))
+    return module
