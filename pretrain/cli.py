@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from pretrain.checkpoint import CheckpointError
     from pretrain.data.documents import InputError
     from pretrain.data.shards import ShardError
     from pretrain.tokenizer import TokenizerError
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, InputError, ShardError, TokenizerError) as error:
         print(f"pretrain: {error}", file=sys.stderr)
         return 2
+    except (CheckpointError, FloatingPointError) as error:  # the run cannot go on: say why, no traceback
+        print(f"pretrain: {error}", file=sys.stderr)
+        return 1
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -90,10 +94,10 @@ def _train(args: argparse.Namespace) -> int:
         print(to_yaml(config), end="")
         print(f"# derived: {layout}")
         return 0
+    from pretrain.checkpoint import EXIT_STOPPED
     from pretrain.train import train
 
-    train(config)
-    return 0
+    return EXIT_STOPPED if train(config).stopped_by_signal else 0
 
 
 def _tokenizer_train(args: argparse.Namespace) -> int:

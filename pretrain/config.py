@@ -5,7 +5,7 @@ overrides, validated before any process group exists. Values derived from severa
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -85,6 +85,8 @@ class TrainConfig:
     precision: Precision = Precision.auto
     eval_interval: int = 0  # steps between validation passes over data.valid_path; 0 = none
     eval_steps: int = 10  # global batches per validation pass (the same batches every time)
+    max_bad_steps: int = 5  # stop after this many updates in a row skipped for a non-finite loss
+    inject_nan_steps: list[int] = field(default_factory=list)  # fault injection for tests: NaN loss at these steps
 
 
 @dataclass
@@ -110,8 +112,11 @@ class LogConfig:
 
 @dataclass
 class CheckpointConfig:
-    dir: str = ""  # empty: no checkpoints
-    interval: int = 0  # steps between saves; 0 = only at the end
+    dir: Optional[str] = None  # unset or empty: no checkpoints
+    interval: int = 0  # steps between saves; 0 = only at the end (and on a stop signal)
+    keep_last: int = 3  # newest checkpoints kept; 0 = keep all
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0 = none
+    resume: str = "auto"  # auto: newest complete checkpoint in dir, if any; none; or a checkpoint's path
 
 
 @dataclass
@@ -218,6 +223,11 @@ def validate(config: Config, world_size: int) -> Layout:
          f"schedule.decay_fraction={config.schedule.decay_fraction} must be in (0, 1]")
     need(train.max_tokens >= 0, f"train.max_tokens={train.max_tokens} must be >= 0 (0 = no token budget)")
     need(config.checkpoint.interval >= 0, f"checkpoint.interval={config.checkpoint.interval} must be >= 0")
+    need(config.checkpoint.keep_last >= 0 and config.checkpoint.keep_every >= 0,
+         "checkpoint.keep_last and checkpoint.keep_every must be >= 0")
+    need(not (config.checkpoint.resume not in ("auto", "none") and not Path(config.checkpoint.resume).exists()),
+         f"checkpoint.resume={config.checkpoint.resume} does not exist: give auto, none or a checkpoint directory")
+    need(train.max_bad_steps >= 1, f"train.max_bad_steps={train.max_bad_steps} must be at least 1")
     need(train.eval_interval >= 0, f"train.eval_interval={train.eval_interval} must be >= 0 (0 = no validation)")
     need(train.eval_steps >= 1, f"train.eval_steps={train.eval_steps} must be at least 1")
     need(not (train.eval_interval and not config.data.valid_path),

@@ -64,6 +64,8 @@ class MetricsWriter:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.tensorboard = SummaryWriter(str(log_dir))
         self.jsonl = open(log_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if self.jsonl.tell() and not (log_dir / "metrics.jsonl").read_bytes().endswith(b"\n"):
+            self.jsonl.write("\n")  # a killed run left half a line: start the resumed run on a new one
         self.progress = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True, disable=None)
 
     def write(self, step: int, values: dict[str, float], group: str = "train", console: bool = True) -> None:

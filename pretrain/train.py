@@ -14,7 +14,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from pretrain import parallel
+from pretrain import checkpoint, parallel
+from pretrain.checkpoint import StopSignals
 from pretrain.config import Config, Layout, Precision, to_yaml, validate
 from pretrain.data import pipeline
 from pretrain.data.shards import ShardError
@@ -33,6 +34,9 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> global mean loss, at logged steps
     grad_norms: dict[int, float] = field(default_factory=dict)  # step -> global gradient norm, likewise
     valid_losses: dict[int, float] = field(default_factory=dict)  # step -> validation loss
+    resumed_from: int = 0  # step of the checkpoint the run started from (0: a fresh start)
+    stopped_by_signal: bool = False  # a stop signal ended the run early (after saving a checkpoint)
+    skipped_steps: int = 0  # updates skipped for a non-finite loss
 
 
 def total_steps(config: Config) -> int:
@@ -60,7 +64,7 @@ def deepspeed_config(config: Config, layout: Layout, precision: Precision) -> di
         "gradient_accumulation_steps": layout.grad_accumulation,
         "gradient_clipping": config.optimizer.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == Precision.bf16},
+        "bf16": {"enabled": precision == Precision.bf16, "check_grad_overflow": True},
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
@@ -123,10 +127,40 @@ class Trainer:
         # each damaged sample is counted once per replica: by its first-stage, TP-rank-0 process
         self.counts_damage = context.is_first_stage and context.tp_rank == 0
         self.window_damaged = 0
+        self.raw_state = None  # data.source=raw: the per-rank stream position after the last batch
+        self.start_step, self.tokens = 0, 0
+        self.stop_signals = StopSignals()
+        # DeepSpeed skips updates with a non-finite gradient norm in ZeRO-1/2 and its bf16 optimizer;
+        # with plain fp32 ZeRO-0 or ZeRO-3 it does not, so there a non-finite loss stops the run.
+        self.deepspeed_skips_bad_updates = config.optimizer.zero_stage in (1, 2) or (
+            config.optimizer.zero_stage == 0 and self.precision == Precision.bf16)
+        if config.checkpoint.dir:
+            self._resume()
+
+    def _resume(self) -> None:
+        found = [checkpoint.find_checkpoint(Path(self.config.checkpoint.dir), self.config.checkpoint.resume)
+                 if self.context.rank == 0 else None]
+        dist.broadcast_object_list(found, src=0)  # one decision, whatever each rank's view of the disk
+        if found[0] is None:
+            return
+        client, rank_state = checkpoint.load(self.engine, found[0], self._layout_record(),
+                                             self.config.optimizer.zero_stage)
+        self.start_step, self.tokens = client["step"], client["tokens"]
+        self.consumed_samples = client["data"]["consumed_samples"]
+        if self.data is not None and self.data.raw_files:
+            if rank_state is None:
+                raise checkpoint.CheckpointError(
+                    f"{found[0]} was written by another number of processes: data.source=raw resumes only at the "
+                    "same data-parallel size (build shards with `pretrain data build` for elastic resumes)")
+            self.raw_state = rank_state["raw_state"]
+        if self.context.rank == 0:
+            print(f"resumed from {found[0]} (step {self.start_step}, {self.consumed_samples} samples consumed)",
+                  flush=True)
 
     def _batches(self):
         batches = pipeline.training_batches(self.config, self.data, self.layout, self.context.dp_rank,
-                                            self.consumed_samples, pin_memory=self.context.device.type == "cuda")
+                                            self.consumed_samples, pin_memory=self.context.device.type == "cuda",
+                                            raw_state=self.raw_state)
         first = next(batches)
         pipeline.check_batch_agreement(first["tokens"], self.context.dp_rank)
         return self._counted(itertools.chain([first], batches))
@@ -135,6 +169,7 @@ class Trainer:
         for batch in batches:
             if self.counts_damage:
                 self.window_damaged += batch.get("corrupt", 0)
+            self.raw_state = batch.get("state", self.raw_state)
             yield batch
 
     @staticmethod
@@ -157,7 +192,7 @@ class Trainer:
         logits = self.engine(batch["tokens"].to(device, non_blocking=True), position_ids, document_ids)
         return cross_entropy(logits, labels, self.config.model.vocab_size), (labels != -100).sum()
 
-    def _step(self, batches, log_step: bool) -> tuple[torch.Tensor, float | None]:
+    def _step(self, step: int, batches, log_step: bool) -> tuple[torch.Tensor, float | None]:
         """One optimizer step; returns this rank's loss contribution (summed over DP ranks and
         divided by dp x accumulation it is the step's mean loss) and, when DeepSpeed does not
         report it, the gradient norm."""
@@ -168,6 +203,8 @@ class Trainer:
         total, grad_norm = torch.zeros((), device=self.context.device), None
         for micro in range(accumulation):
             loss, _ = self._loss(next(batches))
+            if step in self.config.train.inject_nan_steps:
+                loss = loss * float("nan")
             self.engine.backward(loss)
             if log_step and not self.engine_reports_norm and micro == accumulation - 1:
                 grad_norm = reduced_grad_norm(self.model, self.context)
@@ -182,15 +219,19 @@ class Trainer:
             batches = self._pipeline_feed(batches) if context.is_first_stage or context.is_last_stage else None
         flops_per_token, peak = config.model.flops_per_token(), peak_flops(context.device)
         tokens_per_step = layout.global_batch_size * config.model.seq_len
-        result = TrainResult(steps=0, tokens=0)
+        result = TrainResult(steps=self.start_step, tokens=self.tokens, resumed_from=self.start_step)
         # DeepSpeed clips ZeRO-0 fp32 gradients without keeping the norm: measure it ourselves.
         self.engine_reports_norm = config.optimizer.zero_stage > 0 or self.precision != Precision.fp32
         window_start, window_steps = time.perf_counter(), 0
         window_loss = torch.zeros((), device=context.device)
-        for step in range(1, self.steps + 1):
+        bad_in_a_row = 0
+        self.metrics.advance(self.start_step)
+        for step in range(self.start_step + 1, self.steps + 1):
             lr = self.engine.get_lr()[0]
             log_step = step % config.log.interval == 0 or step == self.steps
-            loss, grad_norm = self._step(batches, log_step)
+            skipped_before = self.engine.skipped_steps
+            loss, grad_norm = self._step(step, batches, log_step)
+            bad_in_a_row = self._check_update(step, loss, skipped_before, bad_in_a_row, result)
             window_loss += loss
             self.consumed_samples += self.samples_per_step
             result.steps, result.tokens = step, result.tokens + tokens_per_step
@@ -208,7 +249,8 @@ class Trainer:
                           "lr": lr, "grad_norm": grad_norm,
                           **throughput(tokens_per_step * window_steps, elapsed, flops_per_token,
                                        context.world_size, peak),
-                          "step_time": elapsed / window_steps, "mem_peak_gib": peak_memory_gib(context.device)}
+                          "step_time": elapsed / window_steps, "mem_peak_gib": peak_memory_gib(context.device),
+                          "skipped_steps": result.skipped_steps, "consumed_samples": self.consumed_samples}
                 result.losses[step], result.grad_norms[step] = values["loss"], grad_norm
                 self.metrics.write(step, values)
                 if self.data is not None:
@@ -222,11 +264,44 @@ class Trainer:
             self.metrics.advance(1)
             if config.train.eval_interval and (step % config.train.eval_interval == 0 or step == self.steps):
                 result.valid_losses[step] = self.evaluate(step)
-            if config.checkpoint.dir and (step == self.steps or (config.checkpoint.interval
-                                                                 and step % config.checkpoint.interval == 0)):
+            stop = self.stop_signals.agreed()
+            if config.checkpoint.dir and (step == self.steps or stop or (
+                    config.checkpoint.interval and step % config.checkpoint.interval == 0)):
                 self.save(step, result.tokens)
+            if stop:
+                if context.rank == 0:
+                    print(f"stop signal received: stopped after step {step}"
+                          + (" with a checkpoint saved" if config.checkpoint.dir else " (no checkpoint.dir set)"),
+                          flush=True)
+                result.stopped_by_signal = True
+                break
         self.metrics.close()
+        self.stop_signals.restore()
         return result
+
+    def _check_update(self, step: int, loss: torch.Tensor, skipped_before: int, bad_in_a_row: int,
+                      result: TrainResult) -> int:
+        """Count updates skipped for a non-finite loss; stop after train.max_bad_steps in a row."""
+        if self.deepspeed_skips_bad_updates or self.pipelined:
+            bad = self.engine.skipped_steps > skipped_before
+        else:
+            bad = not torch.isfinite(loss).item()
+            if bad:
+                raise FloatingPointError(
+                    f"non-finite loss at step {step}: with optimizer.zero_stage={self.config.optimizer.zero_stage} "
+                    f"and {self.precision.value} DeepSpeed cannot skip the update, so training stops here; "
+                    "ZeRO-1/2 skip such updates and count them")
+        if not bad:
+            return 0
+        result.skipped_steps += 1
+        if self.context.rank == 0:
+            print(f"step {step}: non-finite loss or gradient, update skipped ({bad_in_a_row + 1} in a row)", flush=True)
+        if bad_in_a_row + 1 >= self.config.train.max_bad_steps:
+            raise FloatingPointError(
+                f"{bad_in_a_row + 1} updates in a row skipped for a non-finite loss (train.max_bad_steps="
+                f"{self.config.train.max_bad_steps}) at step {step}: lower optimizer.lr, check the data, or resume "
+                "from an earlier checkpoint")
+        return bad_in_a_row + 1
 
     @torch.no_grad()
     def evaluate(self, step: int) -> float:
@@ -253,9 +328,16 @@ class Trainer:
         return mean
 
     def save(self, step: int, tokens: int) -> None:
-        self.engine.save_checkpoint(self.config.checkpoint.dir, tag=f"step_{step:08d}", client_state={
-            "step": step, "tokens": tokens, "data": {"consumed_samples": self.consumed_samples},
-        })
+        config = self.config.checkpoint
+        client_state = {"step": step, "tokens": tokens, "data": {"consumed_samples": self.consumed_samples},
+                        "config": to_yaml(self.config),
+                        "tokenizer": {"path": self.config.data.tokenizer,
+                                      "sha256": self.data.tokenizer_sha256 if self.data else None}}
+        checkpoint.save(self.engine, Path(config.dir), step, client_state, {"raw_state": self.raw_state},
+                        self._layout_record(), config.keep_last, config.keep_every)
+
+    def _layout_record(self) -> dict:
+        return {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp}
 
 
 def reduced_grad_norm(model: torch.nn.Module, context: parallel.ParallelContext) -> float:

@@ -134,15 +134,17 @@ def stream_spec(config: Config, info: DataInfo, layout: Layout, dp_rank: int, st
 
 
 def training_batches(config: Config, info: DataInfo | None, layout: Layout, dp_rank: int,
-                     start_sample: int, pin_memory: bool) -> Iterator[dict]:
-    """This rank's endless stream of micro-batches, starting at the job's `start_sample`."""
+                     start_sample: int, pin_memory: bool, raw_state: RawState | None = None) -> Iterator[dict]:
+    """This rank's endless stream of micro-batches, starting at the job's `start_sample`
+    (data.source=raw: at this rank's `raw_state`)."""
     if info is None:
         return synthetic_batches(config.train.seed, config.model.vocab_size, config.model.seq_len,
                                  layout.micro_batch_size, dp_rank, layout.dp, start_sample)
     if info.raw_files:
         spec = RawSpec(tuple(info.raw_files), config.data.tokenizer, config.model.seq_len, config.train.seed,
                        dp_rank, layout.dp, first_shard=0)
-        return raw_batches(spec, RawState(), layout.micro_batch_size, config.data.num_workers, config.data.doc_mask)
+        return raw_batches(spec, raw_state or RawState(), layout.micro_batch_size, config.data.num_workers,
+                           config.data.doc_mask)
     if start_sample % layout.micro_batch_size:
         raise ShardError(f"cannot resume at sample {start_sample} with train.micro_batch_size="
                          f"{layout.micro_batch_size}: it must divide the samples already consumed")

@@ -1,0 +1,198 @@
+"""Checkpoints: atomic saves, retention, finding the newest complete one, stop signals.
+
+A checkpoint is `<checkpoint.dir>/step_XXXXXXXX/`: DeepSpeed's files (weights, fp32 master,
+optimizer and scheduler state, counters, our client state) plus `rank_XXXXX.pt` per rank (RNG
+states, per-rank data state) and `complete.json`, written last, listing every file and its size.
+It is written as `step_XXXXXXXX.partial/` and renamed when every rank has finished; `latest`
+names it after that. A directory without the marker, or whose files no longer have the sizes
+the marker records, is torn: never loaded, reported by name, and the previous one is used."""
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+MARKER, LATEST, PARTIAL = "complete.json", "latest", ".partial"
+EXIT_STOPPED = 75  # after SIGTERM/SIGUSR1: checkpoint saved, requeue the job to continue (EX_TEMPFAIL)
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one was asked for; the message names it."""
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:08d}"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def torn_reason(path: Path) -> str | None:
+    """Why a checkpoint directory cannot be loaded, or None when it is complete."""
+    marker = path / MARKER
+    if not marker.is_file():
+        return f"no {MARKER} (the save did not finish)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as error:
+        return f"unreadable {MARKER} ({error})"
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def find_checkpoint(root: Path, resume: str) -> Path | None:
+    """checkpoint.resume: `none`, `auto` (the newest complete checkpoint under root, or None)
+    or the path of one checkpoint (an error unless it is complete)."""
+    if resume == "none":
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        reason = torn_reason(path) if path.is_dir() else "it does not exist"
+        if reason:
+            raise CheckpointError(f"checkpoint.resume={resume} cannot be loaded: {reason}")
+        return path
+    candidates = sorted((p for p in root.glob("step_*") if _STEP_DIR.match(p.name)), reverse=True) \
+        if root.is_dir() else []
+    for path in candidates:
+        reason = torn_reason(path)
+        if reason is None:
+            return path
+        log.warning("skipping torn checkpoint %s: %s", path, reason)
+    return None
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(engine, root: Path, step: int, client_state: dict, rank_state: dict, layout: dict, keep_last: int,
+         keep_every: int) -> Path:
+    """Every rank calls this. `layout`: the parallel sizes, recorded to check resumes against.
+    Returns the final directory once it is complete on all ranks."""
+    rank = dist.get_rank()
+    final = step_dir(root, step)
+    partial = final.with_name(final.name + PARTIAL)
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(f"*{PARTIAL}"):  # left by a save that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+    dist.barrier()
+    started = time.perf_counter()
+    engine.save_checkpoint(str(root), tag=partial.name, client_state=client_state, save_latest=False)
+    own = partial / f"rank_{rank:05d}.pt"
+    torch.save({**rank_state, "rng": rng_state()}, own)
+    _fsync(own)
+    dist.barrier()
+    if rank == 0:
+        files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
+        for name in files:
+            _fsync(partial / name)
+        (partial / MARKER).write_text(json.dumps({"step": step, "world_size": dist.get_world_size(),
+                                                  "layout": layout, "files": files}, indent=1))
+        _fsync(partial / MARKER)
+        if final.exists():  # a checkpoint of this step from an earlier attempt
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        (root / (LATEST + PARTIAL)).write_text(final.name + "\n")
+        os.replace(root / (LATEST + PARTIAL), root / LATEST)
+        _fsync(root)
+        _prune(root, keep_last, keep_every)
+        log.info("saved %s in %.1f s", final, time.perf_counter() - started)
+    dist.barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int, keep_every: int) -> None:
+    """Keep the newest keep_last checkpoints and every step divisible by keep_every."""
+    steps = sorted(int(m.group(1)) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))
+    for step in steps[:-keep_last] if keep_last else []:
+        if not (keep_every and step % keep_every == 0):
+            shutil.rmtree(step_dir(root, step), ignore_errors=True)
+
+
+def check_layout(path: Path, saved: dict, current: dict, zero_stage: int) -> None:
+    """Refuse, with what to do, the layout changes a resume cannot handle yet."""
+    if (saved["tp"], saved["pp"]) != (current["tp"], current["pp"]):
+        raise CheckpointError(
+            f"{path} was saved with parallel.tp={saved['tp']} parallel.pp={saved['pp']}; this run has "
+            f"parallel.tp={current['tp']} parallel.pp={current['pp']}. Resume with the saved sizes (resharding a "
+            "checkpoint to another TP/PP needs `pretrain convert reshard`, not available yet)")
+    if saved["dp"] != current["dp"] and zero_stage > 0:
+        raise CheckpointError(
+            f"{path} was saved with {saved['dp']} data-parallel ranks and ZeRO-{zero_stage}, whose optimizer state is "
+            f"split {saved['dp']} ways; this run has {current['dp']}. Resume with {saved['dp'] * saved['tp'] * saved['pp']}"
+            " processes (resuming at another data-parallel size is not supported yet)")
+
+
+def load(engine, path: Path, layout: dict, zero_stage: int) -> tuple[dict, dict | None]:
+    """Load a complete checkpoint into the engine: returns (client state, this rank's own state
+    when the checkpoint was written by the same number of ranks, else None)."""
+    check_layout(path, json.loads((path / MARKER).read_text())["layout"], layout, zero_stage)
+    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+    if client_state is None:
+        raise CheckpointError(f"DeepSpeed could not load {path}")
+    own = path / f"rank_{dist.get_rank():05d}.pt"
+    same_world = json.loads((path / MARKER).read_text())["world_size"] == dist.get_world_size()
+    rank_state = torch.load(own, weights_only=False) if same_world and own.is_file() else None
+    if rank_state is not None:
+        set_rng_state(rank_state["rng"])
+    return client_state, rank_state
+
+
+class StopSignals:
+    """Records SIGTERM/SIGUSR1 (Slurm's warnings before a time limit or a preemption) so that
+    training can finish its step, save and exit; all ranks agree on the step through a CPU
+    all-reduce (no device synchronisation)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        self.group = dist.new_group(backend="gloo")
+
+    def _handle(self, signum, _frame) -> None:
+        self.received = signum
+
+    def agreed(self) -> bool:
+        """True on every rank as soon as any rank received a stop signal (collective)."""
+        flag = torch.tensor([1 if self.received else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)

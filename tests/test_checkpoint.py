@@ -1,0 +1,175 @@
+"""Checkpoints: bitwise-exact resume after SIGKILL (also during a save), torn checkpoints,
+stop signals, resume at another data-parallel size, and the NaN guard."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, child_env, free_port
+from pretrain.checkpoint import EXIT_STOPPED, MARKER, find_checkpoint, torn_reason
+
+STEPS, GLOBAL_BATCH = 12, 8
+BASE = [
+    "--config", str(ROOT / "configs/tiny.yaml"), "data.source=synthetic", "model.vocab_size=300",
+    "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+    "model.ffn_hidden_size=96", "model.seq_len=32", "optimizer.lr=3e-3", "schedule.warmup_steps=2",
+    f"train.max_steps={STEPS}", "train.micro_batch_size=2", f"train.global_batch_size={GLOBAL_BATCH}",
+    "log.interval=1", "checkpoint.interval=2", "checkpoint.keep_last=0",
+]
+
+
+def command(tmp: Path, nproc: int, *extra: str) -> list[str]:
+    launcher = [sys.executable, "-m", "pretrain"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), "-m", "pretrain"]
+    return [*launcher, "train", *BASE, f"log.dir={tmp / 'log'}", f"checkpoint.dir={tmp / 'ckpt'}", *extra]
+
+
+def run(tmp: Path, nproc: int = 1, *extra: str, expect: int = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command(tmp, nproc, *extra), cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == expect, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def records(tmp: Path) -> list[dict]:
+    """metrics.jsonl records; a line cut off by a kill (or still being written) is left out."""
+    path = tmp / "log" / "metrics.jsonl"
+    result = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            result.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return result
+
+
+def train_losses(tmp: Path) -> dict[int, list[float]]:
+    """step -> every loss logged for it (a step re-run after a resume is logged again)."""
+    logged: dict[int, list[float]] = {}
+    for record in records(tmp):
+        if record["group"] == "train":
+            logged.setdefault(record["step"], []).append(record["loss"])
+    return logged
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[int, float]:
+    tmp = tmp_path_factory.mktemp("full")
+    run(tmp)
+    losses = train_losses(tmp)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    return {step: values[0] for step, values in losses.items()}
+
+
+def kill_at(tmp: Path, step: int, during_save: bool) -> None:
+    """Start training and SIGKILL it once `step` is logged, or, with during_save, while a
+    checkpoint is being written after that step."""
+    proc = subprocess.Popen(command(tmp, 1), cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        logged = max((r["step"] for r in records(tmp) if r["group"] == "train"), default=0)
+        saving = (tmp / "ckpt").is_dir() and any(p.name.endswith(".partial") for p in (tmp / "ckpt").iterdir())
+        if logged >= step and (saving or not during_save):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.0005)
+    proc.wait()
+
+
+def test_sigkill_at_random_steps_resumes_bitwise(tmp_path, uninterrupted):
+    rng = random.Random(11)
+    kills = sorted(rng.sample(range(2, STEPS), 3))
+    torn_seen = False
+    for index, step in enumerate(kills):
+        kill_at(tmp_path, step, during_save=index == 1)
+        torn_seen |= any(p.name.endswith(".partial") for p in (tmp_path / "ckpt").iterdir())
+    proc = run(tmp_path)  # resume=auto to the end
+    assert "resumed from" in proc.stdout
+    assert torn_seen, "no kill landed during a checkpoint save"
+    logged = train_losses(tmp_path)
+    assert sorted(logged) == list(range(1, STEPS + 1))
+    for step, values in logged.items():  # re-run steps included: every value bitwise equal
+        assert all(value == uninterrupted[step] for value in values), (step, values, uninterrupted[step])
+    consumed = {r["step"]: r["consumed_samples"] for r in records(tmp_path) if r["group"] == "train"}
+    assert consumed == {step: step * GLOBAL_BATCH for step in range(1, STEPS + 1)}  # no sample twice or skipped
+
+
+def test_torn_checkpoint_is_skipped_with_a_warning(tmp_path, uninterrupted):
+    run(tmp_path, 1, "train.max_steps=12", "checkpoint.interval=4")
+    ckpt = tmp_path / "ckpt"
+    newest = ckpt / "step_00000012"
+    victim = next(p for p in newest.iterdir() if p.name.startswith("zero_pp_rank_0"))
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated after the save
+    assert "has 100 bytes" in torn_reason(newest)
+    assert find_checkpoint(ckpt, "auto") == ckpt / "step_00000008"
+    (ckpt / "step_00000008" / MARKER).unlink()  # as if killed before the marker
+    assert find_checkpoint(ckpt, "auto") == ckpt / "step_00000004"
+    shutil.rmtree(tmp_path / "log")
+    proc = run(tmp_path)
+    output = proc.stdout + proc.stderr
+    assert "skipping torn checkpoint" in output and "step_00000012: zero_pp_rank_0" in output
+    assert "step_00000008: no complete.json" in output and "resumed from" in output
+    logged = train_losses(tmp_path)
+    assert sorted(logged) == list(range(5, STEPS + 1))
+    assert all(logged[step][0] == uninterrupted[step] for step in logged)
+
+
+def test_explicit_resume_path_must_be_complete(tmp_path):
+    (tmp_path / "half").mkdir()
+    proc = run(tmp_path, 1, f"checkpoint.resume={tmp_path / 'half'}", expect=1)
+    assert f"checkpoint.resume={tmp_path / 'half'} cannot be loaded: no complete.json" in proc.stderr
+
+
+def test_stop_signal_saves_at_an_agreed_step_and_resumes(tmp_path, uninterrupted):
+    proc = subprocess.Popen(command(tmp_path, 2), cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    while not [r for r in records(tmp_path) if r["group"] == "train" and r["step"] >= 3]:
+        time.sleep(0.01)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(int(workers[0]), signal.SIGUSR1)  # one rank only: the others must follow at the same step
+    output, _ = proc.communicate(timeout=300)
+    assert f"exitcode  : {EXIT_STOPPED}" in output or f"exit code {EXIT_STOPPED}" in output, output[-3000:]
+    stopped = int(output.split("stopped after step ")[1].split()[0])
+    assert 3 <= stopped < STEPS and (tmp_path / "ckpt" / f"step_{stopped:08d}" / MARKER).is_file()
+    run(tmp_path, 2)
+    logged = train_losses(tmp_path)
+    assert sorted(logged) == list(range(1, STEPS + 1))
+    assert all(abs(values[-1] - uninterrupted[step]) <= 1e-5 for step, values in logged.items())
+
+
+def test_single_process_sigterm_exit_code(tmp_path):
+    proc = subprocess.Popen(command(tmp_path, 1, "train.max_steps=400"), cwd=ROOT, env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while not records(tmp_path):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_STOPPED and "with a checkpoint saved" in output
+
+
+def test_resume_at_another_layout_is_refused_with_what_to_do(tmp_path):
+    run(tmp_path, 2, "train.max_steps=2", "optimizer.zero_stage=1")
+    proc = run(tmp_path, 1, "optimizer.zero_stage=1", expect=1)
+    assert "was saved with 2 data-parallel ranks and ZeRO-1" in proc.stderr and "Resume with 2 processes" in proc.stderr
+    proc = run(tmp_path, 2, "optimizer.zero_stage=1", "parallel.tp=2", expect=1)
+    assert "was saved with parallel.tp=1 parallel.pp=1; this run has parallel.tp=2 parallel.pp=1" in proc.stderr
+
+
+def test_nan_updates_are_skipped_counted_and_stop_the_run(tmp_path, uninterrupted):
+    run(tmp_path, 1, "checkpoint.dir=", "train.inject_nan_steps=[3]", "optimizer.zero_stage=1")
+    rows = {r["step"]: r for r in records(tmp_path) if r["group"] == "train"}
+    assert rows[3]["skipped_steps"] == 1 and rows[STEPS]["skipped_steps"] == 1
+    assert rows[2]["loss"] == uninterrupted[2] and rows[4]["loss"] != rows[4]["loss"] * 2  # finite again
+    proc = run(tmp_path / "again", 1, "checkpoint.dir=", "train.inject_nan_steps=[4,5,6]", "train.max_bad_steps=3",
+               "optimizer.zero_stage=1", expect=1)
+    assert "3 updates in a row skipped for a non-finite loss (train.max_bad_steps=3) at step 6" in proc.stderr
