@@ -5,8 +5,10 @@ optimizer and scheduler state, counters, our client state) plus `rank_XXXXX.pt` 
 states, per-rank data state) and `complete.json`, written last, listing every file and its size.
 It is written as `step_XXXXXXXX.partial/` and renamed when every rank has finished; `latest`
 names it after that. A directory without the marker, or whose files no longer have the sizes
-the marker records, is torn: never loaded, reported by name, and the previous one is used."""
+the marker records, is torn: never loaded, reported by name, and the previous one is used.
+Resuming at another data-parallel size goes through DeepSpeed's universal checkpoint format."""
 
+import argparse
 import json
 import logging
 import os
@@ -23,7 +25,7 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-MARKER, LATEST, PARTIAL = "complete.json", "latest", ".partial"
+MARKER, LATEST, PARTIAL, UNIVERSAL = "complete.json", "latest", ".partial", ".universal"
 EXIT_STOPPED = 75  # after SIGTERM/SIGUSR1: checkpoint saved, requeue the job to continue (EX_TEMPFAIL)
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -141,6 +143,19 @@ def _prune(root: Path, keep_last: int, keep_every: int) -> None:
     for step in steps[:-keep_last] if keep_last else []:
         if not (keep_every and step % keep_every == 0):
             shutil.rmtree(step_dir(root, step), ignore_errors=True)
+            shutil.rmtree(step_dir(root, step).with_name(f"step_{step:08d}{UNIVERSAL}"), ignore_errors=True)
+
+
+def universal_checkpoint_info() -> dict:
+    """What DeepSpeed's universal-checkpoint converter must know about our parameters: norms are
+    replicated across TP ranks, o_proj/down_proj are split along their rows (input dimension)."""
+    from deepspeed.checkpoint import constants
+
+    return {
+        constants.UNIVERSAL_CHECKPOINT_VERSION_KEY: constants.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        constants.TP_REPLICATED_PARAMETER_PATTERNS: [r".*norm\.weight$"],
+        constants.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*o_proj\.weight$", r".*down_proj\.weight$"],
+    }
 
 
 def check_layout(path: Path, saved: dict, current: dict, zero_stage: int) -> None:
@@ -150,18 +165,48 @@ def check_layout(path: Path, saved: dict, current: dict, zero_stage: int) -> Non
             f"{path} was saved with parallel.tp={saved['tp']} parallel.pp={saved['pp']}; this run has "
             f"parallel.tp={current['tp']} parallel.pp={current['pp']}. Resume with the saved sizes (resharding a "
             "checkpoint to another TP/PP needs `pretrain convert reshard`, not available yet)")
-    if saved["dp"] != current["dp"] and zero_stage > 0:
+    if saved["dp"] != current["dp"] and zero_stage == 3:
         raise CheckpointError(
-            f"{path} was saved with {saved['dp']} data-parallel ranks and ZeRO-{zero_stage}, whose optimizer state is "
-            f"split {saved['dp']} ways; this run has {current['dp']}. Resume with {saved['dp'] * saved['tp'] * saved['pp']}"
-            " processes (resuming at another data-parallel size is not supported yet)")
+            f"{path} was saved with {saved['dp']} data-parallel ranks and ZeRO-3; this run has {current['dp']}. "
+            f"Resume with {saved['dp'] * saved['tp'] * saved['pp']} processes (ZeRO-3 resumes only at the same size)")
+
+
+def universal_copy(path: Path) -> Path:
+    """DeepSpeed's universal form of a checkpoint (optimizer state per parameter, loadable at any
+    data-parallel size), made once beside it by rank 0 and reused."""
+    universal = path.with_name(path.name + UNIVERSAL)
+    if dist.get_rank() == 0 and not (universal / MARKER).is_file():
+        from deepspeed.checkpoint import ds_to_universal
+
+        partial = universal.with_name(universal.name + PARTIAL)
+        shutil.rmtree(partial, ignore_errors=True)
+        started = time.perf_counter()
+        ds_to_universal.main(argparse.Namespace(
+            input_folder=str(path), output_folder=str(partial), num_extract_workers=1, num_merge_workers=1,
+            keep_temp_folder=False, strict=True, inject_missing_state=False))
+        (partial / MARKER).write_text(json.dumps({"converted_from": path.name}))
+        shutil.rmtree(universal, ignore_errors=True)
+        os.replace(partial, universal)
+        log.info("converted %s for another data-parallel size in %.1f s", path, time.perf_counter() - started)
+    dist.barrier()
+    return universal
 
 
 def load(engine, path: Path, layout: dict, zero_stage: int) -> tuple[dict, dict | None]:
     """Load a complete checkpoint into the engine: returns (client state, this rank's own state
-    when the checkpoint was written by the same number of ranks, else None)."""
-    check_layout(path, json.loads((path / MARKER).read_text())["layout"], layout, zero_stage)
-    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+    when the checkpoint was written by the same number of ranks, else None). A ZeRO-1/2
+    checkpoint of another data-parallel size is loaded through its universal form."""
+    saved = json.loads((path / MARKER).read_text())["layout"]
+    check_layout(path, saved, layout, zero_stage)
+    if saved["dp"] != layout["dp"] and zero_stage in (1, 2):
+        universal = universal_copy(path)
+        engine._config.load_universal_checkpoint = True  # for this one load only: it fails on regular ones
+        try:
+            _, client_state = engine.load_checkpoint(str(universal.parent), tag=universal.name)
+        finally:
+            engine._config.load_universal_checkpoint = False
+    else:
+        _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
     if client_state is None:
         raise CheckpointError(f"DeepSpeed could not load {path}")
     own = path / f"rank_{dist.get_rank():05d}.pt"

@@ -113,6 +113,7 @@ class Trainer:
         else:
             self.model = Llama(config.model, context.tp_group)
             self.model.init_weights(config.train.seed)
+        self.model.universal_checkpoint_info = checkpoint.universal_checkpoint_info()
         optimizer = build_optimizer(self.model, config.optimizer, context.device)
         scheduler = build_scheduler(optimizer, config.schedule, self.steps)
         self.engine, *_ = deepspeed.initialize(

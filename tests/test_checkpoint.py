@@ -157,10 +157,22 @@ def test_single_process_sigterm_exit_code(tmp_path):
     assert proc.returncode == EXIT_STOPPED and "with a checkpoint saved" in output
 
 
-def test_resume_at_another_layout_is_refused_with_what_to_do(tmp_path):
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_resume_at_another_data_parallel_size(tmp_path, uninterrupted, before, after):
+    run(tmp_path, before, "checkpoint.interval=6", "optimizer.zero_stage=1")
+    shutil.rmtree(tmp_path / "ckpt" / "step_00000012")
+    shutil.rmtree(tmp_path / "log")
+    run(tmp_path, after, "optimizer.zero_stage=1")
+    assert (tmp_path / "ckpt" / "step_00000006.universal" / MARKER).is_file()
+    logged = train_losses(tmp_path)
+    assert sorted(logged) == list(range(7, STEPS + 1))
+    difference = max(abs(logged[step][0] - uninterrupted[step]) for step in logged)
+    print(f"DP {before} -> {after}: max |loss difference| {difference:.3g}")
+    assert difference <= 1e-5
+
+
+def test_resume_at_another_tensor_parallel_size_is_refused(tmp_path):
     run(tmp_path, 2, "train.max_steps=2", "optimizer.zero_stage=1")
-    proc = run(tmp_path, 1, "optimizer.zero_stage=1", expect=1)
-    assert "was saved with 2 data-parallel ranks and ZeRO-1" in proc.stderr and "Resume with 2 processes" in proc.stderr
     proc = run(tmp_path, 2, "optimizer.zero_stage=1", "parallel.tp=2", expect=1)
     assert "was saved with parallel.tp=1 parallel.pp=1; this run has parallel.tp=2 parallel.pp=1" in proc.stderr
 

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.model.args import LlamaArgs
-from pretrain.model.weights import initialize, mark_tensor_parallel
+from pretrain.model.weights import drop_empty_extra_state, initialize, mark_tensor_parallel
 
 
 def megatron_layer_config(tp: int) -> ModelParallelConfig:
@@ -197,6 +197,7 @@ class Llama(nn.Module):
         self.final_norm = RMSNorm(args.hidden_size, args.norm_eps)
         self.output = output_projection(args, layer_config, tp_group, tied=args.tie_embeddings)
         mark_tensor_parallel(self)
+        drop_empty_extra_state(self)
 
     def init_weights(self, seed: int) -> None:
         """Seeded initial weights, identical for any TP size (see pretrain.model.weights)."""

@@ -20,7 +20,7 @@ from pretrain.model.args import LlamaArgs
 from pretrain.model.llama import (
     Block, RMSNorm, document_attention_mask, megatron_layer_config, output_projection, vocab_embedding,
 )
-from pretrain.model.weights import initialize, mark_tensor_parallel
+from pretrain.model.weights import drop_empty_extra_state, initialize, mark_tensor_parallel
 
 TIED_KEY = "embedding"
 
@@ -105,6 +105,7 @@ def build_pipeline(args: LlamaArgs, tp_group, topology: ProcessTopology, partiti
     module = PipelineModule(layers=layer_specs(args, tp_group), topology=topology, loss_fn=loss_fn,
                             partition_method=PARTITION_METHODS[partition])
     mark_tensor_parallel(module)
+    drop_empty_extra_state(module)
     initialize(module, seed, args.init_std, args.num_layers, tp_group.rank(), tp_group.size(),
                canonical=lambda name: canonical_name(name, args.num_layers))
     return module

@@ -32,6 +32,17 @@ def mark_tensor_parallel(model: nn.Module) -> None:
                 set_tensor_model_parallel_attributes(param, dim is not None, -1 if dim is None else dim, 1)
 
 
+def drop_empty_extra_state(model: nn.Module) -> None:
+    """Leave megatron's always-empty `_extra_state` entries out of state dicts (DeepSpeed's
+    universal-checkpoint converter cannot handle them); megatron's layers re-add them on load."""
+
+    def hook(_module, state_dict, _prefix, _metadata):
+        for key in [k for k, v in state_dict.items() if k.endswith("._extra_state") and v is None]:
+            del state_dict[key]
+
+    model._register_state_dict_hook(hook)
+
+
 def full_shape(param: torch.Tensor, tp: int) -> tuple[int, ...]:
     shape = list(param.shape)
     if param.tensor_model_parallel:
