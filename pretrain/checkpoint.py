@@ -132,7 +132,7 @@ def save(engine, root: Path, step: int, client_state: dict, rank_state: dict, la
         os.replace(root / (LATEST + PARTIAL), root / LATEST)
         _fsync(root)
         _prune(root, keep_last, keep_every)
-        log.info("saved %s in %.1f s", final, time.perf_counter() - started)
+        print(f"saved {final} in {time.perf_counter() - started:.1f} s", flush=True)
     dist.barrier()
     return final
 

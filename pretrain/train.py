@@ -144,6 +144,7 @@ class Trainer:
         dist.broadcast_object_list(found, src=0)  # one decision, whatever each rank's view of the disk
         if found[0] is None:
             return
+        started = time.perf_counter()
         client, rank_state = checkpoint.load(self.engine, found[0], self._layout_record(),
                                              self.config.optimizer.zero_stage)
         self.start_step, self.tokens = client["step"], client["tokens"]
@@ -155,8 +156,8 @@ class Trainer:
                     "same data-parallel size (build shards with `pretrain data build` for elastic resumes)")
             self.raw_state = rank_state["raw_state"]
         if self.context.rank == 0:
-            print(f"resumed from {found[0]} (step {self.start_step}, {self.consumed_samples} samples consumed)",
-                  flush=True)
+            print(f"resumed from {found[0]} (step {self.start_step}, {self.consumed_samples} samples consumed) "
+                  f"in {time.perf_counter() - started:.1f} s", flush=True)
 
     def _batches(self):
         batches = pipeline.training_batches(self.config, self.data, self.layout, self.context.dp_rank,
