@@ -228,6 +228,7 @@ def validate(config: Config, world_size: int) -> Layout:
     need(not (config.checkpoint.resume not in ("auto", "none") and not Path(config.checkpoint.resume).exists()),
          f"checkpoint.resume={config.checkpoint.resume} does not exist: give auto, none or a checkpoint directory")
     need(train.max_bad_steps >= 1, f"train.max_bad_steps={train.max_bad_steps} must be at least 1")
+    need(not (train.inject_nan_steps and pp > 1), "train.inject_nan_steps (fault injection) needs parallel.pp=1")
     need(train.eval_interval >= 0, f"train.eval_interval={train.eval_interval} must be >= 0 (0 = no validation)")
     need(train.eval_steps >= 1, f"train.eval_steps={train.eval_steps} must be at least 1")
     need(not (train.eval_interval and not config.data.valid_path),

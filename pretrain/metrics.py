@@ -89,21 +89,13 @@ class MetricsWriter:
             self.jsonl.close()
 
 
+_CONSOLE_FIELDS = [("ppl", "ppl {:.2f}"), ("lr", "lr {:.2e}"), ("grad_norm", "grad {:.3f}"),
+                   ("tokens_per_sec", "{:,.0f} tok/s"), ("mfu", "mfu {:.1%}"), ("step_time", "{:.3f} s/step"),
+                   ("mem_peak_gib", "mem {:.1f} GiB")]
+
+
 def console_line(group: str, step: int, total: int, values: dict[str, float]) -> str:
-    parts = [f"{group} step {step}/{total}" if group != "train" else f"step {step}/{total}",
-             f"loss {values['loss']:.4f}"]
-    if "ppl" in values:
-        parts.append(f"ppl {values['ppl']:.2f}")
-    if "lr" in values:
-        parts.append(f"lr {values['lr']:.2e}")
-    if "grad_norm" in values:
-        parts.append(f"grad {values['grad_norm']:.3f}")
-    if "tokens_per_sec" in values:
-        parts.append(f"{values['tokens_per_sec']:,.0f} tok/s")
-    if "mfu" in values:
-        parts.append(f"mfu {100 * values['mfu']:.1f}%")
-    if "step_time" in values:
-        parts.append(f"{values['step_time']:.3f} s/step")
-    if "mem_peak_gib" in values:
-        parts.append(f"mem {values['mem_peak_gib']:.1f} GiB")
+    head = f"{group} step {step}/{total}" if group != "train" else f"step {step}/{total}"
+    parts = [head, f"loss {values['loss']:.4f}"]
+    parts += [template.format(values[key]) for key, template in _CONSOLE_FIELDS if key in values]
     return " | ".join(parts)

@@ -5,7 +5,6 @@ characters JSON-escaped, score per line) and `card.json` (vocab size, special id
 the ones that keep ids identical when the model is exported to Hugging Face (byte fallback, no
 normalisation, whitespace kept as is, no dummy prefix)."""
 
-import hashlib
 import io
 import json
 import re
@@ -16,6 +15,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from pretrain.data.documents import DocumentStats, check_inputs, iter_documents
+from pretrain.data.shards import file_sha256
 
 MODEL_FILE, VOCAB_FILE, CARD_FILE = "tokenizer.model", "tokenizer.vocab", "card.json"
 SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
@@ -26,14 +26,6 @@ _CHUNK_BYTES = 8192
 
 class TokenizerError(ValueError):
     """A tokenizer folder is missing, incomplete or does not match its card."""
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _chunks(documents: Iterator[str], max_chars: int) -> Iterator[str]:
@@ -82,7 +74,7 @@ def train_tokenizer(inputs: list[str | Path], vocab_size: int, out: Path, model_
         "model_type": model_type,
         "special_ids": {**SPECIAL_IDS, **{s: processor.piece_to_id(s) for s in user_symbols}},
         "special_pieces": {**SPECIAL_PIECES, **{s: s for s in user_symbols}},
-        "sha256": sha256_of(out / MODEL_FILE),
+        "sha256": file_sha256(out / MODEL_FILE),
         "inputs": [str(p) for p in paths],
         "documents": stats.documents,
         "characters": stats.characters,
@@ -125,7 +117,7 @@ class Tokenizer:
                 raise TokenizerError(f"tokenizer folder {path} has no {required.name}: "
                                      "train one with `pretrain tokenizer train`")
         card = json.loads(card_path.read_text())
-        if sha256_of(model) != card["sha256"]:
+        if file_sha256(model) != card["sha256"]:
             raise TokenizerError(f"{model} does not match the sha256 in {card_path}: the model file was replaced "
                                  "or damaged; retrain it or restore the original")
         return cls(path, card, spm.SentencePieceProcessor(model_file=str(model)))

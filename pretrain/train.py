@@ -135,6 +135,8 @@ class Trainer:
         # with plain fp32 ZeRO-0 or ZeRO-3 it does not, so there a non-finite loss stops the run.
         self.deepspeed_skips_bad_updates = config.optimizer.zero_stage in (1, 2) or (
             config.optimizer.zero_stage == 0 and self.precision == Precision.bf16)
+        # DeepSpeed clips ZeRO-0 fp32 gradients without keeping the norm: measure it ourselves.
+        self.engine_reports_norm = config.optimizer.zero_stage > 0 or self.precision != Precision.fp32
         if config.checkpoint.dir:
             self._resume()
 
@@ -222,8 +224,6 @@ class Trainer:
         flops_per_token, peak = config.model.flops_per_token(), peak_flops(context.device)
         tokens_per_step = layout.global_batch_size * config.model.seq_len
         result = TrainResult(steps=self.start_step, tokens=self.tokens, resumed_from=self.start_step)
-        # DeepSpeed clips ZeRO-0 fp32 gradients without keeping the norm: measure it ourselves.
-        self.engine_reports_norm = config.optimizer.zero_stage > 0 or self.precision != Precision.fp32
         window_start, window_steps = time.perf_counter(), 0
         window_loss = torch.zeros((), device=context.device)
         bad_in_a_row = 0
@@ -287,12 +287,14 @@ class Trainer:
         if self.deepspeed_skips_bad_updates or self.pipelined:
             bad = self.engine.skipped_steps > skipped_before
         else:
-            bad = not torch.isfinite(loss).item()
-            if bad:
+            nonfinite = (~torch.isfinite(loss)).to(torch.int32)
+            dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)  # every rank stops together
+            if nonfinite.item():
                 raise FloatingPointError(
                     f"non-finite loss at step {step}: with optimizer.zero_stage={self.config.optimizer.zero_stage} "
                     f"and {self.precision.value} DeepSpeed cannot skip the update, so training stops here; "
                     "ZeRO-1/2 skip such updates and count them")
+            return 0
         if not bad:
             return 0
         result.skipped_steps += 1

@@ -178,11 +178,11 @@ def test_resume_at_another_tensor_parallel_size_is_refused(tmp_path):
 
 
 def test_nan_updates_are_skipped_counted_and_stop_the_run(tmp_path, uninterrupted):
-    run(tmp_path, 1, "checkpoint.dir=", "train.inject_nan_steps=[3]", "optimizer.zero_stage=1")
+    run(tmp_path, 1, "checkpoint.dir=''", "train.inject_nan_steps=[3]", "optimizer.zero_stage=1")
     rows = {r["step"]: r for r in records(tmp_path) if r["group"] == "train"}
     assert rows[3]["skipped_steps"] == 1 and rows[STEPS]["skipped_steps"] == 1
     assert rows[2]["loss"] == uninterrupted[2] and rows[4]["loss"] != rows[4]["loss"] * 2  # finite again
-    proc = run(tmp_path / "again", 1, "checkpoint.dir=", "train.inject_nan_steps=[4,5,6]", "train.max_bad_steps=3",
+    proc = run(tmp_path / "again", 1, "checkpoint.dir=''", "train.inject_nan_steps=[4,5,6]", "train.max_bad_steps=3",
                "optimizer.zero_stage=1", expect=1)
     assert "3 updates in a row skipped for a non-finite loss (train.max_bad_steps=3) at step 6" in proc.stderr
 
@@ -197,3 +197,8 @@ def test_retention_keeps_the_newest_and_every_kth(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "step_00000004", "step_00000008", "step_00000009", "step_00000010"]
     assert find_checkpoint(tmp_path, "none") is None
+
+
+def test_nan_without_a_skipping_optimizer_stops_at_once(tmp_path):
+    proc = run(tmp_path, 1, "checkpoint.dir=''", "train.inject_nan_steps=[2]", "optimizer.zero_stage=0", expect=1)
+    assert "non-finite loss at step 2: with optimizer.zero_stage=0 and fp32 DeepSpeed cannot skip" in proc.stderr
