@@ -1,4 +1,4 @@
-"""Command line: `pretrain train|tokenizer train|data build|bench data ...`."""
+"""Command line: `pretrain train|tokenizer train|data build|launch local|launch slurm|bench data ...`."""
 
 import argparse
 import json
@@ -49,6 +49,29 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     build.add_argument("--text-field", default="text")
 
+    launch = commands.add_parser("launch", help="start training with torchrun or Slurm").add_subparsers(
+        dest="action", required=True)
+    local = launch.add_parser("local", help="torchrun on this machine (one process per GPU, or --nproc)")
+    local.add_argument("--nproc", type=int, help="processes (default: the number of GPUs, else 1)")
+    local.add_argument("--config")
+    local.add_argument("overrides", nargs="*", metavar="key=value")
+    slurm = launch.add_parser("slurm", help="render (and --submit) an sbatch script for multi-node training")
+    slurm.add_argument("--nodes", type=int, required=True)
+    slurm.add_argument("--gpus-per-node", type=int, required=True, help="with --cpu: processes per node")
+    slurm.add_argument("--cpu", action="store_true", help="a CPU job (gloo): for trying the launcher without GPUs")
+    slurm.add_argument("--partition")
+    slurm.add_argument("--time", help="time limit, e.g. 2-00:00:00")
+    slurm.add_argument("--account")
+    slurm.add_argument("--job-name", default="pretrain")
+    slurm.add_argument("--log-dir", default="runs/slurm", help="Slurm and torchrun logs (relative to here)")
+    slurm.add_argument("--cpus-per-task", type=int, help="CPUs per node task (default: 8 per GPU)")
+    slurm.add_argument("--max-restarts", type=int, default=3, help="requeues after a stop signal")
+    slurm.add_argument("--signal-seconds", type=int, default=120,
+                       help="seconds before the time limit at which Slurm asks training to save and stop")
+    slurm.add_argument("--submit", action="store_true", help="call sbatch and print the job id")
+    slurm.add_argument("--config")
+    slurm.add_argument("overrides", nargs="*", metavar="key=value")
+
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="action", required=True)
     bench_data = bench.add_parser("data", help="loader and tokenization throughput beside raw baselines")
     bench_data.add_argument("--input", nargs="+", metavar="FILE", help="corpus (default: Python's stdlib sources)")
@@ -56,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_data.add_argument("--seq-len", type=int, default=2048)
     bench_data.add_argument("--seconds", type=float, default=3.0, help="measuring time per figure")
     bench_data.add_argument("--out", help="write the figures as JSON here")
+    bench_train = bench.add_parser("train", help="training throughput beside Hugging Face Llama (eager, compiled)")
+    bench_train.add_argument("--shape", choices=["tiny", "1b", "wide"], default="tiny",
+                             help="tiny runs on a CPU; 1b and wide are the GPU shapes")
+    bench_train.add_argument("--work", default="runs/bench-train", help="folder for the tokenizer, shards and logs")
+    bench_train.add_argument("--warmup", type=int, default=5, help="steps before measuring (compilation included)")
+    bench_train.add_argument("--steps", type=int, default=10, help="measured steps")
+    bench_train.add_argument("--out", help="write the table as JSON here")
     return parser
 
 
@@ -71,10 +101,16 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "tokenizer":
             return _tokenizer_train(args)
-        if args.command == "bench":
+        if args.command == "launch":
+            return _launch(args)
+        if args.command == "bench" and args.action == "data":
             from pretrain.bench import data
 
             return data.main(args.input, args.work, args.out, args.seq_len, args.seconds)
+        if args.command == "bench":
+            from pretrain.bench import train as train_bench
+
+            return train_bench.main(args.shape, args.work, args.out, args.warmup, args.steps)
         return _data_build(args)
     except (ConfigError, InputError, ShardError, TokenizerError) as error:
         print(f"pretrain: {error}", file=sys.stderr)
@@ -98,6 +134,19 @@ def _train(args: argparse.Namespace) -> int:
     from pretrain.train import train
 
     return EXIT_STOPPED if train(config).stopped_by_signal else 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from pretrain import launch
+
+    if args.action == "local":
+        return launch.launch_local(args.nproc, args.config, args.overrides)
+    job = launch.SlurmJob(
+        nodes=args.nodes, procs_per_node=args.gpus_per_node, config=args.config, overrides=args.overrides,
+        cpu=args.cpu, partition=args.partition, time=args.time, account=args.account, job_name=args.job_name,
+        log_dir=args.log_dir, cpus_per_task=args.cpus_per_task, max_restarts=args.max_restarts,
+        signal_seconds=args.signal_seconds)
+    return launch.launch_slurm(job, submit=args.submit)
 
 
 def _tokenizer_train(args: argparse.Namespace) -> int:

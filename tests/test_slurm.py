@@ -1,0 +1,111 @@
+"""The Slurm launcher against a real Slurm cluster (two fake nodes on this host, started by
+tests/slurm/cluster.sh; .ci/run starts it). Where no cluster runs the tests skip, unless
+PRETRAIN_REQUIRE_SLURM=1 (CI) makes that a failure."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, child_env, torchrun
+
+TRAIN = ["--config", str(ROOT / "configs/tiny.yaml"), "train.max_steps=24", "log.interval=4",
+         "train.global_batch_size=16", "checkpoint.interval=4"]
+
+
+def cluster_nodes() -> int:
+    if shutil.which("sinfo") is None:
+        return 0
+    proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True)
+    return proc.stdout.split().count("idle") + proc.stdout.split().count("mixed") if proc.returncode == 0 else 0
+
+
+@pytest.fixture(scope="module")
+def slurm() -> int:
+    nodes = cluster_nodes()
+    if nodes < 2:
+        reason = ("no Slurm cluster with 2 idle nodes is running here: start one with "
+                  "`tests/slurm/cluster.sh start` (as root, Debian)")
+        if os.environ.get("PRETRAIN_REQUIRE_SLURM") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return nodes
+
+
+def submit(tmp: Path, nodes: int, *extra: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain", "launch", "slurm", "--nodes", str(nodes), "--gpus-per-node", "2", "--cpu",
+         "--log-dir", str(tmp / "slurm"), "--signal-seconds", "60", "--max-restarts", "2", "--submit", *TRAIN,
+         f"log.dir={tmp / 'log'}", f"checkpoint.dir={tmp / 'ckpt'}", *extra],
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def job_state(job: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job, "-o"], capture_output=True, text=True).stdout
+    return out.split("JobState=")[1].split()[0] if "JobState=" in out else "GONE"
+
+
+def wait_for(job: str, states: set[str], timeout: float = 400) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = job_state(job)
+        if state in states:
+            return state
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} still {job_state(job)} after {timeout} s")
+
+
+def final_loss(log_dir: Path) -> float:
+    records = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r["loss"] for r in records if r["group"] == "train" and r["step"] == 24][-1]
+
+
+def slurm_output(tmp: Path) -> str:
+    return "".join(p.read_text() for p in (tmp / "slurm").glob("slurm-*.out"))
+
+
+@pytest.fixture(scope="module")
+def plain_torchrun(tmp_path_factory) -> dict[int, float]:
+    """Final losses of the same training under plain torchrun, with 2 and with 4 processes."""
+    losses = {}
+    for nproc in (2, 4):
+        tmp = tmp_path_factory.mktemp(f"torchrun{nproc}")
+        torchrun(nproc, "-m", "pretrain", "train", *TRAIN, f"log.dir={tmp / 'log'}", "checkpoint.dir=''")
+        losses[nproc] = final_loss(tmp / "log")
+    return losses
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_rendered_job_trains_like_torchrun(slurm, tmp_path, plain_torchrun, nodes):
+    job = submit(tmp_path, nodes)
+    assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}) == "COMPLETED", \
+        slurm_output(tmp_path)[-3000:]
+    assert final_loss(tmp_path / "log") == plain_torchrun[2 * nodes]
+    assert f"{nodes} node(s) x 2" in slurm_output(tmp_path)
+
+
+def test_preemption_requeues_and_resumes_to_the_same_loss(slurm, tmp_path, plain_torchrun):
+    job = submit(tmp_path, 2)
+    metrics = tmp_path / "log" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and '"step": 8' in metrics.read_text()):
+        assert time.time() < deadline and job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), \
+            slurm_output(tmp_path)[-3000:]
+        time.sleep(0.2)
+    # what --signal=B:USR1@N does before a time limit: signal the batch shell
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    wait_for(job, {"PENDING", "COMPLETED", "FAILED"})
+    if job_state(job) == "PENDING":  # requeued: Slurm holds it back ~2 minutes by default
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED", slurm_output(tmp_path)[-3000:]
+    output = slurm_output(tmp_path)
+    assert "stopped on a signal after saving; requeueing (restart 1 of 2)" in output
+    assert f"job {job} restart 1 (at most 2)" in output and "resumed from" in output
+    assert final_loss(tmp_path / "log") == plain_torchrun[4]
