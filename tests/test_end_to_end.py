@@ -27,3 +27,34 @@ def test_torchrun_tp2_writes_every_tag_and_learns(tmp_path):
     resolved = (log_dir / "config.yaml").read_text()
     assert "tp: 2" in resolved and "max_steps: 40" in resolved
     assert (tmp_path / "ckpt" / "step_00000040").is_dir()
+
+
+def test_launch_local_prints_and_runs_torchrun(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain", "launch", "local", "--nproc", "2", "--config",
+         str(ROOT / "configs/tiny.yaml"), "train.max_steps=4", "log.interval=2", f"log.dir={tmp_path}"],
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = proc.stdout.splitlines()[0]
+    assert first.startswith("+ ") and "torch.distributed.run --standalone --nproc_per_node 2 -m pretrain train" in first
+    assert "step 4/4" in proc.stdout + proc.stderr
+
+
+def test_slurm_script_renders_every_field():
+    import re
+
+    from pretrain.launch import SlurmJob, render_sbatch
+
+    script = render_sbatch(SlurmJob(nodes=4, procs_per_node=8, config="configs/llama-7b.yaml",
+                                    overrides=["train.max_steps=10"], partition="gpu", time="1-00:00:00",
+                                    account="lab"))
+    assert not re.search(r"\{\{[A-Z_]+\}\}", script)  # every field filled in
+    for line in ("#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu",
+                 "#SBATCH --time=1-00:00:00", "#SBATCH --account=lab", "#SBATCH --signal=B:USR1@120",
+                 "PRETRAIN_ARGS=(--config configs/llama-7b.yaml train.max_steps=10)", "MAX_RESTARTS=3"):
+        assert line in script
