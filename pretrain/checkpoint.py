@@ -187,7 +187,7 @@ def universal_copy(path: Path) -> Path:
         (partial / MARKER).write_text(json.dumps({"converted_from": path.name}))
         shutil.rmtree(universal, ignore_errors=True)
         os.replace(partial, universal)
-        log.info("converted %s for another data-parallel size in %.1f s", path, time.perf_counter() - started)
+        print(f"converted {path} for another data-parallel size in {time.perf_counter() - started:.1f} s", flush=True)
     dist.barrier()
     return universal
 
