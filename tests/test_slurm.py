@@ -103,6 +103,9 @@ def test_preemption_requeues_and_resumes_to_the_same_loss(slurm, tmp_path, plain
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
     wait_for(job, {"PENDING", "COMPLETED", "FAILED"})
     if job_state(job) == "PENDING":  # requeued: Slurm holds it back ~2 minutes by default
+        # release it a little later: slurmd revokes the first run's job credential, and a restart
+        # allocated within the same second is killed as "Job credential revoked"
+        time.sleep(3)
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED", slurm_output(tmp_path)[-3000:]
     output = slurm_output(tmp_path)
