@@ -218,7 +218,7 @@ def test_cli_tokenizer_and_build_from_parquet(tmp_path):
     import pyarrow
     import pyarrow.parquet
 
-    from conftest import ROOT, child_env
+    from conftest import child_env
 
     documents = random_documents(120, seed=4)
     pyarrow.parquet.write_table(pyarrow.table({"body": documents}), tmp_path / "docs.parquet")

@@ -115,11 +115,7 @@ def run_hugging_face(shape: Shape, compiled: bool, warmup: int, steps: int) -> d
         optimizer.zero_grad(set_to_none=True)
 
     flops = LlamaArgs(**m, seq_len=shape.seq_len).flops_per_token()
-    row = measure(step, shape.micro_batch_size * shape.seq_len, flops, device, warmup, steps)
-    del model, forward, optimizer
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return row
+    return measure(step, shape.micro_batch_size * shape.seq_len, flops, device, warmup, steps)
 
 
 def run(shape_name: str, work: Path, warmup: int, steps: int, corpus: list[str] | None = None) -> dict:
@@ -127,9 +123,13 @@ def run(shape_name: str, work: Path, warmup: int, steps: int, corpus: list[str] 
     work.mkdir(parents=True, exist_ok=True)
     shards = prepare_shards(work, shape.seq_len, corpus or stdlib_sources())
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    rows = {"hf_eager_sdpa": run_hugging_face(shape, False, warmup, steps),
-            "hf_compiled": run_hugging_face(shape, True, warmup, steps),
-            "ours": run_ours(shape, shards, work, warmup, steps)}
+    rows = {}
+    for name, measurement in (("hf_eager_sdpa", lambda: run_hugging_face(shape, False, warmup, steps)),
+                              ("hf_compiled", lambda: run_hugging_face(shape, True, warmup, steps)),
+                              ("ours", lambda: run_ours(shape, shards, work, warmup, steps))):
+        rows[name] = measurement()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the previous model is gone: give its memory back before the next
     return {"shape": shape_name, "device": device, "torch": torch.__version__, "seq_len": shape.seq_len,
             "micro_batch_size": shape.micro_batch_size, "params": LlamaArgs(**shape.model).num_params(),
             "warmup_steps": warmup, "measured_steps": steps, "rows": rows}
