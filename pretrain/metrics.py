@@ -63,8 +63,9 @@ class MetricsWriter:
             return
         log_dir.mkdir(parents=True, exist_ok=True)
         self.tensorboard = SummaryWriter(str(log_dir))
-        self.jsonl = open(log_dir / "metrics.jsonl", "a", encoding="utf-8")
-        if self.jsonl.tell() and not (log_dir / "metrics.jsonl").read_bytes().endswith(b"\n"):
+        path = log_dir / "metrics.jsonl"
+        self.jsonl = open(path, "a", encoding="utf-8")
+        if self.jsonl.tell() and _last_byte(path) != b"\n":
             self.jsonl.write("\n")  # a killed run left half a line: start the resumed run on a new one
         self.progress = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True, disable=None)
 
@@ -92,6 +93,12 @@ class MetricsWriter:
 _CONSOLE_FIELDS = [("ppl", "ppl {:.2f}"), ("lr", "lr {:.2e}"), ("grad_norm", "grad {:.3f}"),
                    ("tokens_per_sec", "{:,.0f} tok/s"), ("mfu", "mfu {:.1%}"), ("step_time", "{:.3f} s/step"),
                    ("mem_peak_gib", "mem {:.1f} GiB")]
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        return f.read(1)
 
 
 def console_line(group: str, step: int, total: int, values: dict[str, float]) -> str:
