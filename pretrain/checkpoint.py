@@ -26,6 +26,9 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 MARKER, LATEST, PARTIAL, UNIVERSAL = "complete.json", "latest", ".partial", ".universal"
+# What a step directory holds (`format` in its marker): DeepSpeed's files as training wrote them,
+# DeepSpeed's universal form (from `pretrain convert reshard`), or full weights only (from-hf).
+DEEPSPEED, UNIVERSAL_FORMAT, WEIGHTS = "deepspeed", "universal", "weights"
 EXIT_STOPPED = 75  # after SIGTERM/SIGUSR1: checkpoint saved, requeue the job to continue (EX_TEMPFAIL)
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -83,6 +86,10 @@ def find_checkpoint(root: Path, resume: str) -> Path | None:
             return path
         log.warning("skipping torn checkpoint %s: %s", path, reason)
     return None
+
+
+def checkpoint_format(path: Path) -> str:
+    return json.loads((path / MARKER).read_text()).get("format", DEEPSPEED)
 
 
 def rng_state() -> dict:
@@ -146,15 +153,18 @@ def _prune(root: Path, keep_last: int, keep_every: int) -> None:
             shutil.rmtree(step_dir(root, step).with_name(f"step_{step:08d}{UNIVERSAL}"), ignore_errors=True)
 
 
-def universal_checkpoint_info() -> dict:
+def universal_checkpoint_info(vocab_size: int) -> dict:
     """What DeepSpeed's universal-checkpoint converter must know about our parameters: norms are
-    replicated across TP ranks, o_proj/down_proj are split along their rows (input dimension)."""
+    replicated across TP ranks, o_proj/down_proj are split along their rows (input dimension),
+    and the vocabulary tensors are padded for the TP size (stored unpadded, re-padded on load)."""
     from deepspeed.checkpoint import constants
 
     return {
         constants.UNIVERSAL_CHECKPOINT_VERSION_KEY: constants.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
         constants.TP_REPLICATED_PARAMETER_PATTERNS: [r".*norm\.weight$"],
         constants.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*o_proj\.weight$", r".*down_proj\.weight$"],
+        constants.VOCABULARY_PARAMETER_PATTERNS: [r".*embedding\.weight$", r".*output\.weight$"],
+        "original_vocab_size": vocab_size,
     }
 
 
@@ -163,8 +173,9 @@ def check_layout(path: Path, saved: dict, current: dict, zero_stage: int) -> Non
     if (saved["tp"], saved["pp"]) != (current["tp"], current["pp"]):
         raise CheckpointError(
             f"{path} was saved with parallel.tp={saved['tp']} parallel.pp={saved['pp']}; this run has "
-            f"parallel.tp={current['tp']} parallel.pp={current['pp']}. Resume with the saved sizes (resharding a "
-            "checkpoint to another TP/PP needs `pretrain convert reshard`, not available yet)")
+            f"parallel.tp={current['tp']} parallel.pp={current['pp']}. Resume with the saved sizes, or reshard it: "
+            f"`pretrain convert reshard --checkpoint {path} --tp {current['tp']} --pp {current['pp']} --out NEW_DIR`, "
+            "then checkpoint.dir=NEW_DIR")
     if saved["dp"] != current["dp"] and zero_stage == 3:
         raise CheckpointError(
             f"{path} was saved with {saved['dp']} data-parallel ranks and ZeRO-3; this run has {current['dp']}. "
@@ -196,10 +207,16 @@ def load(engine, path: Path, layout: dict, zero_stage: int) -> tuple[dict, dict 
     """Load a complete checkpoint into the engine: returns (client state, this rank's own state
     when the checkpoint was written by the same number of ranks, else None). A ZeRO-1/2
     checkpoint of another data-parallel size is loaded through its universal form."""
-    saved = json.loads((path / MARKER).read_text())["layout"]
-    check_layout(path, saved, layout, zero_stage)
-    if saved["dp"] != layout["dp"] and zero_stage in (1, 2):
+    marker = json.loads((path / MARKER).read_text())
+    resharded = marker.get("format") == UNIVERSAL_FORMAT
+    if resharded and zero_stage not in (1, 2):
+        raise CheckpointError(f"{path} was resharded (DeepSpeed's universal format), which resumes with "
+                              f"optimizer.zero_stage 1 or 2, not {zero_stage}")
+    check_layout(path, marker["layout"], layout, zero_stage)
+    universal = path if resharded else None
+    if not resharded and marker["layout"]["dp"] != layout["dp"] and zero_stage in (1, 2):
         universal = universal_copy(path)
+    if universal is not None:
         engine._config.load_universal_checkpoint = True  # for this one load only: it fails on regular ones
         try:
             _, client_state = engine.load_checkpoint(str(universal.parent), tag=universal.name)
@@ -210,7 +227,7 @@ def load(engine, path: Path, layout: dict, zero_stage: int) -> tuple[dict, dict 
     if client_state is None:
         raise CheckpointError(f"DeepSpeed could not load {path}")
     own = path / f"rank_{dist.get_rank():05d}.pt"
-    same_world = json.loads((path / MARKER).read_text())["world_size"] == dist.get_world_size()
+    same_world = marker.get("world_size") == dist.get_world_size()
     rank_state = torch.load(own, weights_only=False) if same_world and own.is_file() else None
     if rank_state is not None:
         set_rng_state(rank_state["rng"])

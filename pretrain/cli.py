@@ -72,6 +72,31 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--config")
     slurm.add_argument("overrides", nargs="*", metavar="key=value")
 
+    convert = commands.add_parser("convert", help="checkpoint conversion: Hugging Face, resharding").add_subparsers(
+        dest="action", required=True)
+    to_hf = convert.add_parser("to-hf", help="a checkpoint (any TP/PP/ZeRO layout) -> Hugging Face LlamaForCausalLM")
+    to_hf.add_argument("--checkpoint", required=True, help="checkpoint.dir of a run, or one step_* folder in it")
+    to_hf.add_argument("--step", type=int, help="which step (default: the newest complete one)")
+    to_hf.add_argument("--out", required=True, help="new folder for the Hugging Face model")
+    to_hf.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    to_hf.add_argument("--tokenizer", help="tokenizer folder (default: the one the checkpoint was trained with); "
+                                           "'none' for no tokenizer")
+    to_hf.add_argument("--max-shard-size", type=float, default=5.0, metavar="GB",
+                       help="largest safetensors file; bigger models are split with an index")
+    from_hf = convert.add_parser("from-hf", help="a Hugging Face Llama folder -> a checkpoint to continue training")
+    from_hf.add_argument("--model", required=True, help="folder with config.json, safetensors weights, tokenizer")
+    from_hf.add_argument("--out", required=True, help="new checkpoint.dir; a config.yaml to train from is written")
+    from_hf.add_argument("--tp", type=int, default=1, help="parallel.tp the checkpoint is checked and set up for")
+    from_hf.add_argument("--pp", type=int, default=1, help="parallel.pp the checkpoint is checked and set up for")
+    from_hf.add_argument("--allow-pickle", action="store_true",
+                         help="accept pytorch_model*.bin weights (read with torch.load(weights_only=True))")
+    reshard = convert.add_parser("reshard", help="a checkpoint -> the same training state at another TP/PP")
+    reshard.add_argument("--checkpoint", required=True, help="checkpoint.dir of a run, or one step_* folder in it")
+    reshard.add_argument("--step", type=int, help="which step (default: the newest complete one)")
+    reshard.add_argument("--tp", type=int, required=True)
+    reshard.add_argument("--pp", type=int, required=True)
+    reshard.add_argument("--out", required=True, help="new checkpoint.dir to resume from (checkpoint.dir=OUT)")
+
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="action", required=True)
     bench_data = bench.add_parser("data", help="loader and tokenization throughput beside raw baselines")
     bench_data.add_argument("--input", nargs="+", metavar="FILE", help="corpus (default: Python's stdlib sources)")
@@ -94,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.checkpoint import CheckpointError
     from pretrain.data.documents import InputError
     from pretrain.data.shards import ShardError
+    from pretrain.model.hf import UnsupportedModelError
     from pretrain.tokenizer import TokenizerError
 
     try:
@@ -103,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             return _tokenizer_train(args)
         if args.command == "launch":
             return _launch(args)
+        if args.command == "convert":
+            return _convert(args)
         if args.command == "bench" and args.action == "data":
             from pretrain.bench import data
 
@@ -112,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return train_bench.main(args.shape, args.work, args.out, args.warmup, args.steps)
         return _data_build(args)
-    except (ConfigError, InputError, ShardError, TokenizerError) as error:
+    except (ConfigError, InputError, ShardError, TokenizerError, UnsupportedModelError) as error:
         print(f"pretrain: {error}", file=sys.stderr)
         return 2
     except (CheckpointError, FloatingPointError) as error:  # the run cannot go on: say why, no traceback
@@ -147,6 +175,33 @@ def _launch(args: argparse.Namespace) -> int:
         log_dir=args.log_dir, cpus_per_task=args.cpus_per_task, max_restarts=args.max_restarts,
         signal_seconds=args.signal_seconds)
     return launch.launch_slurm(job, submit=args.submit)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    if args.action == "to-hf":
+        from pretrain.convert.hf_export import export
+
+        summary = export(args.checkpoint, args.out, args.step, args.dtype, args.tokenizer,
+                         max_shard_bytes=int(args.max_shard_size * 2**30))
+        print(f"exported step {summary['step']} of {summary['checkpoint']} to {args.out}: "
+              f"{summary['parameters']:,} parameters, {summary['bytes'] / 2**20:,.1f} MiB in "
+              f"{len(summary['files'])} safetensors file(s), {summary['seconds']} s")
+        return 0
+    if args.action == "from-hf":
+        from pretrain.convert.hf_import import import_hf
+
+        config_path = import_hf(args.model, args.out, args.tp, args.pp, allow_pickle=args.allow_pickle)
+        tokenizer = Path(args.out) / "tokenizer"
+        shards = f"shards built with {tokenizer}" if tokenizer.is_dir() else "shards built with the model's tokenizer"
+        print(f"imported {args.model} into {args.out}; continue training with\n"
+              f"  pretrain train --config {config_path} data.path=<{shards}>")
+        return 0
+    from pretrain.convert.reshard import reshard
+
+    path = reshard(args.checkpoint, args.out, args.tp, args.pp, args.step)
+    print(f"resharded to parallel.tp={args.tp} parallel.pp={args.pp}: {path}; resume with "
+          f"checkpoint.dir={args.out} parallel.tp={args.tp} parallel.pp={args.pp}")
+    return 0
 
 
 def _tokenizer_train(args: argparse.Namespace) -> int:

@@ -282,3 +282,11 @@ def _report(problems: list[str]) -> str:
 
 def to_yaml(config: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def from_yaml(text: str) -> Config:
+    """The inverse of to_yaml (e.g. the config recorded in a checkpoint), checked against the schema."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text)))
+    except OmegaConfBaseException as error:
+        raise ConfigError(_describe(error)) from None

@@ -8,6 +8,7 @@ normalisation, whitespace kept as is, no dummy prefix)."""
 import io
 import json
 import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,22 +66,44 @@ def train_tokenizer(inputs: list[str | Path], vocab_size: int, out: Path, model_
     out.mkdir(parents=True, exist_ok=True)
     (out / MODEL_FILE).write_bytes(model.getvalue())
     processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    with open(out / VOCAB_FILE, "w", encoding="utf-8") as listing:
-        for piece_id in range(processor.get_piece_size()):
-            piece = json.dumps(processor.id_to_piece(piece_id), ensure_ascii=False)[1:-1]  # control chars escaped
-            listing.write(f"{piece_id}\t{piece}\t{processor.get_score(piece_id)}\n")
-    card = {
-        "vocab_size": processor.get_piece_size(),
+    return _describe(out, {
         "model_type": model_type,
         "special_ids": {**SPECIAL_IDS, **{s: processor.piece_to_id(s) for s in user_symbols}},
         "special_pieces": {**SPECIAL_PIECES, **{s: s for s in user_symbols}},
-        "sha256": file_sha256(out / MODEL_FILE),
         "inputs": [str(p) for p in paths],
         "documents": stats.documents,
         "characters": stats.characters,
         "empty_documents_skipped": stats.empty_skipped,
         "invalid_utf8_replaced": stats.invalid_utf8_replaced,
-    }
+    })
+
+
+def describe_model(model: Path, out: Path, source: str) -> dict:
+    """A tokenizer folder (card and vocabulary listing) for an existing sentencepiece model, e.g.
+    one that came with a Hugging Face model; returns the card."""
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(model, out / MODEL_FILE)
+    processor = spm.SentencePieceProcessor(model_file=str(out / MODEL_FILE))
+    ids = {"unk": processor.unk_id(), "bos": processor.bos_id(), "eos": processor.eos_id(), "pad": processor.pad_id()}
+    if ids["pad"] < 0:  # many Llama tokenizers have no pad piece: padding positions are masked anyway
+        ids["pad"] = ids["eos"]
+    types = {1: "unigram", 2: "bpe"}
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto.FromString((out / MODEL_FILE).read_bytes())
+    return _describe(out, {"model_type": types.get(proto.trainer_spec.model_type, "other"), "special_ids": ids,
+                           "special_pieces": {role: processor.id_to_piece(i) for role, i in ids.items()},
+                           "inputs": [source]})
+
+
+def _describe(out: Path, card: dict) -> dict:
+    """Write tokenizer.vocab and card.json (vocab size and sha256 added) beside tokenizer.model."""
+    processor = spm.SentencePieceProcessor(model_file=str(out / MODEL_FILE))
+    with open(out / VOCAB_FILE, "w", encoding="utf-8") as listing:
+        for piece_id in range(processor.get_piece_size()):
+            piece = json.dumps(processor.id_to_piece(piece_id), ensure_ascii=False)[1:-1]  # control chars escaped
+            listing.write(f"{piece_id}\t{piece}\t{processor.get_score(piece_id)}\n")
+    card = {"vocab_size": processor.get_piece_size(), "sha256": file_sha256(out / MODEL_FILE), **card}
     (out / CARD_FILE).write_text(json.dumps(card, indent=1) + "\n")
     return card
 
@@ -145,3 +168,46 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.processor.decode(ids)
+
+    def export_hf(self, out: Path, model_max_length: int) -> None:
+        """Write the files with which `transformers.AutoTokenizer` gives exactly our ids and
+        special tokens: tokenizer.json (the same BPE or unigram model with byte fallback, no
+        normalisation but spaces as "▁"), tokenizer_config.json (the generic fast class:
+        the Llama classes would re-add a dummy prefix; special-token text inside documents is
+        split like sentencepiece does), and tokenizer.model for tools that read sentencepiece.
+        No BOS/EOS is added when encoding: training documents carry only a trailing EOS."""
+        if self.card["model_type"] != "bpe":
+            raise TokenizerError(f"{self.path} is a {self.card['model_type']} tokenizer: Hugging Face's unigram "
+                                 "segments some words differently (measured: 23 of 677 documents), so only bpe "
+                                 "tokenizers are exported; retrain with --model-type bpe or export without it")
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.path / MODEL_FILE, out / MODEL_FILE)
+        hf_json(self.processor).save(str(out / "tokenizer.json"))
+        specials = {f"{role}_token": self.card["special_pieces"][role] for role in SPECIAL_IDS}
+        (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=1) + "\n")
+        (out / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast", **specials, "split_special_tokens": True,
+            "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False,
+            "model_max_length": model_max_length}, indent=1) + "\n")
+
+
+def hf_json(processor: spm.SentencePieceProcessor):
+    """A `tokenizers.Tokenizer` equal to a sentencepiece BPE model trained with our settings."""
+    from tokenizers import AddedToken, decoders, models, normalizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    size = processor.get_piece_size()
+    pieces = [processor.id_to_piece(i) for i in range(size)]
+    special = [i for i in range(size) if processor.is_control(i) or processor.is_unknown(i)]
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+    plain = {pieces[i] for i in range(size) if not (i in special or processor.is_byte(i) or processor.is_unused(i))}
+    # sentencepiece merges the pair whose result has the best score, i.e. the lowest id
+    merges = sorted(((piece[:k], piece[k:]) for piece in plain for k in range(1, len(piece))
+                     if piece[:k] in plain and piece[k:] in plain),
+                    key=lambda pair: (vocab[pair[0] + pair[1]], len(pair[0])))
+    tokenizer = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=pieces[processor.unk_id()],
+                                       byte_fallback=True, fuse_unk=True))
+    tokenizer.normalizer = normalizers.Replace(" ", "▁")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer.add_special_tokens([AddedToken(pieces[i], special=True, normalized=False) for i in special])
+    return tokenizer

@@ -21,8 +21,14 @@ from pretrain.data import pipeline
 from pretrain.data.shards import ShardError
 from pretrain.metrics import MetricsWriter, peak_flops, peak_memory_gib, throughput
 from pretrain.model.llama import Llama, cross_entropy
-from pretrain.model.pipeline import build_pipeline
+from pretrain.model.pipeline import build_pipeline, canonical_name
+from pretrain.model.weights import load_full_state_dict
 from pretrain.optim import build_optimizer, build_scheduler
+
+
+# Model settings a checkpoint's weights must agree with (the others may change when resuming).
+ARCHITECTURE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
+                "rope_theta", "norm_eps", "tie_embeddings")
 
 
 @dataclass
@@ -101,6 +107,7 @@ class Trainer:
             pipeline.verify_shards(data, context.rank, context.world_size, tolerate=config.data.skip_corrupt > 0)
 
         torch.manual_seed(config.train.seed)
+        resume_from = self._find_checkpoint() if config.checkpoint.dir else None
         self.pipelined = layout.pp > 1
         if self.pipelined:
             if layout.grad_accumulation < layout.pp and context.rank == 0:
@@ -113,7 +120,10 @@ class Trainer:
         else:
             self.model = Llama(config.model, context.tp_group)
             self.model.init_weights(config.train.seed)
-        self.model.universal_checkpoint_info = checkpoint.universal_checkpoint_info()
+        starts_from_weights = resume_from is not None and checkpoint.checkpoint_format(resume_from) == checkpoint.WEIGHTS
+        if starts_from_weights:  # before DeepSpeed copies the weights into its optimizer
+            self._load_weights(resume_from)
+        self.model.universal_checkpoint_info = checkpoint.universal_checkpoint_info(config.model.vocab_size)
         optimizer = build_optimizer(self.model, config.optimizer, context.device)
         scheduler = build_scheduler(optimizer, config.schedule, self.steps)
         self.engine, *_ = deepspeed.initialize(
@@ -137,28 +147,46 @@ class Trainer:
             config.optimizer.zero_stage == 0 and self.precision == Precision.bf16)
         # DeepSpeed clips ZeRO-0 fp32 gradients without keeping the norm: measure it ourselves.
         self.engine_reports_norm = config.optimizer.zero_stage > 0 or self.precision != Precision.fp32
-        if config.checkpoint.dir:
-            self._resume()
+        if resume_from is not None and not starts_from_weights:
+            self._resume(resume_from)
 
-    def _resume(self) -> None:
+    def _find_checkpoint(self) -> Path | None:
         found = [checkpoint.find_checkpoint(Path(self.config.checkpoint.dir), self.config.checkpoint.resume)
                  if self.context.rank == 0 else None]
         dist.broadcast_object_list(found, src=0)  # one decision, whatever each rank's view of the disk
-        if found[0] is None:
-            return
+        return found[0]
+
+    def _load_weights(self, path: Path) -> None:
+        """Start from a weights-only checkpoint (`pretrain convert from-hf`): step 0, fresh optimizer."""
+        from pretrain.convert.reader import CheckpointReader, LazyTensors
+
+        reader = CheckpointReader(path)
+        differences = [f"model.{key}: checkpoint {value!r}, this run {getattr(self.config.model, key)!r}"
+                       for key, value in vars(reader.args).items()
+                       if key in ARCHITECTURE and getattr(self.config.model, key) != value]
+        if differences:
+            raise checkpoint.CheckpointError(f"{path} holds another model than this run's config:\n  "
+                                             + "\n  ".join(differences))
+        canonical = (lambda name: canonical_name(name, self.config.model.num_layers)) if self.pipelined else (lambda name: name)
         started = time.perf_counter()
-        client, rank_state = checkpoint.load(self.engine, found[0], self._layout_record(),
+        load_full_state_dict(self.model, LazyTensors(reader), self.context.tp_rank, self.layout.tp, canonical)
+        if self.context.rank == 0:
+            print(f"loaded the weights of {path} in {time.perf_counter() - started:.1f} s", flush=True)
+
+    def _resume(self, path: Path) -> None:
+        started = time.perf_counter()
+        client, rank_state = checkpoint.load(self.engine, path, self._layout_record(),
                                              self.config.optimizer.zero_stage)
         self.start_step, self.tokens = client["step"], client["tokens"]
         self.consumed_samples = client["data"]["consumed_samples"]
         if self.data is not None and self.data.raw_files:
             if rank_state is None:
                 raise checkpoint.CheckpointError(
-                    f"{found[0]} was written by another number of processes: data.source=raw resumes only at the "
+                    f"{path} was written by another number of processes: data.source=raw resumes only at the "
                     "same data-parallel size (build shards with `pretrain data build` for elastic resumes)")
             self.raw_state = rank_state["raw_state"]
         if self.context.rank == 0:
-            print(f"resumed from {found[0]} (step {self.start_step}, {self.consumed_samples} samples consumed) "
+            print(f"resumed from {path} (step {self.start_step}, {self.consumed_samples} samples consumed) "
                   f"in {time.perf_counter() - started:.1f} s", flush=True)
 
     def _batches(self):

@@ -1,5 +1,8 @@
-"""Hugging Face LlamaForCausalLM <-> our parameter names: one table, plus the explicit
-regrouping of the fused, group-major qkv projection into q/k/v (see Attention)."""
+"""Hugging Face LlamaForCausalLM <-> our parameter names and config: one name table, the
+explicit regrouping of the fused, group-major qkv projection into q/k/v (see Attention), and the
+config fields, with every Llama variant we do not implement refused by name."""
+
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -23,6 +26,10 @@ QKV = "attention.qkv_proj.weight"
 HF_QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
 
 
+class UnsupportedModelError(ValueError):
+    """A Hugging Face config describes a model this framework does not implement."""
+
+
 def split_qkv(qkv: torch.Tensor, args: LlamaArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group-major [g0: q.., k, v | g1: q.., k, v | ...] -> q [heads*d], k and v [kv_heads*d]."""
     groups, d = args.num_kv_heads, args.head_dim
@@ -34,30 +41,113 @@ def split_qkv(qkv: torch.Tensor, args: LlamaArgs) -> tuple[torch.Tensor, torch.T
 def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: LlamaArgs) -> torch.Tensor:
     """Inverse of split_qkv: query heads of KV group g are heads g*n .. g*n+n-1 (n = heads/kv_heads)."""
     groups, d = args.num_kv_heads, args.head_dim
-    q = q.view(groups, args.num_heads // groups, d, args.hidden_size)
-    k = k.view(groups, 1, d, args.hidden_size)
-    v = v.view(groups, 1, d, args.hidden_size)
+    q = q.reshape(groups, args.num_heads // groups, d, args.hidden_size)
+    k = k.reshape(groups, 1, d, args.hidden_size)
+    v = v.reshape(groups, 1, d, args.hidden_size)
     return torch.cat([q, k, v], dim=1).reshape(-1, args.hidden_size)
+
+
+def _block_name(name: str) -> tuple[str, str] | None:
+    """'layers.3.mlp.up_proj.weight' -> ('model.layers.3.', 'mlp.up_proj.weight')."""
+    if not name.startswith("layers."):
+        return None
+    _, index, rest = name.split(".", 2)
+    return f"model.layers.{index}.", rest
+
+
+def hf_names(name: str) -> list[str]:
+    """The Hugging Face tensors one of our parameters becomes."""
+    block = _block_name(name)
+    if block is None:
+        return [MODEL_NAMES[name]]
+    prefix, rest = block
+    return [prefix + hf for hf in HF_QKV] if rest == QKV else [prefix + BLOCK_NAMES[rest]]
+
+
+def to_hf_tensors(name: str, tensor: torch.Tensor, args: LlamaArgs) -> Iterator[tuple[str, torch.Tensor]]:
+    """One of our full, unpadded tensors -> its Hugging Face (name, tensor) pairs."""
+    names = hf_names(name)
+    yield from zip(names, split_qkv(tensor, args)) if len(names) == 3 else [(names[0], tensor)]
+
+
+def from_hf_tensor(name: str, hf_tensor: Callable[[str], torch.Tensor], args: LlamaArgs) -> torch.Tensor:
+    """Our tensor `name`, built from the Hugging Face tensors that `hf_tensor` returns by name."""
+    names = hf_names(name)
+    if len(names) == 3:
+        return merge_qkv(*(hf_tensor(n) for n in names), args)
+    return hf_tensor(names[0])
 
 
 def to_hf(ours: dict[str, torch.Tensor], args: LlamaArgs) -> dict[str, torch.Tensor]:
     """Full, unpadded tensors under our names -> Hugging Face names."""
-    hf = {MODEL_NAMES[name]: ours[name] for name in MODEL_NAMES if name in ours}
-    for i in range(args.num_layers):
-        for name, hf_name in BLOCK_NAMES.items():
-            hf[f"model.layers.{i}.{hf_name}"] = ours[f"layers.{i}.{name}"]
-        for hf_name, tensor in zip(HF_QKV, split_qkv(ours[f"layers.{i}.{QKV}"], args)):
-            hf[f"model.layers.{i}.{hf_name}"] = tensor
-    return hf
+    return {hf: t for name, tensor in ours.items() for hf, t in to_hf_tensors(name, tensor, args)}
 
 
 def from_hf(hf: dict[str, torch.Tensor], args: LlamaArgs) -> dict[str, torch.Tensor]:
     """Hugging Face tensors -> our names (the inverse of to_hf)."""
-    ours = {name: hf[hf_name] for name, hf_name in MODEL_NAMES.items()
-            if not (name == "output.weight" and args.tie_embeddings)}
-    for i in range(args.num_layers):
-        for name, hf_name in BLOCK_NAMES.items():
-            ours[f"layers.{i}.{name}"] = hf[f"model.layers.{i}.{hf_name}"]
-        q, k, v = (hf[f"model.layers.{i}.{hf_name}"] for hf_name in HF_QKV)
-        ours[f"layers.{i}.{QKV}"] = merge_qkv(q, k, v, args)
-    return ours
+    from pretrain.model.weights import parameter_names
+
+    return {name: from_hf_tensor(name, hf.__getitem__, args)
+            for name in parameter_names(args.num_layers, args.tie_embeddings)}
+
+
+def hf_config(args: LlamaArgs, dtype: torch.dtype, bos_id: int, eos_id: int, pad_id: int | None) -> dict:
+    """config.json of the exported LlamaForCausalLM."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.hidden_size,
+        "intermediate_size": args.ffn_hidden_size,
+        "num_hidden_layers": args.num_layers,
+        "num_attention_heads": args.num_heads,
+        "num_key_value_heads": args.num_kv_heads,
+        "head_dim": args.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": args.seq_len,
+        "initializer_range": args.init_std,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+        "tie_word_embeddings": args.tie_embeddings,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": pad_id,
+        "use_cache": True,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def args_from_hf_config(config: dict) -> LlamaArgs:
+    """Our model arguments for a Hugging Face Llama config; anything we would only approximate
+    (another architecture, rope scaling, biases, another activation or head size) is refused."""
+    problems = []
+    architectures = config.get("architectures") or ["LlamaForCausalLM"]
+    if config.get("model_type") != "llama" or architectures != ["LlamaForCausalLM"]:
+        problems.append(f"model_type={config.get('model_type')!r} architectures={architectures}: only "
+                        "model_type 'llama' with LlamaForCausalLM is supported")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        problems.append(f"rope scaling type {rope_type!r} is not implemented (only plain RoPE)")
+    for key, supported in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if config.get(key, supported) != supported:
+            problems.append(f"{key}={config[key]!r} is not implemented (only {supported!r})")
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    if config.get("head_dim") not in (None, hidden // heads) or hidden % heads:
+        problems.append(f"head_dim={config.get('head_dim')} with hidden_size={hidden} and {heads} heads: only "
+                        "head_dim = hidden_size / num_attention_heads is implemented")
+    if problems:
+        raise UnsupportedModelError("this Hugging Face model cannot be converted exactly:\n"
+                                    + "\n".join(f"  - {p}" for p in problems))
+    return LlamaArgs(
+        vocab_size=config["vocab_size"], hidden_size=hidden, num_layers=config["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=config.get("num_key_value_heads") or heads,
+        ffn_hidden_size=config["intermediate_size"], seq_len=config.get("max_position_embeddings", 2048),
+        rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+        norm_eps=config.get("rms_norm_eps", 1e-6), tie_embeddings=config.get("tie_word_embeddings", False),
+        init_std=config.get("initializer_range", 0.02))

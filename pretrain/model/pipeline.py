@@ -96,6 +96,16 @@ def canonical_name(name: str, num_layers: int) -> str:
     return f"layers.{index - 1}.{rest}" if 1 <= index <= num_layers else rest
 
 
+def pipeline_name(name: str, args: LlamaArgs) -> str:
+    """The single-stage model's name -> DeepSpeed's layer-indexed name (canonical_name's inverse)."""
+    if name == "embedding.weight":
+        return f"tied_modules.{TIED_KEY}.{name}" if args.tie_embeddings else f"0.{name}"
+    if name.startswith("layers."):
+        _, index, rest = name.split(".", 2)
+        return f"{int(index) + 1}.{rest}"
+    return f"{args.num_layers + 1}.{name}"  # final_norm.weight, output.weight
+
+
 PARTITION_METHODS = {"blocks": "type:PipelineBlock", "parameters": "parameters", "uniform": "uniform"}
 
 

@@ -16,6 +16,14 @@ from torch import nn
 
 VOCAB_PARAMETERS = ("embedding.weight", "output.weight")
 OUTPUT_PROJECTIONS = ("attention.o_proj.weight", "mlp.down_proj.weight")
+BLOCK_PARAMETERS = ("attention_norm.weight", "attention.qkv_proj.weight", "attention.o_proj.weight",
+                    "mlp_norm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+
+
+def parameter_names(num_layers: int, tie_embeddings: bool) -> list[str]:
+    """Every parameter of the single-stage model, in its order."""
+    blocks = [f"layers.{i}.{name}" for i in range(num_layers) for name in BLOCK_PARAMETERS]
+    return ["embedding.weight", *blocks, "final_norm.weight", *([] if tie_embeddings else ["output.weight"])]
 
 _PARTITION_DIM = {ColumnParallelLinear: 0, RowParallelLinear: 1, VocabParallelEmbedding: 0}
 
@@ -41,6 +49,14 @@ def drop_empty_extra_state(model: nn.Module) -> None:
             del state_dict[key]
 
     model._register_state_dict_hook(hook)
+
+
+def partition_dim(name: str) -> int | None:
+    """The dimension along which a parameter (by its single-stage name) is split across TP
+    ranks: None for the replicated norms, 1 for the row-parallel output projections, else 0."""
+    if name.endswith("norm.weight"):
+        return None
+    return 1 if name.endswith(OUTPUT_PROJECTIONS) else 0
 
 
 def full_shape(param: torch.Tensor, tp: int) -> tuple[int, ...]:
@@ -83,14 +99,16 @@ def initialize(model: nn.Module, seed: int, std: float, num_layers: int, tp_rank
 
 
 @torch.no_grad()
-def load_full_state_dict(model: nn.Module, full_tensors: Mapping[str, torch.Tensor], tp_rank: int, tp: int) -> None:
-    """Copy full (unsharded) tensors into this rank's shards. Vocabulary tensors may have fewer
-    rows than the padded embedding: the padding rows are zero-filled. Missing or unexpected
-    names are errors."""
-    params = dict(model.named_parameters())
-    missing, unexpected = params.keys() - full_tensors.keys(), full_tensors.keys() - params.keys()
-    if missing or unexpected:
-        raise KeyError(f"state dict does not match the model: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+def load_full_state_dict(model: nn.Module, full_tensors: Mapping[str, torch.Tensor], tp_rank: int, tp: int,
+                         canonical: Callable[[str], str] = lambda name: name) -> None:
+    """Copy full (unsharded) tensors, keyed by single-stage names, into this rank's shards (a
+    pipeline stage takes only its own). Vocabulary tensors may have fewer rows than the padded
+    embedding: the padding rows are zero-filled. Tensors are read one at a time, so a lazy
+    mapping keeps memory low. A name this module needs but `full_tensors` lacks is an error."""
+    params = {canonical(name): param for name, param in model.named_parameters()}
+    missing = params.keys() - full_tensors.keys()
+    if missing:
+        raise KeyError(f"state dict does not match the model: missing {sorted(missing)}")
     for name, param in params.items():
         expected = full_shape(param, tp)
         full = full_tensors[name]

@@ -1,0 +1,1 @@
+"""Checkpoint conversion: Hugging Face export and import, resharding to another TP/PP layout."""
