@@ -30,13 +30,11 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 def resolve_step(path: str | Path, step: int | None = None) -> Path:
     """A step directory, given itself or its checkpoint.dir (then `step`, or the newest complete one)."""
     path = Path(path)
-    if (path / MARKER).is_file() and step is None:
-        return path
     if step is not None:
         path = step_dir(path, step)
         if not path.is_dir():
             raise CheckpointError(f"{path} does not exist: list the step_* folders and pass one of their steps")
-    else:
+    elif not (path / MARKER).is_file() and not path.name.startswith("step_"):
         found = find_checkpoint(path, "auto")
         if found is None:
             raise CheckpointError(f"{path} holds no complete checkpoint (no step_*/{MARKER}): pass a checkpoint.dir "

@@ -130,10 +130,10 @@ def args_from_hf_config(config: dict) -> LlamaArgs:
     if config.get("model_type") != "llama" or architectures != ["LlamaForCausalLM"]:
         problems.append(f"model_type={config.get('model_type')!r} architectures={architectures}: only "
                         "model_type 'llama' with LlamaForCausalLM is supported")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
+    ropes = [config.get(key) or {} for key in ("rope_parameters", "rope_scaling")]  # transformers 5 / 4 spelling
+    for rope_type in {rope.get("rope_type", rope.get("type", "default")) for rope in ropes} - {"default"}:
         problems.append(f"rope scaling type {rope_type!r} is not implemented (only plain RoPE)")
+    rope = ropes[0] or ropes[1]
     for key, supported in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if config.get(key, supported) != supported:
             problems.append(f"{key}={config[key]!r} is not implemented (only {supported!r})")

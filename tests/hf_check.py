@@ -1,0 +1,41 @@
+"""Loads an exported folder with transformers alone (this file never imports pretrain) and
+writes what the tests compare: python hf_check.py SPEC.json OUT.pt
+
+SPEC: {"model": folder, "logits_tokens": [[ids]], "loss_batches": [{"tokens": [[ids]], "labels": [[ids]]}],
+       "texts": [str]}. OUT holds the logits, the mean loss over all labelled tokens of loss_batches,
+the AutoTokenizer ids of the texts and their decoded strings, and a greedy generation."""
+
+import json
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+def main(spec_path: str, out_path: str) -> None:
+    spec = json.loads(open(spec_path).read())
+    model = AutoModelForCausalLM.from_pretrained(spec["model"]).eval()
+    out = {"class": type(model).__name__}
+    with torch.no_grad():
+        out["logits"] = model(torch.tensor(spec["logits_tokens"])).logits
+        total, count = 0.0, 0
+        for batch in spec["loss_batches"]:
+            logits = model(torch.tensor(batch["tokens"])).logits
+            labels = torch.tensor(batch["labels"])
+            total += torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), labels.flatten(),
+                                                       reduction="sum").item()
+            count += int((labels != -100).sum())
+        out["loss"] = total / max(count, 1)
+        prompt = torch.tensor(spec["logits_tokens"][:1])[:, :8]
+        out["generated"] = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    if spec.get("texts"):
+        tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+        out["ids"] = tokenizer(spec["texts"])["input_ids"]
+        out["decoded"] = [tokenizer.decode(ids) for ids in out["ids"]]
+        out["special"] = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
+    assert not any(name == "pretrain" or name.startswith("pretrain.") for name in sys.modules)
+    torch.save(out, out_path)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,241 @@
+"""Checkpoint conversion: models trained at TP2 x PP2 (and TP2 x DP2 ZeRO-3) exported to Hugging
+Face and loaded by `transformers` alone; Hugging Face -> ours -> Hugging Face bit for bit; the
+imported model's first loss; resharding TP2 x PP2 -> TP1 x PP1; refusals."""
+
+import inspect
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TESTS, child_env, run_layouts
+from pretrain import parallel
+from pretrain.cli import main as cli
+from pretrain.config import load, validate
+from pretrain.convert.hf_export import export
+from pretrain.convert.reader import CheckpointReader
+from pretrain.data import pipeline
+from pretrain.data.build import build_shards
+from pretrain.model.llama import Llama
+from pretrain.model.weights import load_full_state_dict
+from pretrain.tokenizer import Tokenizer, TokenizerError, train_tokenizer
+from test_data import random_documents
+
+pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+STEPS, SEQ = 4, 32
+VARIANTS = {  # name -> (layout, model) overrides
+    "gqa": (["parallel.tp=2", "parallel.pp=2"],
+            ["model.num_heads=8", "model.num_kv_heads=2", "model.rope_theta=50000", "model.norm_eps=1e-6"]),
+    "tied": (["parallel.tp=2", "parallel.pp=2"],
+             ["model.num_heads=4", "model.num_kv_heads=4", "model.tie_embeddings=true"]),
+    "zero3": (["parallel.tp=2", "optimizer.zero_stage=3", "optimizer.zero3_param_persistence_threshold=0"],
+              ["model.num_heads=8", "model.num_kv_heads=2", "model.rope_theta=50000", "model.norm_eps=1e-6"]),
+}
+TEXTS = ["def f(x):\n    return x  # comment\n\n\n", "  two leading spaces, trailing  ", "tabs\t\tand\nnewlines\n",
+         "digits 1234567 émoji 😀 中文", "special text </s> <s> <pad> <unk> inside", "", " ", "naïve café"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("convert")
+    code = [Path(inspect.getfile(module)).read_text() for module in (json.encoder, textwrap, subprocess)]
+    for name, seed, count in (("train", 1, 300), ("valid", 2, 30)):
+        documents = random_documents(count, seed) + (code if name == "train" else [])
+        (root / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
+    train_tokenizer([root / "train.jsonl"], vocab_size=400, out=root / "tok")
+    for name in ("train", "valid"):
+        build_shards([root / f"{name}.jsonl"], root / "tok", SEQ, root / name, shard_samples=64, progress=False)
+    return root
+
+
+def base(data: Path) -> list[str]:
+    return [f"data.path={data / 'train'}", f"data.valid_path={data / 'valid'}", f"data.tokenizer={data / 'tok'}",
+            "data.num_workers=0", f"model.seq_len={SEQ}", "model.hidden_size=64", "model.num_layers=3",
+            "model.ffn_hidden_size=96", "optimizer.lr=3e-3", "schedule.warmup_steps=1", f"train.max_steps={STEPS}",
+            "train.micro_batch_size=2", "train.global_batch_size=8", "log.interval=1", f"train.eval_interval={STEPS}",
+            "train.eval_steps=1", "checkpoint.interval=2", "checkpoint.keep_last=0"]
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory) -> dict:
+    """The three variants trained in one launch of 4 processes; name -> {run: metrics, dir: checkpoint.dir}."""
+    root = tmp_path_factory.mktemp("trained")
+    runs = {name: layout + model + [f"checkpoint.dir={root / name}"] for name, (layout, model) in VARIANTS.items()}
+    results = run_layouts(root, 4, base(data), runs)
+    return {name: {"run": results[name], "dir": root / name} for name in VARIANTS}
+
+
+def batches(data: Path, name: str, validation: bool) -> tuple[list[dict], object]:
+    """The validation batches, or the micro-batches of the first training step, of variant `name`
+    (as one process sees them with data-parallel size 1) and the config."""
+    _, model = VARIANTS[name]
+    config = load(None, base(data) + model + ["parallel.tp=2", "parallel.pp=2"])
+    layout = validate(config, 4)
+    info = pipeline.resolve(config)
+    if validation:
+        return list(pipeline.validation_batches(config, info, layout, 0)), config
+    stream = pipeline.training_batches(config, info, layout, 0, 0, pin_memory=False)
+    return [next(stream) for _ in range(layout.grad_accumulation)], config
+
+
+def hf_check(folder: Path, loss_batches: list[dict], tmp_path: Path, texts: list[str] = ()) -> dict:
+    """tests/hf_check.py in a fresh process: transformers only."""
+    tokens = loss_batches[0]["tokens"].tolist()
+    spec = tmp_path / f"{folder.name}-spec.json"
+    spec.write_text(json.dumps({"model": str(folder), "logits_tokens": tokens, "texts": list(texts),
+                                "loss_batches": [{"tokens": b["tokens"].tolist(), "labels": b["labels"].tolist()}
+                                                 for b in loss_batches]}))
+    out = tmp_path / f"{folder.name}-out.pt"
+    proc = subprocess.run([sys.executable, str(TESTS / "hf_check.py"), str(spec), str(out)], env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(out, weights_only=False)
+
+
+def our_logits(checkpoint: Path, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits of our single-process model with the checkpoint's weights."""
+    context = parallel.initialize(tp=1, pp=1, backend="gloo")
+    try:
+        reader = CheckpointReader(checkpoint)
+        model = Llama(reader.args, context.tp_group).eval()
+        load_full_state_dict(model, {name: reader.tensor(name) for name in reader.names()}, 0, 1)
+        with torch.no_grad():
+            return model(tokens)[..., : reader.args.vocab_size]
+    finally:
+        parallel.shutdown()
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_export_loads_in_transformers_with_our_logits_loss_and_ids(name, trained, data, tmp_path):
+    folder = tmp_path / f"hf-{name}"
+    summary = export(trained[name]["dir"], folder, dtype="fp32", max_shard_bytes=100_000 if name == "gqa" else 2**30)
+    if name == "gqa":  # above the threshold: sharded, with the index transformers reads
+        assert len(summary["files"]) > 1 and (folder / "model.safetensors.index.json").is_file()
+    validation, _ = batches(data, name, validation=True)
+    result = hf_check(folder, validation, tmp_path, TEXTS)
+    assert result["class"] == "LlamaForCausalLM"
+
+    logits = our_logits(trained[name]["dir"], validation[0]["tokens"])
+    logit_diff = (logits - result["logits"]).abs().max().item()
+    valid_loss = trained[name]["run"]["valid_loss"][STEPS]  # computed by the distributed model
+    print(f"{name}: max |logit diff| {logit_diff:.3g}, HF loss {result['loss']:.6f} vs ours {valid_loss:.6f}")
+    assert logit_diff <= 1e-5
+    assert abs(result["loss"] - valid_loss) <= 1e-5
+
+    tokenizer = Tokenizer.load(data / "tok")
+    assert result["ids"] == tokenizer.encode(TEXTS)
+    assert result["decoded"] == TEXTS
+    assert result["special"] == {"bos": 1, "eos": 2, "pad": 3}
+    assert result["generated"].shape == (1, 14)
+
+
+def test_hf_roundtrip_first_loss_and_reshard(trained, data, tmp_path):
+    exported = tmp_path / "hf"
+    export(trained["gqa"]["dir"], exported, dtype="fp32")
+    imported = tmp_path / "imported"
+    assert cli(["convert", "from-hf", "--model", str(exported), "--out", str(imported), "--tp", "2"]) == 0
+    again = tmp_path / "hf-again"
+    export(imported, again, dtype="fp32")
+    first, second = (safetensors_torch.load_file(folder / "model.safetensors") for folder in (exported, again))
+    assert first.keys() == second.keys() and len(first) == 3 * 9 + 3
+    assert all(torch.equal(first[key], second[key]) for key in first), "HF -> ours -> HF changed a tensor"
+
+    resharded = tmp_path / "resharded"
+    assert cli(["convert", "reshard", "--checkpoint", str(trained["gqa"]["dir"]), "--step", "2",
+                "--tp", "1", "--pp", "1", "--out", str(resharded)]) == 0
+    _, model = VARIANTS["gqa"]
+    runs = run_layouts(tmp_path, 2, base(data) + model, {
+        "from_hf": ["parallel.tp=2", f"checkpoint.dir={imported}", "train.max_steps=1", "train.eval_interval=0"],
+        "resharded": [f"checkpoint.dir={resharded}"],  # TP1 x PP1 x DP2
+    })
+    first_step, _ = batches(data, "gqa", validation=False)
+    hf_loss = hf_check(exported, first_step, tmp_path)["loss"]
+    print(f"imported model's first loss {runs['from_hf']['loss'][1]:.6f}, HF on that batch {hf_loss:.6f}")
+    assert abs(runs["from_hf"]["loss"][1] - hf_loss) <= 1e-5
+
+    reference = trained["gqa"]["run"]
+    assert sorted(runs["resharded"]["loss"]) == [3, 4]
+    diffs = [abs(runs["resharded"]["loss"][s] - reference["loss"][s]) for s in (3, 4)]
+    valid_diff = abs(runs["resharded"]["valid_loss"][STEPS] - reference["valid_loss"][STEPS])
+    print(f"reshard TP2xPP2 -> TP1xPP1 (DP2): loss diffs {diffs}, validation {valid_diff:.3g}")
+    assert max(diffs) <= 1e-5 and valid_diff <= 1e-5
+
+
+@pytest.fixture
+def hf_folder(tmp_path) -> Path:
+    """A small Llama saved by transformers itself (GQA, rope_theta 5e5)."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=8, num_key_value_heads=2, rope_theta=5e5,
+                                      max_position_embeddings=SEQ)
+    torch.manual_seed(0)
+    folder = tmp_path / "hf-model"
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def test_from_hf_refuses_pickles_unless_allowed(hf_folder, tmp_path, capsys):
+    tensors = safetensors_torch.load_file(hf_folder / "model.safetensors")
+    (hf_folder / "model.safetensors").unlink()
+    torch.save(tensors, hf_folder / "pytorch_model.bin")
+    assert cli(["convert", "from-hf", "--model", str(hf_folder), "--out", str(tmp_path / "a")]) == 1
+    assert "only pickled weights (pytorch_model.bin*)" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    assert cli(["convert", "from-hf", "--model", str(hf_folder), "--out", str(tmp_path / "b"), "--allow-pickle"]) == 0
+    reader = CheckpointReader(tmp_path / "b")
+    assert reader.args.rope_theta == 5e5 and reader.args.num_kv_heads == 2 and reader.step == 0
+    exported = tmp_path / "again"
+    export(tmp_path / "b", exported, dtype="fp32", tokenizer="none")
+    again = safetensors_torch.load_file(exported / "model.safetensors")
+    assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope scaling type 'llama3'"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope scaling type 'yarn'"),
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "model_type='mistral'"),
+    ({"attention_bias": True}, "attention_bias=True"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"head_dim": 16}, "head_dim=16"),
+])
+def test_from_hf_refuses_what_we_do_not_implement(change, named, hf_folder, tmp_path, capsys):
+    config = json.loads((hf_folder / "config.json").read_text())
+    (hf_folder / "config.json").write_text(json.dumps({**config, **change}))
+    assert cli(["convert", "from-hf", "--model", str(hf_folder), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be converted exactly" in err and named in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_from_hf_checks_the_layout_and_the_output_folder(hf_folder, tmp_path, capsys):
+    assert cli(["convert", "from-hf", "--model", str(hf_folder), "--out", str(tmp_path / "o"), "--tp", "4"]) == 2
+    assert "model.num_kv_heads=2 is not divisible by parallel.tp=4" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    assert cli(["convert", "from-hf", "--model", str(hf_folder), "--out", str(tmp_path / "full")]) == 1
+    assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_to_hf_names_a_torn_checkpoint_and_the_wrong_tokenizer(trained, data, tmp_path, capsys):
+    import shutil
+
+    torn = tmp_path / "torn"
+    shutil.copytree(trained["tied"]["dir"] / "step_00000004", torn)
+    victim = sorted(torn.glob("layer_*"))[0]
+    victim.write_bytes(victim.read_bytes()[:100])
+    assert cli(["convert", "to-hf", "--checkpoint", str(torn), "--out", str(tmp_path / "x")]) == 1
+    assert f"{victim.name} has 100 bytes" in capsys.readouterr().err
+
+    train_tokenizer([data / "train.jsonl"], vocab_size=400, out=tmp_path / "uni", model_type="unigram")
+    assert cli(["convert", "to-hf", "--checkpoint", str(trained["tied"]["dir"]), "--out", str(tmp_path / "y"),
+                "--tokenizer", str(tmp_path / "uni")]) == 2
+    assert "is not the tokenizer this checkpoint was trained with" in capsys.readouterr().err
+    with pytest.raises(TokenizerError, match="only bpe tokenizers are exported"):
+        Tokenizer.load(tmp_path / "uni").export_hf(tmp_path / "z", 64)
