@@ -175,6 +175,7 @@ def test_resume_at_another_tensor_parallel_size_is_refused(tmp_path):
     run(tmp_path, 2, "train.max_steps=2", "optimizer.zero_stage=1")
     proc = run(tmp_path, 2, "optimizer.zero_stage=1", "parallel.tp=2", expect=1)
     assert "was saved with parallel.tp=1 parallel.pp=1; this run has parallel.tp=2 parallel.pp=1" in proc.stderr
+    assert "pretrain convert reshard --checkpoint" in proc.stderr
 
 
 def test_nan_updates_are_skipped_counted_and_stop_the_run(tmp_path, uninterrupted):

@@ -149,6 +149,11 @@ def test_hf_roundtrip_first_loss_and_reshard(trained, data, tmp_path):
     resharded = tmp_path / "resharded"
     assert cli(["convert", "reshard", "--checkpoint", str(trained["gqa"]["dir"]), "--step", "2",
                 "--tp", "1", "--pp", "1", "--out", str(resharded)]) == 0
+    export(trained["gqa"]["dir"], tmp_path / "hf-step2", step=2, dtype="fp32")
+    export(resharded, tmp_path / "hf-resharded", dtype="fp32")
+    before, after = (safetensors_torch.load_file(tmp_path / name / "model.safetensors")
+                     for name in ("hf-step2", "hf-resharded"))
+    assert all(torch.equal(before[key], after[key]) for key in before), "resharding changed a weight"
     _, model = VARIANTS["gqa"]
     runs = run_layouts(tmp_path, 2, base(data) + model, {
         "from_hf": ["parallel.tp=2", f"checkpoint.dir={imported}", "train.max_steps=1", "train.eval_interval=0"],
