@@ -159,11 +159,16 @@ def universal_checkpoint_info(vocab_size: int) -> dict:
     and the vocabulary tensors are padded for the TP size (stored unpadded, re-padded on load)."""
     from deepspeed.checkpoint import constants
 
+    from pretrain.model.weights import OUTPUT_PROJECTIONS, REPLICATED_SUFFIX, VOCAB_PARAMETERS
+
+    def suffixes(names) -> list[str]:
+        return [rf".*{re.escape(name)}$" for name in names]
+
     return {
         constants.UNIVERSAL_CHECKPOINT_VERSION_KEY: constants.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-        constants.TP_REPLICATED_PARAMETER_PATTERNS: [r".*norm\.weight$"],
-        constants.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*o_proj\.weight$", r".*down_proj\.weight$"],
-        constants.VOCABULARY_PARAMETER_PATTERNS: [r".*embedding\.weight$", r".*output\.weight$"],
+        constants.TP_REPLICATED_PARAMETER_PATTERNS: suffixes([REPLICATED_SUFFIX]),
+        constants.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: suffixes(OUTPUT_PROJECTIONS),
+        constants.VOCABULARY_PARAMETER_PATTERNS: suffixes(VOCAB_PARAMETERS),
         "original_vocab_size": vocab_size,
     }
 

@@ -145,13 +145,16 @@ class CheckpointReader:
         state = self._file(f"zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt")["optimizer_state_dict"]
         return state["fp32_flat_groups"][group_index]
 
+    @cached_property
+    def _weight_map(self) -> dict[str, str]:
+        return json.loads((self.path / WEIGHTS_INDEX).read_text())["weight_map"]
+
     def _safetensors(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
-        index = json.loads((self.path / WEIGHTS_INDEX).read_text())["weight_map"]
-        if name not in index:
+        if name not in self._weight_map:
             raise CheckpointError(f"{self.path / WEIGHTS_INDEX} lists no tensor {name}: the checkpoint is incomplete")
-        with safe_open(self.path / index[name], framework="pt") as file:
+        with safe_open(self.path / self._weight_map[name], framework="pt") as file:
             return file.get_tensor(name)
 
 

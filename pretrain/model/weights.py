@@ -15,7 +15,8 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from torch import nn
 
 VOCAB_PARAMETERS = ("embedding.weight", "output.weight")
-OUTPUT_PROJECTIONS = ("attention.o_proj.weight", "mlp.down_proj.weight")
+OUTPUT_PROJECTIONS = ("attention.o_proj.weight", "mlp.down_proj.weight")  # row-parallel: split along dim 1
+REPLICATED_SUFFIX = "norm.weight"  # the RMSNorm weights: whole on every TP rank
 BLOCK_PARAMETERS = ("attention_norm.weight", "attention.qkv_proj.weight", "attention.o_proj.weight",
                     "mlp_norm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
 
@@ -54,7 +55,7 @@ def drop_empty_extra_state(model: nn.Module) -> None:
 def partition_dim(name: str) -> int | None:
     """The dimension along which a parameter (by its single-stage name) is split across TP
     ranks: None for the replicated norms, 1 for the row-parallel output projections, else 0."""
-    if name.endswith("norm.weight"):
+    if name.endswith(REPLICATED_SUFFIX):
         return None
     return 1 if name.endswith(OUTPUT_PROJECTIONS) else 0
 
@@ -89,7 +90,7 @@ def initialize(model: nn.Module, seed: int, std: float, num_layers: int, tp_rank
     maps a module's own parameter names (a pipeline stage's) to the single-stage model's."""
     for module_name, param in model.named_parameters():
         name = canonical(module_name)
-        if name.endswith("norm.weight"):
+        if name.endswith(REPLICATED_SUFFIX):
             param.fill_(1.0)
             continue
         scale = std / math.sqrt(2 * num_layers) if name.endswith(OUTPUT_PROJECTIONS) else std
