@@ -134,6 +134,12 @@ def test_export_loads_in_transformers_with_our_logits_loss_and_ids(name, trained
     assert result["special"] == {"bos": 1, "eos": 2, "pad": 3}
     assert result["generated"].shape == (1, 14)
 
+    if name == "tied":  # the default dtype: the same tensors rounded to bf16
+        export(trained[name]["dir"], tmp_path / "bf16")
+        assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+        full, half = (safetensors_torch.load_file(folder / "model.safetensors") for folder in (folder, tmp_path / "bf16"))
+        assert all(half[key].dtype == torch.bfloat16 and torch.equal(half[key], full[key].bfloat16()) for key in full)
+
 
 def test_hf_roundtrip_first_loss_and_reshard(trained, data, tmp_path):
     exported = tmp_path / "hf"
@@ -157,12 +163,15 @@ def test_hf_roundtrip_first_loss_and_reshard(trained, data, tmp_path):
     _, model = VARIANTS["gqa"]
     runs = run_layouts(tmp_path, 2, base(data) + model, {
         "from_hf": ["parallel.tp=2", f"checkpoint.dir={imported}", "train.max_steps=1", "train.eval_interval=0"],
+        "from_hf_pp2": ["parallel.pp=2", f"checkpoint.dir={tmp_path / 'pp2'}", "train.max_steps=1",
+                        f"checkpoint.resume={imported / 'step_00000000'}", "train.eval_interval=0"],
         "resharded": [f"checkpoint.dir={resharded}"],  # TP1 x PP1 x DP2
     })
     first_step, _ = batches(data, "gqa", validation=False)
     hf_loss = hf_check(exported, first_step, tmp_path)["loss"]
     print(f"imported model's first loss {runs['from_hf']['loss'][1]:.6f}, HF on that batch {hf_loss:.6f}")
     assert abs(runs["from_hf"]["loss"][1] - hf_loss) <= 1e-5
+    assert abs(runs["from_hf_pp2"]["loss"][1] - hf_loss) <= 1e-5  # the same weights loaded as pipeline stages
 
     reference = trained["gqa"]["run"]
     assert sorted(runs["resharded"]["loss"]) == [3, 4]
