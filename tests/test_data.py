@@ -86,6 +86,59 @@ def test_tokenizer_card_and_special_ids(corpus):
     assert tokenizer.decode(tokenizer.encode([text])[0]) == text  # lossless, whitespace kept
 
 
+def fuzz_texts(count: int, seed: int) -> list[str]:
+    """Strings that stress word splitting: runs of spaces, literal \u2581, tabs, newlines, digits,
+    other scripts, emoji, special-token text."""
+    rng = random.Random(seed)
+    atoms = [" ", "  ", "    ", "\u2581", " \u2581 ", "\t", "\n", "\n\n", "\r\n", "x", "def", "return", "é", "中文",
+             "😀", "12345", "</s>", "<s>", "\u3000", "\u00a0", "_", "(", "):", "#", "self.value"]
+    return ["".join(rng.choice(atoms) for _ in range(rng.randint(0, 40))) for _ in range(count)]
+
+
+@pytest.mark.parametrize("whitespace_runs", [True, False])
+def test_word_cache_gives_sentencepiece_ids(whitespace_runs, corpus, tmp_path):
+    """Tokenizer.encode memoises words; its ids must be sentencepiece's, on code and on fuzz."""
+    import io
+    import sysconfig
+
+    import sentencepiece as spm
+
+    from pretrain.tokenizer import WordCache
+
+    code = [path.read_text(encoding="utf-8") for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:60]]
+    texts = code + fuzz_texts(3000, seed=whitespace_runs) + corpus["documents"]
+    if whitespace_runs:  # our trainer's settings, through Tokenizer.load
+        tokenizer = corpus["tokenizer"]
+        assert tokenizer.word_cache is not None
+        encode, processor = tokenizer.encode, tokenizer.processor
+    else:
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(code), model_writer=model, vocab_size=600, model_type="bpe", byte_fallback=True,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+            allow_whitespace_only_pieces=False, minloglevel=2)
+        processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+        cache = WordCache.for_model(model.getvalue(), processor)
+        encode = lambda batch: [cache.encode(text) for text in batch]  # noqa: E731
+    expected = processor.encode(texts, num_threads=1)
+    assert encode(texts) == expected
+    assert encode(texts) == expected  # again, from the filled cache
+
+
+def test_word_cache_is_off_where_words_are_not_independent(corpus):
+    import io
+
+    import sentencepiece as spm
+
+    from pretrain.tokenizer import WordCache
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus["documents"]), model_writer=model, vocab_size=100,
+                                   model_type="bpe", minloglevel=2)  # defaults: NFKC, dummy prefix
+    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    assert WordCache.for_model(model.getvalue(), processor) is None
+
+
 def test_build_round_trip_gives_back_the_documents(corpus):
     manifest, tokenizer = corpus["manifest"], corpus["tokenizer"]
     samples, starts = read_shards_in_order(corpus["shards"])
@@ -240,3 +293,14 @@ def test_cli_tokenizer_and_build_from_parquet(tmp_path):
         "--seq-len", 16, "--out", "shards", "--workers", 2)
     manifest = json.loads((tmp_path / "shards/manifest.json").read_text())
     assert manifest["documents"] == 120 and manifest["inputs"][0]["documents"] == 120
+
+
+def test_word_cache_starts_afresh_when_full(corpus):
+    from pretrain.tokenizer import WordCache
+
+    processor = corpus["tokenizer"].processor
+    cache = WordCache.for_model((corpus["tokenizer"].path / "tokenizer.model").read_bytes(), processor)
+    cache.limit = 50
+    for text in corpus["documents"][:40]:
+        assert cache.encode(text) == processor.encode(text)
+        assert len(cache.ids) <= max(50, len(set(cache.words.findall(text))))
