@@ -124,6 +124,29 @@ def _train_sentencepiece(paths: list[Path], stats: DocumentStats, model: io.Byte
     )
 
 
+def _model_proto(model: bytes):
+    from sentencepiece import sentencepiece_model_pb2
+
+    return sentencepiece_model_pb2.ModelProto.FromString(model)
+
+
+def differences_from_our_settings(proto) -> list[str]:
+    """The settings of `pretrain tokenizer train` that a sentencepiece model lacks, among those
+    that make its words independent (WordCache) and its Hugging Face export exact."""
+    normalizer, trainer = proto.normalizer_spec, proto.trainer_spec
+    checks = {
+        "model_type=bpe": trainer.model_type == trainer.BPE,
+        "normalization_rule_name=identity": normalizer.name == "identity",
+        "add_dummy_prefix=false": not normalizer.add_dummy_prefix,
+        "remove_extra_whitespaces=false": not normalizer.remove_extra_whitespaces,
+        "escape_whitespaces=true": normalizer.escape_whitespaces,
+        "split_by_whitespace=true": trainer.split_by_whitespace,
+        "treat_whitespace_as_suffix=false": not trainer.treat_whitespace_as_suffix,
+        "no user_defined_symbols": not any(piece.type == piece.USER_DEFINED for piece in proto.pieces),
+    }
+    return [name for name, ok in checks.items() if not ok]
+
+
 class WordCache:
     """Sentencepiece BPE ids, memoised per word.
 
@@ -141,16 +164,10 @@ class WordCache:
 
     @classmethod
     def for_model(cls, model: bytes, processor: spm.SentencePieceProcessor) -> "WordCache | None":
-        from sentencepiece import sentencepiece_model_pb2
-
-        proto = sentencepiece_model_pb2.ModelProto.FromString(model)
-        normalizer, trainer = proto.normalizer_spec, proto.trainer_spec
-        word_local = (trainer.model_type == sentencepiece_model_pb2.TrainerSpec.BPE and normalizer.name == "identity"
-                      and not normalizer.add_dummy_prefix and not normalizer.remove_extra_whitespaces
-                      and normalizer.escape_whitespaces and trainer.split_by_whitespace
-                      and not trainer.treat_whitespace_as_suffix
-                      and not any(p.type == p.USER_DEFINED for p in proto.pieces))
-        return cls(processor, trainer.allow_whitespace_only_pieces) if word_local else None
+        proto = _model_proto(model)
+        if differences_from_our_settings(proto):
+            return None
+        return cls(processor, proto.trainer_spec.allow_whitespace_only_pieces)
 
     def encode(self, text: str) -> list[int]:
         words, ids = self.words.findall(text), self.ids
@@ -218,15 +235,19 @@ class Tokenizer:
 
     def export_hf(self, out: Path, model_max_length: int) -> None:
         """Write the files with which `transformers.AutoTokenizer` gives exactly our ids and
-        special tokens: tokenizer.json (the same BPE or unigram model with byte fallback, no
+        special tokens: tokenizer.json (the same BPE model with byte fallback, no
         normalisation but spaces as "▁"), tokenizer_config.json (the generic fast class:
         the Llama classes would re-add a dummy prefix; special-token text inside documents is
         split like sentencepiece does), and tokenizer.model for tools that read sentencepiece.
         No BOS/EOS is added when encoding: training documents carry only a trailing EOS."""
-        if self.card["model_type"] != "bpe":
-            raise TokenizerError(f"{self.path} is a {self.card['model_type']} tokenizer: Hugging Face's unigram "
-                                 "segments some words differently (measured: 23 of 677 documents), so only bpe "
-                                 "tokenizers are exported; retrain with --model-type bpe or export without it")
+        proto = _model_proto((self.path / MODEL_FILE).read_bytes())
+        differences = differences_from_our_settings(proto) + ([] if proto.trainer_spec.byte_fallback
+                                                              else ["byte_fallback=true"])
+        if differences:
+            raise TokenizerError(
+                f"{self.path} lacks settings that the exact Hugging Face export needs ({', '.join(differences)}): "
+                "only bpe tokenizers are exported, trained as `pretrain tokenizer train` does (Hugging Face's unigram "
+                "segmented 23 of 677 documents differently); export without it (--tokenizer none)")
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.path / MODEL_FILE, out / MODEL_FILE)
         hf_json(self.processor).save(str(out / "tokenizer.json"))

@@ -304,3 +304,22 @@ def test_word_cache_starts_afresh_when_full(corpus):
     for text in corpus["documents"][:40]:
         assert cache.encode(text) == processor.encode(text)
         assert len(cache.ids) <= max(50, len(set(cache.words.findall(text))))
+
+
+def test_hf_export_refuses_a_tokenizer_with_other_settings(corpus, tmp_path):
+    """A Llama-2-style sentencepiece model (NFKC, dummy prefix) would not export exactly."""
+    import io
+
+    import sentencepiece as spm
+
+    from pretrain.tokenizer import TokenizerError, describe_model
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus["documents"]), model_writer=model, vocab_size=300,
+                                   model_type="bpe", byte_fallback=True, minloglevel=2)
+    (tmp_path / "src.model").write_bytes(model.getvalue())
+    describe_model(tmp_path / "src.model", tmp_path / "tok", source="test")
+    with pytest.raises(TokenizerError, match="normalization_rule_name=identity, add_dummy_prefix=false, "
+                                             "remove_extra_whitespaces=false"):
+        Tokenizer.load(tmp_path / "tok").export_hf(tmp_path / "hf", 64)
+    assert not (tmp_path / "hf").exists()
