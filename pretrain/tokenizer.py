@@ -89,9 +89,7 @@ def describe_model(model: Path, out: Path, source: str) -> dict:
     if ids["pad"] < 0:  # many Llama tokenizers have no pad piece: padding positions are masked anyway
         ids["pad"] = ids["eos"]
     types = {1: "unigram", 2: "bpe"}
-    from sentencepiece import sentencepiece_model_pb2
-
-    proto = sentencepiece_model_pb2.ModelProto.FromString((out / MODEL_FILE).read_bytes())
+    proto = _model_proto((out / MODEL_FILE).read_bytes())
     return _describe(out, {"model_type": types.get(proto.trainer_spec.model_type, "other"), "special_ids": ids,
                            "special_pieces": {role: processor.id_to_piece(i) for role, i in ids.items()},
                            "inputs": [source]})
