@@ -15,18 +15,17 @@ from pathlib import Path
 import torch
 
 from pretrain.checkpoint import CheckpointError
-from pretrain.convert.reader import CheckpointReader
+from pretrain.convert.reader import SAFETENSORS_INDEX, CheckpointReader
 from pretrain.model.hf import hf_config, to_hf_tensors
 from pretrain.tokenizer import SPECIAL_IDS, Tokenizer, TokenizerError
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
-def write_safetensors(tensors, out: Path, max_shard_bytes: int) -> dict[str, str]:
+def write_safetensors(tensors, out: Path, max_shard_bytes: int, always_index: bool = False) -> dict[str, str]:
     """Write (name, tensor) pairs, in order, as `model.safetensors` or, when they exceed
-    max_shard_bytes, as `model-0000i-of-0000n.safetensors` plus the index Hugging Face reads.
-    Returns name -> file."""
+    max_shard_bytes, as `model-0000i-of-0000n.safetensors` plus the index Hugging Face reads
+    (`always_index`: also for one file). Returns name -> file."""
     from safetensors.torch import save_file
 
     files, shard, shard_bytes, total = [], {}, 0, 0
@@ -54,7 +53,7 @@ def write_safetensors(tensors, out: Path, max_shard_bytes: int) -> dict[str, str
     for file, name in zip(files, names):
         os.replace(file, out / name)
     weight_map = {name: names[index] for name, index in weight_map.items()}
-    if len(files) > 1:
+    if len(files) > 1 or always_index:
         (out / SAFETENSORS_INDEX).write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1) + "\n")
     return weight_map

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import LATEST, MARKER, CheckpointError, step_dir
+from pretrain.checkpoint import LATEST, MARKER, WEIGHTS, CheckpointError, step_dir
 from pretrain.config import Config, DataSource, to_yaml, validate
 from pretrain.convert.hf_export import write_safetensors
-from pretrain.convert.reader import WEIGHTS, WEIGHTS_INDEX
 from pretrain.model.hf import args_from_hf_config, from_hf_tensor, hf_names
 from pretrain.model.weights import parameter_names
 from pretrain.tokenizer import MODEL_FILE, describe_model
@@ -93,9 +92,8 @@ def import_hf(model: str | Path, out: str | Path, tp: int = 1, pp: int = 1, allo
     shutil.rmtree(partial, ignore_errors=True)
     step = step_dir(partial, 0)
     step.mkdir(parents=True)
-    weight_map = write_safetensors(((name, from_hf_tensor(name, tensor, args)) for name in names), step,
-                                   max_shard_bytes=5 * 2**30)
-    (step / WEIGHTS_INDEX).write_text(json.dumps({"weight_map": weight_map}, indent=1) + "\n")
+    write_safetensors(((name, from_hf_tensor(name, tensor, args)) for name in names), step,
+                      max_shard_bytes=5 * 2**30, always_index=True)
     if (model / MODEL_FILE).is_file():
         card = describe_model(model / MODEL_FILE, partial / "tokenizer", source=str(model))
         config.data.tokenizer = str((out / "tokenizer").resolve())

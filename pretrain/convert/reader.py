@@ -24,7 +24,7 @@ from pretrain.model.args import LlamaArgs
 from pretrain.model.pipeline import pipeline_name
 from pretrain.model.weights import VOCAB_PARAMETERS, parameter_names, partition_dim
 
-WEIGHTS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 def resolve_step(path: str | Path, step: int | None = None) -> Path:
@@ -147,13 +147,13 @@ class CheckpointReader:
 
     @cached_property
     def _weight_map(self) -> dict[str, str]:
-        return json.loads((self.path / WEIGHTS_INDEX).read_text())["weight_map"]
+        return json.loads((self.path / SAFETENSORS_INDEX).read_text())["weight_map"]
 
     def _safetensors(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
         if name not in self._weight_map:
-            raise CheckpointError(f"{self.path / WEIGHTS_INDEX} lists no tensor {name}: the checkpoint is incomplete")
+            raise CheckpointError(f"{self.path / SAFETENSORS_INDEX} lists no tensor {name}: the checkpoint is incomplete")
         with safe_open(self.path / self._weight_map[name], framework="pt") as file:
             return file.get_tensor(name)
 
