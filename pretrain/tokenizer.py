@@ -9,11 +9,14 @@ import io
 import json
 import re
 import shutil
+from array import array
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 from pretrain.data.documents import DocumentStats, check_inputs, iter_documents
@@ -146,19 +149,26 @@ def differences_from_our_settings(proto) -> list[str]:
 
 
 class WordCache:
-    """Sentencepiece BPE ids, memoised per word.
+    """Sentencepiece BPE ids, memoised per word and per part of a word.
 
     Sentencepiece cuts the text into words before merging (SplitIntoWords: a word starts at each
     whitespace "▁" that does not continue a whitespace run; with whitespace-only pieces, a run
     of spaces and the non-space characters after it form one word) and encodes each word on its
-    own, so a word's ids never depend on its neighbours. Text repeats words a lot (code most of
-    all): looking them up costs less than encoding them again. Only valid when the text reaches
-    the words unchanged: identity normalisation, no dummy prefix, no whitespace removal, no
-    user-defined pieces (matched across words) - `for_model` checks that."""
+    own, so a word's ids never depend on its neighbours. Inside a word, BPE only ever merges two
+    symbols into a vocabulary piece, so it never merges across two characters that no piece
+    holds side by side: a word cut at such seams encodes as its parts do. Text repeats words a
+    lot (code most of all) and parts even more, so a known word costs a lookup and a new word
+    only the encoding of its new parts. Ids are kept as bytes of C ints, joined without Python
+    integers. Only valid when the text reaches the words unchanged: identity normalisation, no
+    dummy prefix, no whitespace removal, no user-defined pieces (matched across words) -
+    `for_model` checks that."""
 
     def __init__(self, processor: spm.SentencePieceProcessor, whitespace_runs: bool, limit: int = 200_000):
-        self.processor, self.limit, self.ids = processor, limit, {}
-        self.words = re.compile("[ ▁]+[^ ▁]*|[^ ▁]+" if whitespace_runs else "[ ▁][^ ▁]*|[^ ▁]+")
+        self.processor, self.limit = processor, limit
+        self.word_ids: dict[str, bytes] = {}
+        self.part_ids: dict[str, bytes] = {"": _WORD_END}
+        self.words = re.compile(" +[^ ]*|[^ ]+" if whitespace_runs else " [^ ]*|[^ ]+")
+        self.char_class, self.adjacent = _adjacency(processor)
 
     @classmethod
     def for_model(cls, model: bytes, processor: spm.SentencePieceProcessor) -> "WordCache | None":
@@ -167,18 +177,74 @@ class WordCache:
             return None
         return cls(processor, proto.trainer_spec.allow_whitespace_only_pieces)
 
-    def encode(self, text: str) -> list[int]:
-        words, ids = self.words.findall(text), self.ids
-        try:
-            return list(chain.from_iterable(map(ids.__getitem__, words)))
-        except KeyError:
-            missing = {word for word in words if word not in ids}
-            if len(ids) + len(missing) > self.limit:  # start afresh rather than grow without bound
-                ids.clear()
-                missing = set(words)
-            missing = list(missing)
-            ids.update(zip(missing, self.processor.encode(missing, num_threads=1)))
-            return list(chain.from_iterable(map(ids.__getitem__, words)))
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """All texts' ids back to back, and each text's number of ids."""
+        # sentencepiece reads spaces as "▁": both spellings have the same ids, one ASCII regex is faster
+        words = [self.words.findall(text.replace("▁", " ")) for text in texts]
+        new = set().union(*words).difference(self.word_ids)
+        if new:
+            if len(self.word_ids) + len(new) > self.limit:  # start afresh rather than grow without bound
+                self.word_ids.clear()
+                new = set().union(*words)
+            if len(self.part_ids) > self.limit:
+                self.part_ids = {"": _WORD_END}
+            self._add(list(new))
+        ids = self.word_ids
+        encoded = [b"".join([ids[word] for word in text_words]) for text_words in words]
+        lengths = np.fromiter(map(len, encoded), np.int64, len(encoded)) // np.dtype(np.intc).itemsize
+        return np.frombuffer(b"".join(encoded), np.intc), lengths
+
+    def _add(self, words: list[str]) -> None:
+        """Cache the ids of new words, cut at seams; only parts not seen yet go to sentencepiece."""
+        text = "".join(words)
+        separator = next((char for char in map(chr, range(32)) if char not in text), None)
+        if separator is None:  # every control character occurs: encode the words whole
+            self.word_ids.update(zip(words, map(_int_bytes, self.processor.encode(words, num_threads=1))))
+            return
+        code_points = np.frombuffer(text.encode("utf-32-le"), "<u4")
+        classes = self.char_class[code_points]
+        seams = ~self.adjacent[classes[:-1], classes[1:]]
+        word_starts = np.cumsum(np.fromiter(map(len, words[:-1]), np.int64, len(words) - 1))
+        seams[word_starts - 1] = False
+        # a separator at each seam and two between words, so splitting the text (in C, not a Python
+        # slice per part) gives each word's parts followed by an empty part
+        marks = np.concatenate([np.flatnonzero(seams) + 1, word_starts, word_starts])
+        parts = np.insert(code_points, marks, ord(separator)).tobytes().decode("utf-32-le").split(separator)
+        new = list(set(parts).difference(self.part_ids))
+        self.part_ids.update(zip(new, map(_int_bytes, self.processor.encode(new, num_threads=1))))
+        self.word_ids.update(zip(words, b"".join([self.part_ids[part] for part in parts]).split(_WORD_END)))
+
+
+def _int_bytes(ids: list[int]) -> bytes:
+    return array("i", ids).tobytes()
+
+
+# Ends a word's ids among parts' ids: never inside C ints below 2**31 (any four bytes of them
+# hold a most significant byte, below 0x80).
+_WORD_END = b"\xff" * array("i").itemsize
+
+
+def _adjacency(processor: spm.SentencePieceProcessor, classes: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Which characters sit side by side in some piece that merges can make (control, unknown and
+    byte pieces never come from merges): a class per code point and a table of adjacent classes.
+    Class 0 is for characters next to nothing in any piece. The `classes` - 2 characters in most
+    pairs get a class of their own; the rest share one adjacent to everything (never a seam:
+    slower, still exact)."""
+    mergeable = [processor.id_to_piece(i) for i in range(processor.get_piece_size())
+                 if not (processor.is_control(i) or processor.is_unknown(i) or processor.is_byte(i))]
+    pairs = {piece[k:k + 2] for piece in mergeable for k in range(len(piece) - 1)}
+    in_pairs = Counter(chain.from_iterable(pairs))
+    own = sorted(in_pairs, key=lambda char: (-in_pairs[char], char))[:classes - 2]
+    shared = len(own) + 1
+    char_class = np.zeros(0x110000, np.uint16)
+    char_class[[ord(char) for char in in_pairs]] = shared
+    char_class[[ord(char) for char in own]] = np.arange(1, len(own) + 1)
+    char_class[ord(" ")] = char_class[ord("▁")]  # sentencepiece sees spaces as "▁"
+    adjacent = np.zeros((shared + 1, shared + 1), bool)
+    adjacent[shared, 1:] = adjacent[1:, shared] = True
+    for a, b in pairs:
+        adjacent[char_class[ord(a)], char_class[ord(b)]] = True
+    return char_class, adjacent
 
 
 @dataclass
@@ -221,12 +287,20 @@ class Tokenizer:
     def pad_id(self) -> int:
         return self.card["special_ids"]["pad"]
 
-    def encode(self, texts: list[str], threads: int = 1) -> list[list[int]]:
-        """Token ids of each text (no BOS/EOS added), the same as sentencepiece's. One thread by
-        default: callers parallelise with processes."""
-        if self.word_cache is not None and threads == 1:
-            return [self.word_cache.encode(text) for text in texts]
-        return self.processor.encode(texts, num_threads=threads)
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text (no BOS/EOS added), the same as sentencepiece's."""
+        ids, lengths = self.encode_flat(texts)
+        ends = np.cumsum(lengths).tolist()
+        return [ids[start:end].tolist() for start, end in zip([0, *ends], ends)]
+
+    def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """All texts' ids back to back (C ints) and each text's number of ids: what packing
+        wants, without a Python int per token. One thread: callers parallelise with processes."""
+        if self.word_cache is not None:
+            return self.word_cache.encode(texts)
+        encoded = self.processor.encode(texts, num_threads=1)
+        lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+        return np.fromiter(chain.from_iterable(encoded), np.intc, int(lengths.sum())), lengths
 
     def decode(self, ids: list[int]) -> str:
         return self.processor.decode(ids)

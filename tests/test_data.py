@@ -84,6 +84,7 @@ def test_tokenizer_card_and_special_ids(corpus):
     assert len(listing) == 360 and listing[2].split("\t")[1] == "</s>"
     text = "    def f(x):\n\treturn 12345  # é 中文 😀\n\n"
     assert tokenizer.decode(tokenizer.encode([text])[0]) == text  # lossless, whitespace kept
+    assert tokenizer.encode([]) == [] and tokenizer.encode(["", " "]) == [[], tokenizer.processor.encode(" ")]
 
 
 def fuzz_texts(count: int, seed: int) -> list[str]:
@@ -95,22 +96,26 @@ def fuzz_texts(count: int, seed: int) -> list[str]:
     return ["".join(rng.choice(atoms) for _ in range(rng.randint(0, 40))) for _ in range(count)]
 
 
+def stdlib_code(count: int) -> list[str]:
+    import sysconfig
+
+    return [path.read_text(encoding="utf-8") for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:count]]
+
+
 @pytest.mark.parametrize("whitespace_runs", [True, False])
 def test_word_cache_gives_sentencepiece_ids(whitespace_runs, corpus, tmp_path):
-    """Tokenizer.encode memoises words; its ids must be sentencepiece's, on code and on fuzz."""
+    """Tokenizer.encode memoises words and their parts; its ids must be sentencepiece's, on code and on fuzz."""
     import io
-    import sysconfig
 
     import sentencepiece as spm
 
     from pretrain.tokenizer import WordCache
 
-    code = [path.read_text(encoding="utf-8") for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:60]]
+    code = stdlib_code(60)
     texts = code + fuzz_texts(3000, seed=whitespace_runs) + corpus["documents"]
     if whitespace_runs:  # our trainer's settings, through Tokenizer.load
         tokenizer = corpus["tokenizer"]
         assert tokenizer.word_cache is not None
-        encode, processor = tokenizer.encode, tokenizer.processor
     else:
         model = io.BytesIO()
         spm.SentencePieceTrainer.train(
@@ -118,11 +123,32 @@ def test_word_cache_gives_sentencepiece_ids(whitespace_runs, corpus, tmp_path):
             normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
             allow_whitespace_only_pieces=False, minloglevel=2)
         processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
-        cache = WordCache.for_model(model.getvalue(), processor)
-        encode = lambda batch: [cache.encode(text) for text in batch]  # noqa: E731
-    expected = processor.encode(texts, num_threads=1)
-    assert encode(texts) == expected
-    assert encode(texts) == expected  # again, from the filled cache
+        tokenizer = Tokenizer(tmp_path, {}, processor, WordCache.for_model(model.getvalue(), processor))
+    expected = tokenizer.processor.encode(texts, num_threads=1)
+    assert tokenizer.encode(texts) == expected
+    assert tokenizer.encode(texts) == expected  # again, from the filled cache
+
+
+def test_word_cache_is_exact_on_its_rare_paths(corpus):
+    """New words holding every control character (no separator left to cut them at seams: they are
+    encoded whole), and characters beyond the class table (sharing a class that is never a seam)."""
+    from pretrain.tokenizer import _WORD_END, WordCache, _adjacency
+
+    tokenizer = corpus["tokenizer"]
+    model = (tokenizer.path / "tokenizer.model").read_bytes()
+    texts = stdlib_code(5) + fuzz_texts(500, seed=3)
+    expected = tokenizer.processor.encode(texts, num_threads=1)
+
+    whole_words = Tokenizer(tokenizer.path, tokenizer.card, tokenizer.processor,
+                            WordCache.for_model(model, tokenizer.processor))
+    controls = "".join(map(chr, range(32)))
+    assert whole_words.encode([controls] + texts) == [tokenizer.processor.encode(controls)] + expected
+    assert whole_words.word_cache.part_ids == {"": _WORD_END}  # no word was cut into parts
+
+    few_classes = WordCache.for_model(model, tokenizer.processor)
+    few_classes.char_class, few_classes.adjacent = _adjacency(tokenizer.processor, classes=8)
+    assert (few_classes.char_class == len(few_classes.adjacent) - 1).sum() > 10  # characters in the shared class
+    assert Tokenizer(tokenizer.path, tokenizer.card, tokenizer.processor, few_classes).encode(texts) == expected
 
 
 def test_word_cache_is_off_where_words_are_not_independent(corpus):
@@ -302,8 +328,9 @@ def test_word_cache_starts_afresh_when_full(corpus):
     cache = WordCache.for_model((corpus["tokenizer"].path / "tokenizer.model").read_bytes(), processor)
     cache.limit = 50
     for text in corpus["documents"][:40]:
-        assert cache.encode(text) == processor.encode(text)
-        assert len(cache.ids) <= max(50, len(set(cache.words.findall(text))))
+        ids, lengths = cache.encode([text])
+        assert ids.tolist() == processor.encode(text) and lengths.tolist() == [len(ids)]
+        assert len(cache.word_ids) <= max(50, len(set(cache.words.findall(text))))
 
 
 def test_hf_export_refuses_a_tokenizer_with_other_settings(corpus, tmp_path):

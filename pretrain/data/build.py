@@ -27,8 +27,8 @@ def _init_worker(tokenizer_dir: str) -> None:
     _worker_tokenizer = Tokenizer.load(tokenizer_dir)
 
 
-def _encode(texts: list[str]) -> list[list[int]]:
-    return _worker_tokenizer.encode(texts)
+def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    return _worker_tokenizer.encode_flat(texts)
 
 
 def _batches(documents: Iterator[str], size: int) -> Iterator[list[str]]:
@@ -58,6 +58,12 @@ class Packer:
             if self.filled == self.length:
                 yield self.buffer.copy(), self.doc_starts
                 self.filled, self.doc_starts = 0, []
+
+    def add_documents(self, ids: np.ndarray, lengths: np.ndarray) -> Iterator[tuple[np.ndarray, list[int]]]:
+        """Append documents given back to back with their lengths; yields every sample completed."""
+        ends = np.cumsum(lengths).tolist()
+        for start, end in zip([0, *ends], ends):
+            yield from self.add(ids[start:end])
 
     def finish(self, pad_id: int) -> Iterator[tuple[np.ndarray, list[int]]]:
         """The last, partly filled sample, padded with pad_id."""
@@ -101,11 +107,10 @@ def build_shards(inputs: list[str | Path], tokenizer_dir: str | Path, seq_len: i
     bar = tqdm(desc="documents", unit="doc", disable=not progress)
     context = multiprocessing.get_context("spawn")
     with context.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer.path),)) as pool:
-        for encoded in pool.imap(_encode, documents):
-            for ids in encoded:
-                tokens += len(ids) + 1
-                write(packer.add(ids))
-            bar.update(len(encoded))
+        for ids, lengths in pool.imap(_encode, documents):
+            tokens += len(ids) + len(lengths)
+            write(packer.add_documents(ids, lengths))
+            bar.update(len(lengths))
     bar.close()
     write(packer.finish(tokenizer.pad_id))
     if writer is not None:

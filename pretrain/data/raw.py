@@ -89,17 +89,13 @@ class TokenizedShards(IterableDataset):
         tokenizer = Tokenizer.load(self.spec.tokenizer)
         ordinal = self.spec.first_shard + worker_id
         while True:
-            encoded = tokenizer.encode([d for d in read_documents(self.shard_at(ordinal)) if d.strip()])
-            lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-            yield np.fromiter(chain.from_iterable(encoded), dtype=np.int64, count=int(lengths.sum())), lengths
+            ids, lengths = tokenizer.encode_flat([d for d in read_documents(self.shard_at(ordinal)) if d.strip()])
+            yield ids.astype(np.int64), lengths
             ordinal += workers
 
 
 def packed_samples(tokens: np.ndarray, lengths: np.ndarray, packer: Packer, pad_id: int) -> Iterator[np.ndarray]:
-    for ids in np.split(tokens, np.cumsum(lengths)[:-1]) if len(lengths) else []:
-        for sample, _ in packer.add(ids):
-            yield sample
-    for sample, _ in packer.finish(pad_id):
+    for sample, _ in chain(packer.add_documents(tokens, lengths), packer.finish(pad_id)):
         yield sample
 
 
