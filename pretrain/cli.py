@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_data.add_argument("--input", nargs="+", metavar="FILE", help="corpus (default: Python's stdlib sources)")
     bench_data.add_argument("--work", default="runs/bench-data", help="folder for the tokenizer and shards it builds")
     bench_data.add_argument("--seq-len", type=int, default=2048)
-    bench_data.add_argument("--seconds", type=float, default=3.0, help="measuring time per figure")
+    bench_data.add_argument("--seconds", type=float, default=3.0, help="measuring time per figure (the best of three rounds counts)")
     bench_data.add_argument("--out", help="write the figures as JSON here")
     bench_train = bench.add_parser("train", help="training throughput beside Hugging Face Llama (eager, compiled)")
     bench_train.add_argument("--shape", choices=["tiny", "1b", "wide"], default="tiny",

@@ -167,7 +167,7 @@ class WordCache:
         self.processor, self.limit = processor, limit
         self.word_ids: dict[str, bytes] = {}
         self.part_ids: dict[str, bytes] = {"": _WORD_END}
-        self.words = re.compile(" +[^ ]*|[^ ]+" if whitespace_runs else " [^ ]*|[^ ]+")
+        self.words = re.compile(" *+[^ ]++| ++" if whitespace_runs else " [^ ]*+|[^ ]++")  # possessive: no backtracking
         self.char_class, self.adjacent = _adjacency(processor)
 
     @classmethod
@@ -191,8 +191,8 @@ class WordCache:
             self._add(list(new))
         ids = self.word_ids
         encoded = [b"".join([ids[word] for word in text_words]) for text_words in words]
-        lengths = np.fromiter(map(len, encoded), np.int64, len(encoded)) // np.dtype(np.intc).itemsize
-        return np.frombuffer(b"".join(encoded), np.intc), lengths
+        lengths = np.fromiter(map(len, encoded), np.int64, len(encoded)) // _ID.itemsize
+        return np.frombuffer(b"".join(encoded), _ID), lengths
 
     def _add(self, words: list[str]) -> None:
         """Cache the ids of new words, cut at seams; only parts not seen yet go to sentencepiece."""
@@ -215,13 +215,14 @@ class WordCache:
         self.word_ids.update(zip(words, b"".join([self.part_ids[part] for part in parts]).split(_WORD_END)))
 
 
+_ID = np.dtype(np.intc)  # a C int, as in array("i")
+# Ends a word's ids among its parts' ids: never inside C ints below 2**31 (any four bytes of
+# them hold a most significant byte, which is below 0x80).
+_WORD_END = b"\xff" * _ID.itemsize
+
+
 def _int_bytes(ids: list[int]) -> bytes:
     return array("i", ids).tobytes()
-
-
-# Ends a word's ids among parts' ids: never inside C ints below 2**31 (any four bytes of them
-# hold a most significant byte, below 0x80).
-_WORD_END = b"\xff" * array("i").itemsize
 
 
 def _adjacency(processor: spm.SentencePieceProcessor, classes: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -300,7 +301,7 @@ class Tokenizer:
             return self.word_cache.encode(texts)
         encoded = self.processor.encode(texts, num_threads=1)
         lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
-        return np.fromiter(chain.from_iterable(encoded), np.intc, int(lengths.sum())), lengths
+        return np.fromiter(chain.from_iterable(encoded), _ID, int(lengths.sum())), lengths
 
     def decode(self, ids: list[int]) -> str:
         return self.processor.decode(ids)

@@ -163,6 +163,8 @@ def test_word_cache_is_off_where_words_are_not_independent(corpus):
                                    model_type="bpe", minloglevel=2)  # defaults: NFKC, dummy prefix
     processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
     assert WordCache.for_model(model.getvalue(), processor) is None
+    texts = corpus["documents"][:20] + ["", "  x"]
+    assert Tokenizer(corpus["root"], {}, processor, None).encode(texts) == processor.encode(texts)  # plain sentencepiece
 
 
 def test_build_round_trip_gives_back_the_documents(corpus):
