@@ -90,8 +90,9 @@ def run(inputs: list[str], work: Path, seq_len: int = 2048, vocab_size: int = 80
 
     def on_the_fly_epoch() -> int:
         """One pass over every text shard (the same documents sentencepiece_pass encodes) with a
-        fresh tokenizer, so its cache starts cold. The pass ends with the first batch of the next
-        epoch, which also tokenizes that epoch's first shard: one of ~90, the figure is that much low."""
+        fresh tokenizer, so its caches start cold. It ends with (and counts) the first batch of
+        the next epoch, for which that epoch's whole first shard is tokenized: one shard of ~90
+        more than counted, so the figure is ~1% low."""
         stream = raw_batches(RawSpec(text_shards, str(work / "tokenizer"), seq_len, 0, 0, 1, 0), RawState(),
                              micro_batch_size, num_workers=0, doc_mask=False)
         tokens, shards_started = 0, 0
