@@ -167,6 +167,16 @@ def test_word_cache_is_off_where_words_are_not_independent(corpus):
     assert Tokenizer(corpus["root"], {}, processor, None).encode(texts) == processor.encode(texts)  # plain sentencepiece
 
 
+def test_half_surrogate_pairs_in_json_are_replaced_and_counted(tmp_path):
+    from pretrain.data.documents import DocumentStats, iter_documents
+
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"text": "emoji cut \\ud83d here"}\n{"text": "whole \\ud83d\\ude00 pair"}\n')
+    stats = DocumentStats()
+    assert list(iter_documents([path], stats=stats)) == ["emoji cut \ufffd here", "whole \U0001f600 pair"]
+    assert stats.invalid_utf8_replaced == 1
+
+
 def test_build_round_trip_gives_back_the_documents(corpus):
     manifest, tokenizer = corpus["manifest"], corpus["tokenizer"]
     samples, starts = read_shards_in_order(corpus["shards"])

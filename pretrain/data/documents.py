@@ -40,6 +40,17 @@ def _decode(raw: bytes, stats: DocumentStats) -> str:
         return raw.decode("utf-8", errors="replace")
 
 
+def _without_lone_surrogates(text: str, stats: DocumentStats) -> str:
+    """JSON escapes can hold half a surrogate pair (text cut inside an emoji): not text, so
+    replaced and counted like invalid UTF-8; tokenizers cannot encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        stats.invalid_utf8_replaced += 1
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", errors="replace")
+    return text
+
+
 def _texts(path: Path, text_field: str, stats: DocumentStats) -> Iterator[str]:
     if path.suffix == ".jsonl":
         with open(path, "rb") as lines:
@@ -52,7 +63,7 @@ def _texts(path: Path, text_field: str, stats: DocumentStats) -> Iterator[str]:
                     raise InputError(f"{path}:{number}: not a JSON object ({error.msg})") from None
                 if not isinstance(record, dict) or text_field not in record:
                     raise InputError(f"{path}:{number}: no field '{text_field}' (choose it with --text-field)")
-                yield str(record[text_field])
+                yield _without_lone_surrogates(str(record[text_field]), stats)
     elif path.suffix == ".parquet":
         try:
             import pyarrow.parquet as parquet
