@@ -248,6 +248,12 @@ def _adjacency(processor: spm.SentencePieceProcessor, classes: int = 1024) -> tu
     return char_class, adjacent
 
 
+def split_flat(ids: np.ndarray, lengths: np.ndarray) -> Iterator[np.ndarray]:
+    """Each text's ids, from `Tokenizer.encode_flat`'s ids back to back and lengths."""
+    ends = np.cumsum(lengths).tolist()
+    return (ids[start:end] for start, end in zip([0, *ends], ends))
+
+
 @dataclass
 class Tokenizer:
     """A trained tokenizer folder, checked against its card."""
@@ -290,9 +296,7 @@ class Tokenizer:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text (no BOS/EOS added), the same as sentencepiece's."""
-        ids, lengths = self.encode_flat(texts)
-        ends = np.cumsum(lengths).tolist()
-        return [ids[start:end].tolist() for start, end in zip([0, *ends], ends)]
+        return [ids.tolist() for ids in split_flat(*self.encode_flat(texts))]
 
     def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """All texts' ids back to back (C ints) and each text's number of ids: what packing

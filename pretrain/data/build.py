@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from pretrain.data.documents import DocumentStats, InputError, check_inputs, iter_documents
 from pretrain.data.shards import FORMAT, MANIFEST, VERSION, ShardWriter, file_sha256, sample_key, token_dtype
-from pretrain.tokenizer import Tokenizer
+from pretrain.tokenizer import Tokenizer, split_flat
 
 _DOCS_PER_TASK = 64
 _worker_tokenizer: Tokenizer | None = None
@@ -61,9 +61,8 @@ class Packer:
 
     def add_documents(self, ids: np.ndarray, lengths: np.ndarray) -> Iterator[tuple[np.ndarray, list[int]]]:
         """Append documents given back to back with their lengths; yields every sample completed."""
-        ends = np.cumsum(lengths).tolist()
-        for start, end in zip([0, *ends], ends):
-            yield from self.add(ids[start:end])
+        for document in split_flat(ids, lengths):
+            yield from self.add(document)
 
     def finish(self, pad_id: int) -> Iterator[tuple[np.ndarray, list[int]]]:
         """The last, partly filled sample, padded with pad_id."""
