@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_data.add_argument("--seconds", type=float, default=3.0, help="measuring time per figure (the best of three rounds counts)")
     bench_data.add_argument("--out", help="write the figures as JSON here")
     bench_train = bench.add_parser("train", help="training throughput beside Hugging Face Llama (eager, compiled)")
-    bench_train.add_argument("--shape", choices=["tiny", "1b", "wide"], default="tiny",
-                             help="tiny runs on a CPU; 1b and wide are the GPU shapes")
+    bench_train.add_argument("--shape", choices=["tiny", "cpu", "1b", "wide"], default="tiny",
+                             help="tiny (seconds) and cpu (a 7M model) run on a CPU; 1b and wide are the GPU shapes")
     bench_train.add_argument("--work", default="runs/bench-train", help="folder for the tokenizer, shards and logs")
     bench_train.add_argument("--warmup", type=int, default=5, help="steps before measuring (compilation included)")
     bench_train.add_argument("--steps", type=int, default=10, help="measured steps")

@@ -20,7 +20,7 @@ from pretrain.config import Config, Layout, Precision, to_yaml, validate
 from pretrain.data import pipeline
 from pretrain.data.shards import ShardError
 from pretrain.metrics import MetricsWriter, peak_flops, peak_memory_gib, throughput
-from pretrain.model.llama import Llama, cross_entropy
+from pretrain.model.llama import Llama
 from pretrain.model.pipeline import build_pipeline, canonical_name
 from pretrain.model.weights import load_full_state_dict
 from pretrain.optim import build_optimizer, build_scheduler
@@ -115,8 +115,7 @@ class Trainer:
                               "most of each step is pipeline bubble; raise train.global_batch_size or lower "
                               "train.micro_batch_size")
             self.model = build_pipeline(config.model, context.tp_group, context.topology,
-                                        config.parallel.pp_partition.value, config.train.seed,
-                                        loss_fn=partial(cross_entropy, vocab_size=config.model.vocab_size))
+                                        config.parallel.pp_partition.value, config.train.seed)
         else:
             self.model = Llama(config.model, context.tp_group)
             self.model.init_weights(config.train.seed)
@@ -221,8 +220,8 @@ class Trainer:
         labels = batch["labels"].to(device, non_blocking=True)
         position_ids = batch["position_ids"].to(device, non_blocking=True) if "position_ids" in batch else None
         document_ids = batch["document_ids"].to(device, non_blocking=True) if "document_ids" in batch else None
-        logits = self.engine(batch["tokens"].to(device, non_blocking=True), position_ids, document_ids)
-        return cross_entropy(logits, labels, self.config.model.vocab_size), (labels != -100).sum()
+        loss = self.engine(batch["tokens"].to(device, non_blocking=True), position_ids, document_ids, labels)
+        return loss, (labels != -100).sum()
 
     def _step(self, step: int, batches, log_step: bool) -> tuple[torch.Tensor, float | None]:
         """One optimizer step; returns this rank's loss contribution (summed over DP ranks and
@@ -342,8 +341,9 @@ class Trainer:
         totals = torch.zeros(2, device=self.context.device)  # loss sum, predicted tokens
         totals[1] = sum(int((batch["labels"] != -100).sum()) for batch in batches)
         if self.pipelined:
-            mean_loss = self.model.loss_fn
-            self.model.loss_fn = partial(cross_entropy, vocab_size=self.config.model.vocab_size, reduction="sum")
+            mean_loss = self.model.loss_fn  # None but on the last stage
+            if mean_loss is not None:
+                self.model.loss_fn = partial(mean_loss, reduction="sum")
             per_micro_batch = self.engine.eval_batch(iter(self._pipeline_feed(batches)),
                                                      num_micro_batches=len(batches))  # averaged over DP too
             self.model.loss_fn = mean_loss

@@ -6,7 +6,8 @@ import torch
 from pretrain import parallel
 from pretrain.model.args import LlamaArgs
 from pretrain.model.hf import from_hf, merge_qkv, split_qkv, to_hf
-from pretrain.model.llama import Llama, cross_entropy
+from pretrain.model.llama import Llama
+from pretrain.model.loss import cross_entropy
 from pretrain.model.weights import load_full_state_dict
 
 transformers = pytest.importorskip("transformers")
@@ -116,3 +117,63 @@ def test_activation_checkpointing_gives_the_same_gradients(tp_group):
         cross_entropy(model(tokens), torch.roll(tokens, -1, 1), 128).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def grads_of(model: Llama) -> dict[str, torch.Tensor]:
+    return {name: param.grad.clone() for name, param in model.named_parameters()}
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_chunked_head_and_loss_equal_the_logits_loss(tied, tp_group):
+    """The loss and every gradient of forward(labels=...) equal those of cross_entropy(forward()),
+    with chunks that do not divide the tokens and ignored labels."""
+    args = LlamaArgs(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=48,
+                     tie_embeddings=tied, loss_chunk_tokens=7)
+    model = Llama(args, tp_group)
+    model.init_weights(seed=2)
+    tokens = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(0))
+    labels = torch.roll(tokens, -1, 1)
+    labels[1, :5] = -100
+    expected = cross_entropy(model(tokens), labels, 300)
+    expected.backward()
+    expected_grads = grads_of(model)
+    model.zero_grad()
+    loss = model(tokens, labels=labels)
+    loss.backward()
+    assert abs(loss.item() - expected.item()) < 1e-6
+    grads = grads_of(model)
+    assert max((grads[name] - expected_grads[name]).abs().max().item() for name in grads) < 1e-6
+
+
+def saved_bytes(compute) -> int:
+    """Bytes of the tensors autograd saves for backward while `compute()` runs."""
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        compute()
+    return total
+
+
+def test_chunked_head_and_loss_save_8x_fewer_bytes_for_backward(tp_group):
+    """At seq 2048 x micro-batch 8 x vocab 32000 (hidden 256): today's head + loss kept the fp32
+    probabilities of every token for backward; the chunked one keeps two gradients."""
+    from pretrain.model.llama import megatron_layer_config, output_projection
+    from pretrain.model.loss import linear_cross_entropy
+
+    args = LlamaArgs(vocab_size=32000, hidden_size=256)
+    head = output_projection(args, megatron_layer_config(1), tp_group, tied=False)
+    torch.nn.init.normal_(head.weight, std=0.02)
+    hidden = torch.randn(8, 2048, 256, requires_grad=True)
+    labels = torch.randint(0, 32000, (8, 2048))
+    logits_path = saved_bytes(lambda: cross_entropy(head(hidden)[0], labels, 32000))
+    chunked_path = saved_bytes(lambda: linear_cross_entropy(hidden, labels, head.weight, 32000, tp_group,
+                                                            args.loss_chunk_tokens))
+    print(f"saved for backward: logits path {logits_path / 2**20:.1f} MiB, chunked {chunked_path / 2**20:.1f} MiB "
+          f"({logits_path / chunked_path:.1f}x fewer)")
+    assert logits_path >= 8 * 2048 * 32000 * 4  # the fp32 probabilities alone
+    assert chunked_path * 8 <= logits_path

@@ -1,7 +1,8 @@
 """`pretrain bench train`: training throughput of this framework end to end (DeepSpeed ZeRO-1
-engine, our model, our loader over shards built from a local corpus) beside Hugging Face's
-LlamaForCausalLM of the same shape, eager (SDPA) and torch.compile'd, in one run on one device.
-Prints one table (tokens/s, TFLOP/s per GPU, MFU, peak memory) and writes it as JSON."""
+engine, our model, our loader over shards built from a local corpus), eager and with compiled
+blocks, beside Hugging Face's LlamaForCausalLM of the same shape, eager (SDPA) and
+torch.compile'd, in one run on one device. Prints one table (tokens/s, TFLOP/s per GPU, MFU,
+peak memory) and the speed ratios, and writes them as JSON."""
 
 import json
 import time
@@ -30,19 +31,25 @@ SHAPES = {
                      vocab_size=32000), 2048, 8),
     "wide": Shape(dict(hidden_size=4096, num_layers=8, num_heads=32, num_kv_heads=32, ffn_hidden_size=11008,
                        vocab_size=32000), 2048, 8),
+    "cpu": Shape(dict(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, ffn_hidden_size=704,
+                      vocab_size=8000), 256, 8),
     "tiny": Shape(dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=176,
                        vocab_size=512), 64, 4),
 }
+TOKENIZER_VOCAB = 8000  # the larger GPU vocabularies train on the same 8k tokenizer's shards
+ROWS = ("hf_eager_sdpa", "hf_compiled", "ours_eager", "ours")
+RATIOS = (("ours", "hf_eager_sdpa"), ("ours", "hf_compiled"), ("ours", "ours_eager"))
 
 
-def prepare_shards(work: Path, seq_len: int, corpus: list[str]) -> Path:
+def prepare_shards(work: Path, shape: Shape, corpus: list[str]) -> Path:
     """Tokenizer and shards of a local corpus (the Python standard library's sources by default)."""
-    if not (work / "tokenizer" / "card.json").exists():
-        train_tokenizer(corpus, vocab_size=300 if seq_len <= 64 else 8000, out=work / "tokenizer",
-                        max_chars=2_000_000 if seq_len <= 64 else 0)
-    shards = work / f"shards-{seq_len}"
+    vocab = min(shape.model["vocab_size"], TOKENIZER_VOCAB)
+    tokenizer = work / f"tokenizer-{vocab}"
+    if not (tokenizer / "card.json").exists():
+        train_tokenizer(corpus, vocab_size=vocab, out=tokenizer, max_chars=2_000_000 if vocab < 1000 else 0)
+    shards = work / f"shards-{vocab}-{shape.seq_len}"
     if not (shards / "manifest.json").exists():
-        build_shards(corpus, work / "tokenizer", seq_len, shards, shard_samples=1000, workers=2, progress=False)
+        build_shards(corpus, tokenizer, shape.seq_len, shards, shard_samples=1000, workers=2, progress=False)
     return shards
 
 
@@ -70,20 +77,22 @@ def figures(tokens_per_sec: float, flops_per_token: int, device: torch.device) -
             "mem_peak_gib": round(peak_memory_gib(device), 1)}
 
 
-def run_ours(shape: Shape, shards: Path, work: Path, warmup: int, steps: int) -> dict:
+def run_ours(shape: Shape, shards: Path, work: Path, warmup: int, steps: int, compiled: bool) -> dict:
     """The framework end to end through `train()`, logging every `steps` steps: the last window,
     after at least `warmup` steps, is the measurement."""
     from pretrain.train import train
 
     total = -(-warmup // steps) * steps + steps
+    log_dir = work / ("ours-log" if compiled else "ours-eager-log")
     overrides = [f"model.{k}={v}" for k, v in shape.model.items()] + [
-        f"model.seq_len={shape.seq_len}", "data.source=shards", f"data.path={shards}", "data.num_workers=2",
+        f"model.seq_len={shape.seq_len}", f"model.compile={str(compiled).lower()}", "data.source=shards",
+        f"data.path={shards}", "data.num_workers=2",
         f"train.micro_batch_size={shape.micro_batch_size}", f"train.global_batch_size={shape.micro_batch_size}",
         f"train.max_steps={total}", f"log.interval={steps}", "optimizer.zero_stage=1",
-        f"log.dir={work / 'ours-log'}", "checkpoint.dir=''", "schedule.warmup_steps=1", "train.eval_interval=0",
+        f"log.dir={log_dir}", "checkpoint.dir=''", "schedule.warmup_steps=1", "train.eval_interval=0",
     ]
     result = train(load(None, overrides))
-    records = [json.loads(line) for line in (work / "ours-log" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if r["group"] == "train"][-1]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     row = figures(last["tokens_per_sec"], LlamaArgs(**shape.model, seq_len=shape.seq_len).flops_per_token(), device)
@@ -121,18 +130,21 @@ def run_hugging_face(shape: Shape, compiled: bool, warmup: int, steps: int) -> d
 def run(shape_name: str, work: Path, warmup: int, steps: int, corpus: list[str] | None = None) -> dict:
     shape = SHAPES[shape_name]
     work.mkdir(parents=True, exist_ok=True)
-    shards = prepare_shards(work, shape.seq_len, corpus or stdlib_sources())
+    shards = prepare_shards(work, shape, corpus or stdlib_sources())
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    measurements = {"hf_eager_sdpa": lambda: run_hugging_face(shape, False, warmup, steps),
+                    "hf_compiled": lambda: run_hugging_face(shape, True, warmup, steps),
+                    "ours_eager": lambda: run_ours(shape, shards, work, warmup, steps, compiled=False),
+                    "ours": lambda: run_ours(shape, shards, work, warmup, steps, compiled=True)}
     rows = {}
-    for name, measurement in (("hf_eager_sdpa", lambda: run_hugging_face(shape, False, warmup, steps)),
-                              ("hf_compiled", lambda: run_hugging_face(shape, True, warmup, steps)),
-                              ("ours", lambda: run_ours(shape, shards, work, warmup, steps))):
-        rows[name] = measurement()
+    for name in ROWS:
+        rows[name] = measurements[name]()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the previous model is gone: give its memory back before the next
+    ratios = {f"{a}/{b}": round(rows[a]["tokens_per_sec"] / rows[b]["tokens_per_sec"], 3) for a, b in RATIOS}
     return {"shape": shape_name, "device": device, "torch": torch.__version__, "seq_len": shape.seq_len,
             "micro_batch_size": shape.micro_batch_size, "params": LlamaArgs(**shape.model).num_params(),
-            "warmup_steps": warmup, "measured_steps": steps, "rows": rows}
+            "warmup_steps": warmup, "measured_steps": steps, "rows": rows, "ratios": ratios}
 
 
 def print_table(result: dict) -> None:
@@ -142,6 +154,7 @@ def print_table(result: dict) -> None:
     for name, row in result["rows"].items():
         mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
         print(f"{name:<16}{row['tokens_per_sec']:>12,}{row['tflops_per_gpu']:>13}{mfu:>8}{row['mem_peak_gib']:>10}")
+    print("tokens/s ratios: " + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in result["ratios"].items()))
 
 
 def main(shape: str, work: str, out: str | None, warmup: int, steps: int) -> int:

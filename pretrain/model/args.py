@@ -20,6 +20,7 @@ class LlamaArgs:
     init_std: float = 0.02  # initializer_range
     vocab_pad_multiple: int = 128  # embedding rows are padded to a multiple of this times TP
     activation_checkpointing: bool = False  # recompute each block in the backward pass
+    loss_chunk_tokens: int = 4096  # tokens whose logits the output head + loss compute at a time
 
     @property
     def head_dim(self) -> int:

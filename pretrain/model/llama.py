@@ -10,18 +10,17 @@ Tensor layout is [batch, sequence, hidden]. The model is a sequence of stages
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
-    vocab_parallel_cross_entropy,
 )
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.model.args import LlamaArgs
+from pretrain.model.loss import linear_cross_entropy
 from pretrain.model.weights import drop_empty_extra_state, initialize, mark_tensor_parallel
 
 
@@ -184,7 +183,9 @@ def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
 
 class Llama(nn.Module):
     """Decoder-only Llama. forward(tokens) returns vocab-parallel logits [batch, seq, vocab/tp]:
-    each TP rank holds its slice of the (padded) vocabulary; use cross_entropy() for the loss.
+    each TP rank holds its slice of the (padded) vocabulary. forward(tokens, labels=labels)
+    returns the mean next-token loss instead, computed with the output head chunk by chunk
+    (pretrain.model.loss) so that the logits of the whole batch never exist.
     (pretrain.model.pipeline cuts the same modules into pipeline stages.)"""
 
     def __init__(self, args: LlamaArgs, tp_group):
@@ -203,9 +204,14 @@ class Llama(nn.Module):
         """Seeded initial weights, identical for any TP size (see pretrain.model.weights)."""
         initialize(self, seed, self.args.init_std, self.args.num_layers, self.tp_group.rank(), self.tp_group.size())
 
+    def output_weight(self) -> torch.Tensor:
+        """This rank's vocabulary slice of the output head (the embedding's when tied)."""
+        return self.embedding.weight if self.args.tie_embeddings else self.output.weight
+
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
-                document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """document_ids (optional, [batch, seq]): attention stays within each document."""
+                document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """document_ids (optional, [batch, seq]): attention stays within each document.
+        labels (optional, [batch, seq], -100 = no loss): return the mean loss instead of logits."""
         if position_ids is None:
             position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         mask = None if document_ids is None else document_attention_mask(document_ids)
@@ -213,24 +219,8 @@ class Llama(nn.Module):
         for block in self.layers:
             x = block(x, position_ids, mask)
         x = self.final_norm(x)
-        tied_weight = self.embedding.weight if self.args.tie_embeddings else None
-        logits, _ = self.output(x, weight=tied_weight)
+        if labels is not None:
+            return linear_cross_entropy(x, labels, self.output_weight(), self.args.vocab_size, self.tp_group,
+                                        self.args.loss_chunk_tokens)
+        logits, _ = self.output(x, weight=self.output_weight() if self.args.tie_embeddings else None)
         return logits
-
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
-                  ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
-    """Mean (or with reduction="sum", summed) next-token loss over labels != ignore_index, from
-    vocab-parallel logits.
-
-    Padding rows of the vocabulary are masked out of the softmax, so the loss equals that of the
-    unpadded model whatever the TP size (and that of the exported Hugging Face model)."""
-    local_vocab = logits.shape[-1]
-    first_column = parallel_state.get_tensor_model_parallel_rank() * local_vocab
-    column_ids = torch.arange(first_column, first_column + local_vocab, device=logits.device)
-    logits = logits.float().masked_fill(column_ids >= vocab_size, float("-inf"))
-    valid = labels != ignore_index
-    per_token = vocab_parallel_cross_entropy(logits, labels.masked_fill(~valid, 0))
-    total = (per_token * valid).sum()
-    return total if reduction == "sum" else total / valid.sum().clamp(min=1)
-

@@ -1,15 +1,17 @@
 """The same Llama cut into DeepSpeed pipeline stages (used when parallel.pp > 1).
 
 Stages pass tuples between them: (hidden, position_ids[, document_ids]). Layer 0 embeds,
-layers 1..N are the blocks, then the head (final norm + output projection). With tied
-embeddings the head is split: a final-norm layer, then the embedding module itself (a
-TiedLayerSpec shared with layer 0) projecting to the vocabulary.
+layers 1..N are the blocks, then the head: the final norm, whose output goes to the loss
+function, which projects it to the vocabulary and computes the loss chunk by chunk
+(pretrain.model.loss) with the head's weight. That weight belongs to the head layer (untied)
+or to the embedding module itself (tied: a TiedLayerSpec shared with layer 0 that passes the
+hidden states through on the last stage).
 
 DeepSpeed names parameters by layer index ("3.attention.qkv_proj.weight"); canonical_name()
 maps them to the names of the single-stage model ("layers.2.attention.qkv_proj.weight"), which
 seed the initial weights and are what checkpoints and exports use."""
 
-from collections.abc import Callable
+from functools import partial
 
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
@@ -20,6 +22,7 @@ from pretrain.model.args import LlamaArgs
 from pretrain.model.llama import (
     Block, RMSNorm, document_attention_mask, megatron_layer_config, output_projection, vocab_embedding,
 )
+from pretrain.model.loss import linear_cross_entropy
 from pretrain.model.weights import drop_empty_extra_state, initialize, mark_tensor_parallel
 
 TIED_KEY = "embedding"
@@ -30,19 +33,11 @@ class EmbeddingStage(nn.Module):
 
     def __init__(self, args: LlamaArgs, tp_group):
         super().__init__()
-        layer_config = megatron_layer_config(tp_group.size())
-        self.embedding = vocab_embedding(args, layer_config, tp_group)
-        if args.tie_embeddings:
-            self.projection = output_projection(args, layer_config, tp_group, tied=True)
+        self.embedding = vocab_embedding(args, megatron_layer_config(tp_group.size()), tp_group)
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         tokens, *rest = inputs
         return (self.embedding(tokens), *rest)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The tied output head: hidden -> vocab-parallel logits with the embedding matrix."""
-        logits, _ = self.projection(hidden, weight=self.embedding.weight)
-        return logits
 
 
 class PipelineBlock(Block):
@@ -62,19 +57,15 @@ class FinalNormStage(nn.Module):
 
 
 class HeadStage(FinalNormStage):
-    """Final norm and an untied output projection: -> vocab-parallel logits."""
+    """Final norm, and the untied output projection's weight, which the loss function applies."""
 
     def __init__(self, args: LlamaArgs, tp_group):
         super().__init__(args)
         self.output = output_projection(args, megatron_layer_config(tp_group.size()), tp_group, tied=False)
 
-    def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        logits, _ = self.output(super().forward(inputs))
-        return logits
 
-
-def _tied_logits(module: EmbeddingStage, hidden: torch.Tensor) -> torch.Tensor:
-    return module.logits(hidden)
+def _pass_hidden(_module: EmbeddingStage, hidden: torch.Tensor) -> torch.Tensor:
+    return hidden
 
 
 def layer_specs(args: LlamaArgs, tp_group) -> list:
@@ -84,7 +75,7 @@ def layer_specs(args: LlamaArgs, tp_group) -> list:
         return [LayerSpec(EmbeddingStage, args, tp_group), *blocks, LayerSpec(HeadStage, args, tp_group)]
     tied = dict(tied_weight_attr="embedding.weight")
     return [TiedLayerSpec(TIED_KEY, EmbeddingStage, args, tp_group, **tied), *blocks, LayerSpec(FinalNormStage, args),
-            TiedLayerSpec(TIED_KEY, EmbeddingStage, args, tp_group, forward_fn=_tied_logits, **tied)]
+            TiedLayerSpec(TIED_KEY, EmbeddingStage, args, tp_group, forward_fn=_pass_hidden, **tied)]
 
 
 def canonical_name(name: str, num_layers: int) -> str:
@@ -109,13 +100,19 @@ def pipeline_name(name: str, args: LlamaArgs) -> str:
 PARTITION_METHODS = {"blocks": "type:PipelineBlock", "parameters": "parameters", "uniform": "uniform"}
 
 
-def build_pipeline(args: LlamaArgs, tp_group, topology: ProcessTopology, partition: str, seed: int,
-                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> PipelineModule:
-    """This rank's stage of the pipeline, with the same initial weights as Llama(args).init_weights(seed)."""
-    module = PipelineModule(layers=layer_specs(args, tp_group), topology=topology, loss_fn=loss_fn,
+def build_pipeline(args: LlamaArgs, tp_group, topology: ProcessTopology, partition: str,
+                   seed: int) -> PipelineModule:
+    """This rank's stage of the pipeline, with the same initial weights as Llama(args).init_weights(seed).
+    On the last stage `loss_fn(hidden, labels[, reduction="sum"])` is the output head and the mean
+    loss (pretrain.model.loss); other stages have none."""
+    module = PipelineModule(layers=layer_specs(args, tp_group), topology=topology,
                             partition_method=PARTITION_METHODS[partition])
     mark_tensor_parallel(module)
     drop_empty_extra_state(module)
     initialize(module, seed, args.init_std, args.num_layers, tp_group.rank(), tp_group.size(),
                canonical=lambda name: canonical_name(name, args.num_layers))
+    if module.stage_id == module.num_stages - 1:
+        head = module.tied_modules[TIED_KEY].embedding if args.tie_embeddings else module.forward_funcs[-1].output
+        module.loss_fn = partial(linear_cross_entropy, weight=head.weight, vocab_size=args.vocab_size,
+                                 tp_group=tp_group, chunk_tokens=args.loss_chunk_tokens)
     return module

@@ -1,0 +1,102 @@
+"""The output head and the next-token loss, computed together chunk by chunk.
+
+`linear_cross_entropy(hidden, labels, weight, ...)` equals `cross_entropy(hidden @ weight.T, labels)`
+but never holds the logits of more than `chunk_tokens` tokens: for each chunk it computes the
+vocab-parallel logits, the loss and, when training, the gradients of the hidden states and of
+the weight, then drops the logits. Only those gradients are kept for the backward pass (about
+(tokens + vocab/tp) x hidden values instead of tokens x vocab/tp fp32 probabilities), and
+backward merely scales them by the incoming gradient, so no matmul is repeated.
+
+Under tensor parallelism each rank holds a contiguous slice of the (padded) vocabulary; the
+softmax is completed with two all-reduces per chunk over `tp_group`, as in megatron-core's
+vocab_parallel_cross_entropy. Vocabulary padding rows never enter the softmax.
+"""
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, vocab_parallel_cross_entropy
+
+IGNORE_INDEX = -100
+
+
+def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup) -> None:
+    if group.size() > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """hidden [tokens, h] x weight [local vocab, h] -> summed loss over labels != IGNORE_INDEX."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                tp_group: dist.ProcessGroup, chunk_tokens: int, wants_grad: bool) -> torch.Tensor:
+        local_vocab = weight.shape[0]
+        first_column = tp_group.rank() * local_vocab
+        padding = torch.arange(first_column, first_column + local_vocab, device=weight.device) >= vocab_size
+        grad_hidden = torch.empty_like(hidden) if wants_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wants_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            chunk = hidden[start:start + chunk_tokens]
+            targets = labels[start:start + chunk_tokens]
+            logits = (chunk @ weight.t()).float().masked_fill_(padding, float("-inf"))
+            row_max = logits.max(dim=-1).values
+            _all_reduce(row_max, dist.ReduceOp.MAX, tp_group)
+            logits -= row_max[:, None]
+            local = targets - first_column
+            mine = (local >= 0) & (local < local_vocab)
+            local = local.masked_fill(~mine, 0)
+            rows = torch.arange(chunk.shape[0], device=chunk.device)
+            target_logit = torch.where(mine, logits[rows, local], 0.0)
+            sums = torch.stack([logits.exp_().sum(dim=-1), target_logit])  # logits hold exp(logits) from here
+            _all_reduce(sums, dist.ReduceOp.SUM, tp_group)
+            valid = targets != IGNORE_INDEX
+            total += torch.where(valid, sums[0].log() - sums[1], 0.0).sum()
+            if wants_grad:
+                probabilities = logits.div_(sums[0][:, None])
+                probabilities[rows, local] -= mine.to(probabilities.dtype)
+                probabilities *= valid[:, None]
+                grad_logits = probabilities.to(weight.dtype)
+                grad_hidden[start:start + chunk_tokens] = grad_logits @ weight
+                grad_weight += (grad_logits.t() @ chunk).float()
+        if wants_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight * grad_total.to(grad_weight.dtype),
+                None, None, None, None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, vocab_size: int,
+                         tp_group: dist.ProcessGroup, chunk_tokens: int, reduction: str = "mean") -> torch.Tensor:
+    """Next-token loss of `hidden` [..., h] (identical on every TP rank) projected by this rank's
+    vocabulary slice `weight` [vocab/tp, h], against `labels` [...] (IGNORE_INDEX = no loss).
+
+    Mean over the predicted tokens (or with reduction="sum", their sum); equals
+    cross_entropy(logits, labels) of the full logits, whose fp32 copy is never materialised."""
+    flat_hidden = copy_to_tensor_model_parallel_region(hidden.reshape(-1, hidden.shape[-1]), group=tp_group)
+    flat_labels = labels.reshape(-1)
+    wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    total = _LinearCrossEntropy.apply(flat_hidden, weight, flat_labels, vocab_size, tp_group, chunk_tokens, wants_grad)
+    if reduction == "sum":
+        return total
+    return total / (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                  reduction: str = "mean") -> torch.Tensor:
+    """The same loss from already computed vocab-parallel logits [..., vocab/tp] (Llama.forward
+    without labels), over megatron-core's tensor-parallel group: padding columns are masked out
+    of the softmax."""
+    local_vocab = logits.shape[-1]
+    first_column = parallel_state.get_tensor_model_parallel_rank() * local_vocab
+    column_ids = torch.arange(first_column, first_column + local_vocab, device=logits.device)
+    logits = logits.float().masked_fill(column_ids >= vocab_size, float("-inf"))
+    valid = labels != IGNORE_INDEX
+    per_token = vocab_parallel_cross_entropy(logits, labels.masked_fill(~valid, 0))
+    total = (per_token * valid).sum()
+    return total if reduction == "sum" else total / valid.sum().clamp(min=1)
