@@ -186,10 +186,12 @@ def validate(config: Config, world_size: int) -> Layout:
                        ("model.num_kv_heads", model.num_kv_heads), ("model.ffn_hidden_size", model.ffn_hidden_size),
                        ("model.seq_len", model.seq_len),
                        ("model.vocab_pad_multiple", model.vocab_pad_multiple),
+                       ("model.loss_chunk_tokens", model.loss_chunk_tokens),
                        ("train.max_steps", train.max_steps), ("train.micro_batch_size", train.micro_batch_size),
                        ("train.global_batch_size", train.global_batch_size), ("log.interval", config.log.interval)]:
         need(value >= 1, f"{key}={value} must be at least 1")
     need(model.vocab_size >= 0, f"model.vocab_size={model.vocab_size} must be >= 0 (0 = from the data's tokenizer)")
+    need(model.compile in ("auto", True, False), f"model.compile={model.compile!r} must be true, false or auto")
     if problems:
         raise ConfigError(_report(problems))
 
@@ -212,6 +214,9 @@ def validate(config: Config, world_size: int) -> Layout:
     need(not (config.optimizer.zero_stage >= 2 and pp > 1),
          f"optimizer.zero_stage={config.optimizer.zero_stage} cannot be combined with parallel.pp={pp}: DeepSpeed's "
          "pipeline engine supports ZeRO stages 0 and 1 only; set optimizer.zero_stage=1 or parallel.pp=1")
+    need(not (model.compile is True and config.optimizer.zero_stage == 3),
+         "model.compile=true cannot be combined with optimizer.zero_stage=3: ZeRO-3's parameter hooks break the "
+         "compiled graphs; set model.compile=false (or auto, which then stays off) or use ZeRO-1/2")
     need(not (config.optimizer.zero_stage == 0 and pp > 1),
          f"optimizer.zero_stage=0 cannot be combined with parallel.pp={pp}: DeepSpeed then computes the "
          "gradient-clipping norm wrongly on later pipeline stages; set optimizer.zero_stage=1")

@@ -20,7 +20,7 @@ from pretrain.config import Config, Layout, Precision, to_yaml, validate
 from pretrain.data import pipeline
 from pretrain.data.shards import ShardError
 from pretrain.metrics import MetricsWriter, peak_flops, peak_memory_gib, throughput
-from pretrain.model.llama import Llama
+from pretrain.model.llama import Llama, compile_blocks
 from pretrain.model.pipeline import build_pipeline, canonical_name
 from pretrain.model.weights import load_full_state_dict
 from pretrain.optim import build_optimizer, build_scheduler
@@ -57,6 +57,13 @@ def resolve_precision(precision: Precision, device: torch.device) -> Precision:
     if precision == Precision.auto:
         return Precision.bf16 if device.type == "cuda" else Precision.fp32
     return precision
+
+
+def resolve_compile(config: Config, device: torch.device) -> bool:
+    """model.compile=auto: compiled blocks on GPU, except under ZeRO-3 (its hooks break the graphs)."""
+    if config.model.compile == "auto":
+        return device.type == "cuda" and config.optimizer.zero_stage != 3
+    return config.model.compile
 
 
 def deepspeed_config(config: Config, layout: Layout, precision: Precision) -> dict:
@@ -119,6 +126,8 @@ class Trainer:
         else:
             self.model = Llama(config.model, context.tp_group)
             self.model.init_weights(config.train.seed)
+        if resolve_compile(config, context.device):
+            compile_blocks(self.model)
         starts_from_weights = resume_from is not None and checkpoint.checkpoint_format(resume_from) == checkpoint.WEIGHTS
         if starts_from_weights:  # before DeepSpeed copies the weights into its optimizer
             self._load_weights(resume_from)

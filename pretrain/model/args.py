@@ -1,6 +1,7 @@
 """Shape and numerics of the Llama model: the only input the model takes besides its TP group."""
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -21,6 +22,7 @@ class LlamaArgs:
     vocab_pad_multiple: int = 128  # embedding rows are padded to a multiple of this times TP
     activation_checkpointing: bool = False  # recompute each block in the backward pass
     loss_chunk_tokens: int = 4096  # tokens whose logits the output head + loss compute at a time
+    compile: Any = "auto"  # torch.compile each block: true, false or auto (on GPU, off on CPU)
 
     @property
     def head_dim(self) -> int:

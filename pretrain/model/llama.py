@@ -5,7 +5,9 @@ RMSNorm in fp32 with eps inside the root, RoPE in the "rotate half" layout, grou
 attention where query head i reads key/value head i // (num_heads // num_kv_heads).
 
 Tensor layout is [batch, sequence, hidden]. The model is a sequence of stages
-(embedding, blocks, head) so that the pipeline path can cut it between blocks.
+(embedding, blocks, head) so that the pipeline path can cut it between blocks. Each block traces
+into one torch.compile graph at any TP size (compile_blocks): the tensor-parallel layers hand
+their process group to megatron-core explicitly and all-reduce input gradients synchronously.
 """
 
 import torch
@@ -15,11 +17,13 @@ from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    copy_to_tensor_model_parallel_region,
 )
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.model.args import LlamaArgs
+from pretrain.model.attention import attention
 from pretrain.model.loss import linear_cross_entropy
 from pretrain.model.weights import drop_empty_extra_state, initialize, mark_tensor_parallel
 
@@ -37,6 +41,28 @@ def megatron_layer_config(tp: int) -> ModelParallelConfig:
 
 def _no_init(_: torch.Tensor) -> None:
     """Placeholder init_method: weights are set after construction, by parameter name."""
+
+
+class RowParallel(RowParallelLinear):
+    """megatron-core's RowParallelLinear handing its own tp_group to the matmul: the stock forward
+    passes None, and the fallback lookup of the group warns on rank 0, a torch.compile graph break."""
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        return super()._forward_impl(input, weight, *args, **{**kwargs, "tp_group": self.tp_group})
+
+
+def column_parallel(input_size: int, output_size: int, layer_config: ModelParallelConfig,
+                    tp_group) -> ColumnParallelLinear:
+    """A column-parallel projection of an input that the caller has passed through
+    copy_to_tensor_model_parallel_region (megatron's own input-gradient all-reduce is asynchronous,
+    which torch.compile cannot trace; one region also serves several projections of one input)."""
+    return ColumnParallelLinear(input_size, output_size, config=layer_config, init_method=_no_init, bias=False,
+                                gather_output=False, disable_grad_reduce=True, tp_group=tp_group)
+
+
+def row_parallel(input_size: int, output_size: int, layer_config: ModelParallelConfig, tp_group) -> RowParallel:
+    return RowParallel(input_size, output_size, config=layer_config, init_method=_no_init, bias=False,
+                       input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
 
 
 class RMSNorm(nn.Module):
@@ -83,35 +109,25 @@ class Attention(nn.Module):
 
     def __init__(self, args: LlamaArgs, layer_config: ModelParallelConfig, tp_group):
         super().__init__()
-        tp = tp_group.size()
+        self.tp_group = tp_group
         self.head_dim = args.head_dim
         self.queries_per_group = args.num_heads // args.num_kv_heads
-        self.local_groups = args.num_kv_heads // tp
+        self.local_groups = args.num_kv_heads // tp_group.size()
         qkv_size = (args.num_heads + 2 * args.num_kv_heads) * self.head_dim
-        self.qkv_proj = ColumnParallelLinear(
-            args.hidden_size, qkv_size, config=layer_config, init_method=_no_init,
-            bias=False, gather_output=False, tp_group=tp_group,
-        )
-        self.o_proj = RowParallelLinear(
-            args.num_heads * self.head_dim, args.hidden_size, config=layer_config, init_method=_no_init,
-            bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
-        )
+        self.qkv_proj = column_parallel(args.hidden_size, qkv_size, layer_config, tp_group)
+        self.o_proj = row_parallel(args.num_heads * self.head_dim, args.hidden_size, layer_config, tp_group)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
-        qkv, _ = self.qkv_proj(x)
+        qkv, _ = self.qkv_proj(copy_to_tensor_model_parallel_region(x, group=self.tp_group))
         qkv = qkv.view(batch, seq, self.local_groups, self.queries_per_group + 2, self.head_dim)
         q, k, v = qkv.split([self.queries_per_group, 1, 1], dim=3)
         q = q.reshape(batch, seq, -1, self.head_dim).transpose(1, 2)
         k = k.reshape(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = v.reshape(batch, seq, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if attention_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, enable_gqa=True)
-        out = out.transpose(1, 2).reshape(batch, seq, -1)
+        out = attention(q, k, v, document_ids).transpose(1, 2).reshape(batch, seq, -1)
         out, _ = self.o_proj(out)
         return out
 
@@ -119,15 +135,13 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, args: LlamaArgs, layer_config: ModelParallelConfig, tp_group):
         super().__init__()
-        column = dict(config=layer_config, init_method=_no_init, bias=False, gather_output=False, tp_group=tp_group)
-        self.gate_proj = ColumnParallelLinear(args.hidden_size, args.ffn_hidden_size, **column)
-        self.up_proj = ColumnParallelLinear(args.hidden_size, args.ffn_hidden_size, **column)
-        self.down_proj = RowParallelLinear(
-            args.ffn_hidden_size, args.hidden_size, config=layer_config, init_method=_no_init,
-            bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
-        )
+        self.tp_group = tp_group
+        self.gate_proj = column_parallel(args.hidden_size, args.ffn_hidden_size, layer_config, tp_group)
+        self.up_proj = column_parallel(args.hidden_size, args.ffn_hidden_size, layer_config, tp_group)
+        self.down_proj = row_parallel(args.ffn_hidden_size, args.hidden_size, layer_config, tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
         gate, _ = self.gate_proj(x)
         up, _ = self.up_proj(x)
         out, _ = self.down_proj(F.silu(gate) * up)
@@ -147,16 +161,24 @@ class Block(nn.Module):
         self.recompute = args.activation_checkpointing
 
     def _forward(self, x: torch.Tensor, position_ids: torch.Tensor,
-                 attention_mask: torch.Tensor | None) -> torch.Tensor:
+                 document_ids: torch.Tensor | None) -> torch.Tensor:
         cos, sin = self.rotary(position_ids, x.dtype)
-        h = x + self.attention(self.attention_norm(x), cos, sin, attention_mask)
+        h = x + self.attention(self.attention_norm(x), cos, sin, document_ids)
         return h + self.mlp(self.mlp_norm(h))
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
         if self.recompute and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, position_ids, attention_mask, use_reentrant=False)
-        return self._forward(x, position_ids, attention_mask)
+            return checkpoint(self._forward, x, position_ids, document_ids, use_reentrant=False)
+        return self._forward(x, position_ids, document_ids)
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile each transformer block in place (regional compilation: parameter names
+    stay; one graph serves every block of a shape). Works on Llama and on pipeline stages."""
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.compile()
 
 
 def vocab_embedding(args: LlamaArgs, layer_config: ModelParallelConfig, tp_group) -> VocabParallelEmbedding:
@@ -171,14 +193,6 @@ def output_projection(args: LlamaArgs, layer_config: ModelParallelConfig, tp_gro
         args.hidden_size, args.padded_vocab_size(tp_group.size()), config=layer_config, init_method=_no_init,
         bias=False, gather_output=False, skip_weight_param_allocation=tied, tp_group=tp_group,
     )
-
-
-def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean [batch, 1, seq, seq]: causal and within the same document (True = may attend)."""
-    length = document_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
-    same = document_ids[:, :, None] == document_ids[:, None, :]
-    return (same & causal)[:, None]
 
 
 class Llama(nn.Module):
@@ -214,10 +228,9 @@ class Llama(nn.Module):
         labels (optional, [batch, seq], -100 = no loss): return the mean loss instead of logits."""
         if position_ids is None:
             position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-        mask = None if document_ids is None else document_attention_mask(document_ids)
         x = self.embedding(tokens)
         for block in self.layers:
-            x = block(x, position_ids, mask)
+            x = block(x, position_ids, document_ids)
         x = self.final_norm(x)
         if labels is not None:
             return linear_cross_entropy(x, labels, self.output_weight(), self.args.vocab_size, self.tp_group,

@@ -20,7 +20,7 @@ from torch import nn
 
 from pretrain.model.args import LlamaArgs
 from pretrain.model.llama import (
-    Block, RMSNorm, document_attention_mask, megatron_layer_config, output_projection, vocab_embedding,
+    Block, RMSNorm, megatron_layer_config, output_projection, vocab_embedding,
 )
 from pretrain.model.loss import linear_cross_entropy
 from pretrain.model.weights import drop_empty_extra_state, initialize, mark_tensor_parallel
@@ -43,8 +43,7 @@ class EmbeddingStage(nn.Module):
 class PipelineBlock(Block):
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         hidden, position_ids, *document_ids = inputs
-        mask = document_attention_mask(document_ids[0]) if document_ids else None
-        return (super().forward(hidden, position_ids, mask), position_ids, *document_ids)
+        return (super().forward(hidden, position_ids, *document_ids), position_ids, *document_ids)
 
 
 class FinalNormStage(nn.Module):

@@ -29,6 +29,10 @@ def parameter_names(num_layers: int, tie_embeddings: bool) -> list[str]:
 _PARTITION_DIM = {ColumnParallelLinear: 0, RowParallelLinear: 1, VocabParallelEmbedding: 0}
 
 
+def _partition_dim_of(module: nn.Module) -> int | None:
+    return next((dim for kind, dim in _PARTITION_DIM.items() if isinstance(module, kind)), None)
+
+
 def mark_tensor_parallel(model: nn.Module) -> None:
     """Set megatron's tensor_model_parallel/partition_dim attributes on every parameter.
 
@@ -36,7 +40,7 @@ def mark_tensor_parallel(model: nn.Module) -> None:
     from replicated ones; without them the clip norm across TP ranks is wrong."""
     for module in model.modules():
         for param_name, param in module.named_parameters(recurse=False):
-            dim = _PARTITION_DIM.get(type(module)) if param_name == "weight" else None
+            dim = _partition_dim_of(module) if param_name == "weight" else None
             if not hasattr(param, "tensor_model_parallel"):
                 set_tensor_model_parallel_attributes(param, dim is not None, -1 if dim is None else dim, 1)
 
