@@ -1,8 +1,12 @@
 """Model math against Hugging Face's LlamaForCausalLM, loss padding, initialisation."""
 
+import json
+
 import pytest
 import torch
 
+from conftest import TESTS, torchrun
+from model_checks import chunked_loss, graph_breaks
 from pretrain import parallel
 from pretrain.model.args import LlamaArgs
 from pretrain.model.hf import from_hf, merge_qkv, split_qkv, to_hf
@@ -119,30 +123,30 @@ def test_activation_checkpointing_gives_the_same_gradients(tp_group):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
-def grads_of(model: Llama) -> dict[str, torch.Tensor]:
-    return {name: param.grad.clone() for name, param in model.named_parameters()}
+@pytest.fixture(scope="module")
+def checks(tp_group, tmp_path_factory) -> dict[int, list[dict]]:
+    """model_checks.py's figures per TP size: TP1 in this process, TP2 in one 2-process launch."""
+    out = tmp_path_factory.mktemp("tp2") / "checks.json"
+    torchrun(2, str(TESTS / "model_checks.py"), str(out))
+    return {1: [{"graph_breaks": graph_breaks(tp_group), "chunked_loss": chunked_loss(tp_group)}],
+            2: json.loads(out.read_text())}
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_chunked_head_and_loss_equal_the_logits_loss(tied, tp_group):
-    """The loss and every gradient of forward(labels=...) equal those of cross_entropy(forward()),
-    with chunks that do not divide the tokens and ignored labels."""
-    args = LlamaArgs(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=48,
-                     tie_embeddings=tied, loss_chunk_tokens=7)
-    model = Llama(args, tp_group)
-    model.init_weights(seed=2)
-    tokens = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(0))
-    labels = torch.roll(tokens, -1, 1)
-    labels[1, :5] = -100
-    expected = cross_entropy(model(tokens), labels, 300)
-    expected.backward()
-    expected_grads = grads_of(model)
-    model.zero_grad()
-    loss = model(tokens, labels=labels)
-    loss.backward()
-    assert abs(loss.item() - expected.item()) < 1e-6
-    grads = grads_of(model)
-    assert max((grads[name] - expected_grads[name]).abs().max().item() for name in grads) < 1e-6
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_compiled_block_is_one_graph_without_breaks(tp, checks):
+    """Forward and backward, with and without document masking and activation checkpointing, every rank."""
+    for rank in checks[tp]:
+        assert rank["graph_breaks"] and all(case == {"breaks": 0, "graphs": 1} for case in rank["graph_breaks"].values())
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tied", ["untied", "tied"])
+def test_chunked_head_and_loss_equal_the_logits_loss(tp, tied, checks):
+    """Loss and every gradient of forward(labels=...) against cross_entropy(forward()), with chunks
+    that do not divide the tokens and ignored labels."""
+    for rank in checks[tp]:
+        figures = rank["chunked_loss"][tied]
+        assert figures["loss_difference"] < 1e-6 and figures["grad_difference"] < 1e-6
 
 
 def saved_bytes(compute) -> int:

@@ -1,7 +1,8 @@
 """Every parallel layout trains like one process: same initial weights (seeded per parameter),
 same global batch, accumulation >= 2, clipping active, per-step loss within 1e-5 and gradient
 norm within 1e-4 (relative). Layouts: TP2, DP2 x ZeRO 0-3, PP2 (untied, tied, activation
-checkpointing), TP2 x PP2, TP2 x PP2 x DP2 in one launch and as two torchrun "nodes"."""
+checkpointing), TP2 x PP2, TP2 x PP2 x DP2 in one launch and as two torchrun "nodes". With
+compiled blocks (model.compile=true) TP1, TP2 and PP2 stay within 1e-4 of the eager losses."""
 
 import json
 import subprocess
@@ -21,18 +22,21 @@ BASE = [
 ]
 LOSS_TOLERANCE = 1e-5
 GRAD_NORM_RELATIVE_TOLERANCE = 1e-4
+COMPILED_LOSS_TOLERANCE = 1e-4  # inductor's fused kernels round differently from eager
 
 
 TIED = ["model.tie_embeddings=true"]
 PP2 = ["parallel.pp=2", "optimizer.zero_stage=1"]
 TP2_PP2 = ["parallel.tp=2", "parallel.pp=2", "optimizer.zero_stage=1"]
+COMPILED = ["model.compile=true"]
 
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory) -> dict:
     """One process, 4 micro-batches per step; untied and tied embeddings."""
     return run_layouts(tmp_path_factory.mktemp("ref"), 1, BASE,
-                       {"single": ["optimizer.zero_stage=0"], "single_tied": ["optimizer.zero_stage=0", *TIED]})
+                       {"single": ["optimizer.zero_stage=0"], "single_tied": ["optimizer.zero_stage=0", *TIED],
+                        "single_compiled": ["optimizer.zero_stage=0", *COMPILED]})
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +53,8 @@ def layouts(tmp_path_factory) -> dict:
         "pp2": PP2,
         "pp2_tied": PP2 + TIED,
         "pp2_recompute": PP2 + ["model.activation_checkpointing=true"],
+        "tp2_compiled": ["parallel.tp=2", "optimizer.zero_stage=1", *COMPILED],
+        "pp2_compiled": PP2 + COMPILED,
     })
     runs |= run_layouts(tmp_path_factory.mktemp("four"), 4, BASE, {"tp2_pp2": TP2_PP2})
     runs |= run_layouts(tmp_path_factory.mktemp("eight"), 8, BASE, {"tp2_pp2_dp2": TP2_PP2})
@@ -62,12 +68,12 @@ def test_reference_learns_with_clipping_active(reference):
     assert max(reference["grad_norm"].values()) > 0.5  # above optimizer.grad_clip: clipping changes updates
 
 
-def assert_matches(name: str, run: dict, reference: dict) -> None:
+def assert_matches(name: str, run: dict, reference: dict, loss_tolerance: float = LOSS_TOLERANCE) -> None:
     assert sorted(run["loss"]) == sorted(reference["loss"])
     loss_diff = max(abs(run["loss"][s] - reference["loss"][s]) for s in reference["loss"])
     norm_diff = max(abs(run["grad_norm"][s] / reference["grad_norm"][s] - 1) for s in reference["grad_norm"])
     print(f"{name}: max |loss difference| {loss_diff:.3g}, max relative grad-norm difference {norm_diff:.3g}")
-    assert loss_diff <= LOSS_TOLERANCE
+    assert loss_diff <= loss_tolerance
     assert norm_diff <= GRAD_NORM_RELATIVE_TOLERANCE
 
 
@@ -75,6 +81,12 @@ def assert_matches(name: str, run: dict, reference: dict) -> None:
                                     "pp2_recompute", "tp2_pp2", "tp2_pp2_dp2"])
 def test_layout_matches_one_process(layout, references, layouts):
     assert_matches(layout, layouts[layout], references["single_tied" if "tied" in layout else "single"])
+
+
+@pytest.mark.parametrize("layout", ["single_compiled", "tp2_compiled", "pp2_compiled"])
+def test_compiled_blocks_train_like_eager(layout, references, layouts):
+    run = references.get(layout) or layouts[layout]
+    assert_matches(layout, run, references["single"], loss_tolerance=COMPILED_LOSS_TOLERANCE)
 
 
 def test_two_nodes_tp2_pp2_dp2(tmp_path, reference):
