@@ -1,6 +1,7 @@
 """The training loop: model + optimizer inside a DeepSpeed engine, fed by a data stream split
 by data-parallel rank, with metrics every `log.interval` steps, validation and checkpoints."""
 
+import contextlib
 import itertools
 import math
 import warnings
@@ -24,7 +25,10 @@ from pretrain.model.llama import Llama, compile_blocks
 from pretrain.model.pipeline import build_pipeline, canonical_name
 from pretrain.model.weights import load_full_state_dict
 from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.update import DeviceUpdate
 
+
+DEVICE_UPDATE_STAGES = (1, 2)  # ZeRO stages whose optimizer step DeviceUpdate keeps on the device
 
 # Model settings a checkpoint's weights must agree with (the others may change when resuming).
 ARCHITECTURE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
@@ -67,17 +71,21 @@ def resolve_compile(config: Config, device: torch.device) -> bool:
 
 
 def deepspeed_config(config: Config, layout: Layout, precision: Precision) -> dict:
-    """The DeepSpeed engine settings, all derived from our config (never edited by hand)."""
-    zero = {"stage": config.optimizer.zero_stage}
-    if config.optimizer.zero_stage == 3:
+    """The DeepSpeed engine settings, all derived from our config (never edited by hand). With
+    ZeRO-1/2 DeviceUpdate measures, clips and skips instead of DeepSpeed (see pretrain.update)."""
+    stage = config.optimizer.zero_stage
+    device_update = stage in DEVICE_UPDATE_STAGES
+    zero = {"stage": stage, "compute_grad_norm": not device_update}
+    if stage == 3:
         zero["stage3_param_persistence_threshold"] = config.optimizer.zero3_param_persistence_threshold
     return {
         "train_batch_size": layout.global_batch_size,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
         "gradient_accumulation_steps": layout.grad_accumulation,
-        "gradient_clipping": config.optimizer.grad_clip,
+        "gradient_clipping": 0.0 if device_update else config.optimizer.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == Precision.bf16, "check_grad_overflow": True},
+        "bf16": {"enabled": precision == Precision.bf16, "check_grad_overflow": not device_update},
+        "timers": {"throughput": {"enabled": False}},  # it synchronises the device twice a step
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
@@ -103,8 +111,6 @@ class Trainer:
                  data: pipeline.DataInfo | None):
         self.config, self.layout, self.context, self.data = config, layout, context, data
         self.precision = resolve_precision(config.train.precision, context.device)
-        if self.precision == Precision.bf16 and context.device.type != "cuda":
-            raise ValueError("train.precision=bf16 needs a GPU; use train.precision=fp32 (or auto) on CPU")
         self.steps = total_steps(config)
         self.log_dir = Path(config.log.dir)
         if context.rank == 0:
@@ -132,13 +138,15 @@ class Trainer:
         if starts_from_weights:  # before DeepSpeed copies the weights into its optimizer
             self._load_weights(resume_from)
         self.model.universal_checkpoint_info = checkpoint.universal_checkpoint_info(config.model.vocab_size)
-        optimizer = build_optimizer(self.model, config.optimizer, context.device)
+        optimizer = build_optimizer(self.model, config.optimizer)
         scheduler = build_scheduler(optimizer, config.schedule, self.steps)
         self.engine, *_ = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(config, layout, self.precision),
             mpu=None if self.pipelined else parallel.MegatronMpu(),  # the pipeline module brings its own grid
         )
+        self.device_update = DeviceUpdate(self.engine.optimizer, config.optimizer.grad_clip, config.train.max_bad_steps) \
+            if config.optimizer.zero_stage in DEVICE_UPDATE_STAGES else None
         self.metrics = MetricsWriter(self.log_dir, self.steps, enabled=context.rank == 0)
         self.samples_per_step = layout.global_batch_size
         self.consumed_samples = 0
@@ -149,10 +157,9 @@ class Trainer:
         self.raw_state = None  # data.source=raw: the per-rank stream position after the last batch
         self.start_step, self.tokens = 0, 0
         self.stop_signals = StopSignals()
-        # DeepSpeed skips updates with a non-finite gradient norm in ZeRO-1/2 and its bf16 optimizer;
-        # with plain fp32 ZeRO-0 or ZeRO-3 it does not, so there a non-finite loss stops the run.
-        self.deepspeed_skips_bad_updates = config.optimizer.zero_stage in (1, 2) or (
-            config.optimizer.zero_stage == 0 and self.precision == Precision.bf16)
+        # Without DeviceUpdate (ZeRO-0/3): DeepSpeed skips updates with a non-finite gradient norm
+        # with its bf16 ZeRO-0 optimizer; elsewhere a non-finite loss stops the run.
+        self.deepspeed_skips_bad_updates = config.optimizer.zero_stage == 0 and self.precision == Precision.bf16
         # DeepSpeed clips ZeRO-0 fp32 gradients without keeping the norm: measure it ourselves.
         self.engine_reports_norm = config.optimizer.zero_stage > 0 or self.precision != Precision.fp32
         if resume_from is not None and not starts_from_weights:
@@ -183,8 +190,9 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         started = time.perf_counter()
-        client, rank_state = checkpoint.load(self.engine, path, self._layout_record(),
-                                             self.config.optimizer.zero_stage)
+        with self.device_update.loading_checkpoint() if self.device_update else contextlib.nullcontext():
+            client, rank_state = checkpoint.load(self.engine, path, self._layout_record(),
+                                                 self.config.optimizer.zero_stage)
         self.start_step, self.tokens = client["step"], client["tokens"]
         self.consumed_samples = client["data"]["consumed_samples"]
         if self.data is not None and self.data.raw_files:
@@ -212,16 +220,17 @@ class Trainer:
             self.raw_state = batch.get("state", self.raw_state)
             yield batch
 
-    @staticmethod
-    def _pipeline_feed(batches):
-        """Micro-batch dicts -> the pipeline engine's ((tokens, position_ids[, document_ids]), labels)."""
+    def _pipeline_feed(self, batches):
+        """Micro-batch dicts -> the pipeline engine's ((tokens, position_ids[, document_ids]), labels),
+        already on the device (DeepSpeed's own copy would block the host)."""
+        device = self.context.device
         for batch in batches:
-            tokens = batch["tokens"]
+            tokens = batch["tokens"].to(device, non_blocking=True)
             position_ids = batch.get("position_ids")
-            if position_ids is None:
-                position_ids = torch.arange(tokens.shape[1]).repeat(tokens.shape[0], 1)
-            extra = (batch["document_ids"],) if "document_ids" in batch else ()
-            yield (tokens, position_ids, *extra), batch["labels"]
+            position_ids = torch.arange(tokens.shape[1], device=device).repeat(tokens.shape[0], 1) \
+                if position_ids is None else position_ids.to(device, non_blocking=True)
+            extra = (batch["document_ids"].to(device, non_blocking=True),) if "document_ids" in batch else ()
+            yield (tokens, position_ids, *extra), batch["labels"].to(device, non_blocking=True)
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean loss of a micro-batch and its number of predicted tokens."""
@@ -269,14 +278,17 @@ class Trainer:
             log_step = step % config.log.interval == 0 or step == self.steps
             skipped_before = self.engine.skipped_steps
             loss, grad_norm = self._step(step, batches, log_step)
-            bad_in_a_row = self._check_update(step, loss, skipped_before, bad_in_a_row, result)
+            if self.device_update is None:
+                bad_in_a_row = self._check_update(step, loss, skipped_before, bad_in_a_row, result)
             window_loss += loss
             self.consumed_samples += self.samples_per_step
             result.steps, result.tokens = step, result.tokens + tokens_per_step
             window_steps += 1
 
             if log_step:
-                if grad_norm is None:
+                if self.device_update is not None:
+                    grad_norm = self._read_device_update(step, result)
+                elif grad_norm is None:
                     grad_norm = float(self.engine.get_global_grad_norm())
                 dist.all_reduce(window_loss, group=context.dp_group)
                 damaged = torch.tensor(self.window_damaged, device=context.device)
@@ -317,10 +329,26 @@ class Trainer:
         self.stop_signals.restore()
         return result
 
+    def _read_device_update(self, step: int, result: TrainResult) -> float:
+        """At a log step: DeviceUpdate's gradient norm and skipped updates (counted and printed);
+        stop once train.max_bad_steps updates in a row were skipped."""
+        grad_norm, skipped, limit_step = self.device_update.read()
+        if skipped > result.skipped_steps and self.context.rank == 0:
+            print(f"step {step}: {skipped - result.skipped_steps} update(s) skipped for a non-finite loss or gradient "
+                  f"since the last log step ({skipped} in this run)", flush=True)
+        result.skipped_steps = skipped
+        if limit_step:
+            max_bad = self.config.train.max_bad_steps
+            raise FloatingPointError(
+                f"{max_bad} updates in a row skipped for a non-finite loss (train.max_bad_steps={max_bad}) at step "
+                f"{self.start_step + limit_step}: lower optimizer.lr, check the data, or resume from an earlier checkpoint")
+        return grad_norm
+
     def _check_update(self, step: int, loss: torch.Tensor, skipped_before: int, bad_in_a_row: int,
                       result: TrainResult) -> int:
-        """Count updates skipped for a non-finite loss; stop after train.max_bad_steps in a row."""
-        if self.deepspeed_skips_bad_updates or self.pipelined:
+        """Without DeviceUpdate: count updates DeepSpeed skipped for a non-finite loss (or stop at
+        once when it cannot skip); stop after train.max_bad_steps in a row."""
+        if self.deepspeed_skips_bad_updates:
             bad = self.engine.skipped_steps > skipped_before
         else:
             nonfinite = (~torch.isfinite(loss)).to(torch.int32)

@@ -13,7 +13,7 @@ from pretrain.model.attention import _flex_attention, attention, document_block_
 def dense_document_attention(q, k, v, document_ids):
     """The reference: SDPA with the dense [batch, 1, seq, seq] causal same-document mask."""
     seq = document_ids.shape[1]
-    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
     mask = (document_ids[:, :, None] == document_ids[:, None, :]) & causal
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
 
@@ -28,7 +28,7 @@ def random_inputs(batch: int, seq: int, documents_per_token: float, seed: int = 
 def output_and_grads(function, q, k, v) -> list[torch.Tensor]:
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out = function(q, k, v)
-    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    (out * torch.linspace(-1, 1, out.shape[-1], device=out.device, dtype=out.dtype)).sum().backward()
     return [out, q.grad, k.grad, v.grad]
 
 

@@ -203,3 +203,26 @@ def test_retention_keeps_the_newest_and_every_kth(tmp_path):
 def test_nan_without_a_skipping_optimizer_stops_at_once(tmp_path):
     proc = run(tmp_path, 1, "checkpoint.dir=''", "train.inject_nan_steps=[2]", "optimizer.zero_stage=0", expect=1)
     assert "non-finite loss at step 2: with optimizer.zero_stage=0 and fp32 DeepSpeed cannot skip" in proc.stderr
+
+
+def test_checkpoints_saved_while_deepspeed_clipped_still_resume(tmp_path):
+    """Checkpoints from before pretrain.update.DeviceUpdate record DeepSpeed's clip norm, which
+    DeepSpeed refuses to load into a ZeRO optimizer that measures no norm of its own."""
+    from pretrain import parallel
+    from pretrain.config import load, validate
+    from pretrain.data import pipeline
+    from pretrain.train import Trainer
+
+    config = load(BASE[1], BASE[2:] + [f"log.dir={tmp_path / 'log'}", f"checkpoint.dir={tmp_path / 'ckpt'}",
+                                       "train.max_steps=2", "optimizer.zero_stage=1"])
+    for step in (2, 3):
+        context = parallel.initialize(tp=1, pp=1, backend="gloo")
+        try:
+            trainer = Trainer(config, validate(config, 1), context, pipeline.resolve(config))
+            if step == 2:
+                trainer.run()
+                trainer.engine.optimizer.clip_grad = 1.0  # as DeepSpeed's own clipping saved it
+                trainer.save(3, trainer.tokens)
+        finally:
+            parallel.shutdown()
+    assert trainer.start_step == 3
