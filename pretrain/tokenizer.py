@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from pretrain.data.documents import DocumentStats, check_inputs, iter_documents
+from pretrain.data.documents import DocumentStats, describe, iter_documents, resolve_inputs
 from pretrain.data.shards import file_sha256
 
 MODEL_FILE, VOCAB_FILE, CARD_FILE = "tokenizer.model", "tokenizer.vocab", "card.json"
@@ -54,19 +54,16 @@ def train_tokenizer(inputs: list[str | Path], vocab_size: int, out: Path, model_
                     text_field: str = "text", max_chars: int = 0, user_symbols: tuple[str, ...] = (),
                     threads: int = 2) -> dict:
     """Train a sentencepiece model on the documents of `inputs`; returns the card."""
-    paths = check_inputs(inputs)
+    paths = resolve_inputs(inputs)
     if model_type not in ("bpe", "unigram"):
-        raise ValueError(f"model type '{model_type}' is not supported: choose bpe or unigram")
+        raise TokenizerError(f"--model-type {model_type} is not supported: choose bpe or unigram")
+    _check_specials(user_symbols)
     stats = DocumentStats()
     model = io.BytesIO()
     try:
         _train_sentencepiece(paths, stats, model, vocab_size, model_type, text_field, max_chars, user_symbols, threads)
     except RuntimeError as error:
-        limit = re.search(r"value <= (\d+)", str(error))
-        if limit:
-            raise TokenizerError(f"--vocab-size {vocab_size} is more than this corpus yields (at most "
-                                 f"{limit.group(1)}): lower it or add text") from None
-        raise
+        raise _explain(error, vocab_size, paths) from None
     out.mkdir(parents=True, exist_ok=True)
     (out / MODEL_FILE).write_bytes(model.getvalue())
     processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
@@ -80,6 +77,43 @@ def train_tokenizer(inputs: list[str | Path], vocab_size: int, out: Path, model_
         "empty_documents_skipped": stats.empty_skipped,
         "invalid_utf8_replaced": stats.invalid_utf8_replaced,
     })
+
+
+def copy_tokenizer(source: Path, target: Path) -> None:
+    """The files of tokenizer folder `source` into `target` (a copy beside shards or checkpoints)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in (MODEL_FILE, CARD_FILE, VOCAB_FILE):
+        shutil.copyfile(source / name, target / name)
+
+
+def _check_specials(user_symbols: tuple[str, ...]) -> None:
+    """What sentencepiece would refuse with an internal error, said in terms of --special."""
+    reserved = set(SPECIAL_PIECES.values())
+    for symbol in user_symbols:
+        if not symbol or symbol.isspace():
+            raise TokenizerError(f"--special {symbol!r}: a special token needs at least one visible character")
+        if symbol in reserved:
+            raise TokenizerError(f"--special {symbol} is one of the built-in specials ({' '.join(sorted(reserved))}); "
+                                 "leave it out")
+        if user_symbols.count(symbol) > 1:
+            raise TokenizerError(f"--special {symbol} is given twice: give each special token once")
+
+
+def _explain(error: RuntimeError, vocab_size: int, paths: list[Path]) -> TokenizerError:
+    """A sentencepiece training failure as the setting to change and a value that works."""
+    message = str(error)
+    if match := re.search(r"smaller than required_chars\. \d+ vs (\d+)", message):
+        return TokenizerError(f"--vocab-size {vocab_size} is too small for this corpus: every distinct character, "
+                              f"the 256 byte-fallback pieces and the special tokens need a piece of their own, "
+                              f"{match.group(1)} in all: use --vocab-size {match.group(1)} or more")
+    if match := re.search(r"value <= (\d+)", message):
+        return TokenizerError(f"--vocab-size {vocab_size} is more than this corpus yields (at most "
+                              f"{match.group(1)}): use --vocab-size {match.group(1)} or less, or add text")
+    if "sentences_.empty()" in message:
+        return TokenizerError(f"no text to train on in {describe(paths)} (every document is empty): "
+                              "check --input and --text-field")
+    return TokenizerError(f"sentencepiece could not train a tokenizer on {describe(paths)} "
+                          f"(--vocab-size {vocab_size}): {message.split('] ')[-1]}")
 
 
 def describe_model(model: Path, out: Path, source: str) -> dict:

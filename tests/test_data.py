@@ -198,8 +198,9 @@ def test_same_input_gives_identical_bytes(corpus, tmp_path):
     again = tmp_path / "again"
     build_shards(corpus["inputs"], corpus["tokenizer"].path, SEQ_LEN, again, shard_samples=40, workers=1,
                  progress=False)
-    produced = sorted(p.name for p in again.iterdir())
-    assert produced == sorted(p.name for p in corpus["shards"].iterdir())
+    produced = sorted(str(p.relative_to(again)) for p in again.rglob("*") if p.is_file())
+    assert produced == sorted(str(p.relative_to(corpus["shards"])) for p in corpus["shards"].rglob("*") if p.is_file())
+    assert "tokenizer/tokenizer.model" in produced  # the shards carry their tokenizer
     for name in produced:
         assert (again / name).read_bytes() == (corpus["shards"] / name).read_bytes(), name
 

@@ -55,14 +55,14 @@ def total_samples(path) -> int:
 
 
 def test_truncated_shard_names_shard_and_sample(shards):
-    shard = shards / "shard-000000.tar"
+    shard = shards / "shard-000000-00000.tar"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    with pytest.raises(ShardError, match=r"shard .*shard-000000\.tar, sample 000000\d{7}: truncated"):
+    with pytest.raises(ShardError, match=r"shard .*shard-000000-00000\.tar, sample 00000000000\d{7}: truncated"):
         read_all(shards, total_samples(shards))
 
 
 def test_truncated_shard_skipped_and_counted_when_allowed(shards):
-    shard = shards / "shard-000000.tar"
+    shard = shards / "shard-000000-00000.tar"
     size = shard.stat().st_size // 2
     shard.write_bytes(shard.read_bytes()[:size])
     lost = sum(int(offset) + (SEQ_LEN + 1) * 2 > size for offset in np.fromfile(f"{shard}.idx", dtype="<u8"))
@@ -72,19 +72,19 @@ def test_truncated_shard_skipped_and_counted_when_allowed(shards):
 
 
 def test_damaged_token_bytes_are_detected(shards):
-    offsets = np.fromfile(shards / "shard-000001.tar.idx", dtype="<u8")
-    with open(shards / "shard-000001.tar", "r+b") as f:
+    offsets = np.fromfile(shards / "shard-000000-00001.tar.idx", dtype="<u8")
+    with open(shards / "shard-000000-00001.tar", "r+b") as f:
         f.seek(int(offsets[3]))
         f.write(b"\xff\xff")
-    with pytest.raises(ShardError, match=r"shard-000001\.tar, sample 0000010000003: token id 65535 is outside"):
+    with pytest.raises(ShardError, match=r"shard-000000-00001\.tar, sample 000000000010000003: token id 65535 is outside"):
         read_all(shards, total_samples(shards))
 
 
 def test_index_that_does_not_fit_the_shard_is_detected(shards):
-    index = shards / "shard-000000.tar.idx"
+    index = shards / "shard-000000-00000.tar.idx"
     index.write_bytes(np.roll(np.fromfile(index, dtype="<u8"), 1).astype("<u8").tobytes())
-    with pytest.raises(ShardError, match=r"shard-000000\.tar, sample 0000000000\d{3}: expected member "
-                                         r"0000000000\d{3}\.tokens, found '0000000000\d{3}\.tokens' "
+    with pytest.raises(ShardError, match=r"shard-000000-00000\.tar, sample 000000000000000\d{3}: expected member "
+                                         r"000000000000000\d{3}\.tokens, found '000000000000000\d{3}\.tokens' "
                                          r"\(corrupt tar or wrong index\)"):
         read_all(shards, total_samples(shards))
 
@@ -93,13 +93,13 @@ def test_sha256_mismatch_is_an_error_naming_the_file(shards, tmp_path):
     config = load(None, ["data.source=shards", f"data.path={shards}", f"model.seq_len={SEQ_LEN}"])
     info = resolve(config)
     verify_shards(info, rank=0, world_size=1, tolerate=False)  # intact: passes
-    with open(shards / "shard-000002.tar", "r+b") as f:
+    with open(shards / "shard-000000-00002.tar", "r+b") as f:
         f.seek(2000)
         f.write(b"x")
-    with pytest.raises(ShardError, match=r"shard-000002\.tar does not match the sha256 in its manifest"):
+    with pytest.raises(ShardError, match=r"shard-000000-00002\.tar does not match the sha256 in its manifest"):
         verify_shards(info, rank=0, world_size=1, tolerate=False)
-    (shards / "shard-000003.tar.idx").unlink()
-    with pytest.raises(ShardError, match=r"shard-000003\.tar\.idx is missing"):
+    (shards / "shard-000000-00003.tar.idx").unlink()
+    with pytest.raises(ShardError, match=r"shard-000000-00003\.tar\.idx is missing"):
         verify_shards(info, rank=0, world_size=1, tolerate=False)
 
 

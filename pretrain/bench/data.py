@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from pretrain.data.build import build_shards
-from pretrain.data.documents import check_inputs, iter_documents
+from pretrain.data.documents import iter_documents, resolve_inputs
 from pretrain.data.loader import MicroBatches, StreamSpec
 from pretrain.data.raw import RawSpec, RawState, raw_batches, raw_shard_files
 from pretrain.data.shards import Manifest
@@ -56,7 +56,7 @@ def _write_text_shards(documents: list[str], folder: Path, per_shard: int) -> No
 def run(inputs: list[str], work: Path, seq_len: int = 2048, vocab_size: int = 8000, micro_batch_size: int = 8,
         seconds: float = 3.0) -> dict:
     torch.set_num_threads(1)
-    paths = check_inputs(inputs)
+    paths = resolve_inputs(inputs)
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "tokenizer" / "card.json").exists():
         train_tokenizer(paths, vocab_size, work / "tokenizer")

@@ -37,7 +37,8 @@ def _absolute(location: str) -> str:
 
 def resolve(config: Config) -> DataInfo | None:
     """Read the manifests, check them against the config and fill in model.vocab_size from the
-    tokenizer when it is 0. Paths become absolute (the written config is unambiguous)."""
+    tokenizer when it is 0, and data.tokenizer with the shards' own copy when it is empty. Paths
+    become absolute (the written config is unambiguous)."""
     if config.data.source == DataSource.synthetic:
         return None
     allow_pipe = config.data.allow_pipe
@@ -61,6 +62,12 @@ def resolve(config: Config) -> DataInfo | None:
         raise ShardError("data.path/data.valid_path shards were built with different tokenizers: "
                          + ", ".join(f"{p} ({m.data['tokenizer']['sha256'][:12]})" for p, m in everything))
     sha = shas.pop()
+    copy = next((m.tokenizer_dir() for _, m in everything if m.tokenizer_dir()), None)
+    if not config.data.tokenizer and copy is not None:  # the shards carry it: the run records that copy
+        if not copy.is_dir():
+            raise ShardError(f"{copy} is missing: the shards' manifest names this copy of their tokenizer; restore "
+                             "it, or set data.tokenizer to the tokenizer folder the shards were built with")
+        config.data.tokenizer = str(copy)
     if config.data.tokenizer:
         tokenizer = Tokenizer.load(config.data.tokenizer)
         if tokenizer.sha256 != sha:
@@ -78,8 +85,8 @@ def resolve(config: Config) -> DataInfo | None:
 
 
 def _resolve_raw(config: Config, paths: list[str]) -> DataInfo:
-    if len(paths) != 1:
-        raise ShardError("data.source=raw reads one folder of text shards: give data.path a single folder "
+    if config.data.weights:
+        raise ShardError("data.source=raw reads all of data.path as one dataset: leave data.weights empty "
                          "(build tokenized shards with `pretrain data build` to blend datasets)")
     tokenizer = Tokenizer.load(config.data.tokenizer)
     if config.model.vocab_size == 0:
@@ -94,7 +101,8 @@ def _resolve_raw(config: Config, paths: list[str]) -> DataInfo:
         if valid.data["tokenizer"]["sha256"] != tokenizer.sha256:
             raise ShardError(f"data.valid_path {config.data.valid_path} was built with another tokenizer than "
                              f"data.tokenizer {config.data.tokenizer}")
-    return DataInfo(paths, [1.0], [], valid, tokenizer.sha256, raw_files=raw_shard_files(paths[0]))
+    raw_files = [file for path in paths for file in raw_shard_files(path)]
+    return DataInfo(paths, [1.0], [], valid, tokenizer.sha256, raw_files=raw_files)
 
 
 def verify_shards(info: DataInfo, rank: int, world_size: int, tolerate: bool) -> None:

@@ -1,5 +1,7 @@
-"""`data.source=raw`: tar shards of raw text documents (webdataset style, one `<key>.txt` member
-per document), tokenized and packed while training, for users who skip `pretrain data build`.
+"""`data.source=raw`: documents tokenized and packed while training, for users who skip
+`pretrain data build`. data.path is what `data build --input` takes (files, folders, globs of
+JSON lines, parquet, datasets folders, text) plus tar shards of raw text (webdataset style, one
+`<key>.txt` member per document); each file is a shard here.
 
 Each epoch shuffles the shard list with (seed, epoch); data-parallel rank r reads the shards
 at positions r, r + dp, ... of it. DataLoader workers tokenize whole shards (worker w takes
@@ -19,23 +21,28 @@ import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.data.build import Packer
+from pretrain.data.documents import TEXT_TAR, InputError, iter_documents, resolve_inputs, suffix_of
 from pretrain.data.loader import make_batch
 from pretrain.data.shards import ShardError
 from pretrain.tokenizer import Tokenizer
 
 
 def raw_shard_files(location: str) -> list[str]:
-    """The *.tar files of a folder, sorted by name."""
-    folder = Path(location)
-    files = sorted(str(p) for p in folder.glob("*.tar")) if folder.is_dir() else []
-    if not files:
-        raise ShardError(f"data.path {location} holds no .tar files of raw text (data.source=raw)")
-    return files
+    """The input files data.path names (a folder's sorted), each a shard of documents."""
+    try:
+        return [str(p) for p in resolve_inputs([location], text_tars=True)]
+    except InputError as error:
+        raise ShardError(f"data.path {location} (data.source=raw): {error}") from None
 
 
 def read_documents(shard: str) -> list[str]:
-    """The .txt members of one tar shard, in archive order; invalid UTF-8 replaced. A damaged
-    header is an error: tarfile alone would end the archive there and drop the rest silently."""
+    """The documents of one shard, in order; invalid UTF-8 replaced. In a tar of .txt members a
+    damaged header is an error: tarfile alone would end the archive there and drop the rest."""
+    if suffix_of(Path(shard)) != TEXT_TAR:
+        try:
+            return list(iter_documents([Path(shard)]))
+        except InputError as error:
+            raise ShardError(f"raw shard {shard} cannot be read: {error}") from None
     try:
         data = Path(shard).read_bytes()
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
