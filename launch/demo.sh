@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: a corpus -> sentencepiece tokenizer -> tokenized shards -> training of the tiny
 # model on them, with a held-out validation split. Needs no download: by default the corpus is
-# this Python's own standard library sources. DATA="files..." uses your files instead
-# (jsonl with a "text" field, parquet, or plain-text files, one document each).
+# this Python's own standard library sources. DATA="files..." uses your files instead (any input
+# `pretrain data build` takes: JSON lines plain or compressed, parquet, folders, globs, text).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -31,7 +31,7 @@ rm -rf "$OUT"
 "$PY" -m pretrain data build --input "${valid[@]}" --tokenizer "$OUT/tokenizer" --seq-len 256 \
   --out "$OUT/valid" --shard-samples 4000 --workers 2
 "$PY" -m pretrain train --config configs/tiny.yaml \
-  data.source=shards data.path="$OUT/shards" data.valid_path="$OUT/valid" data.tokenizer="$OUT/tokenizer" \
+  data.source=shards data.path="$OUT/shards" data.valid_path="$OUT/valid" \
   model.vocab_size=0 model.seq_len=256 model.hidden_size=128 model.ffn_hidden_size=352 \
   train.max_steps="$STEPS" train.eval_interval=100 train.eval_steps=4 schedule.warmup_steps=30 \
   optimizer.lr=2e-3 log.dir="$OUT/log" log.interval=25 checkpoint.dir="$OUT/checkpoints"

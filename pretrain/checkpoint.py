@@ -2,7 +2,8 @@
 
 A checkpoint is `<checkpoint.dir>/step_XXXXXXXX/`: DeepSpeed's files (weights, fp32 master,
 optimizer and scheduler state, counters, our client state) plus `rank_XXXXX.pt` per rank (RNG
-states, per-rank data state) and `complete.json`, written last, listing every file and its size.
+states, per-rank data state), `tokenizer/` (a copy of the run's tokenizer) and `complete.json`,
+written last, listing every file and its size.
 It is written as `step_XXXXXXXX.partial/` and renamed when every rank has finished; `latest`
 names it after that. A directory without the marker, or whose files no longer have the sizes
 the marker records, is torn: never loaded, reported by name, and the previous one is used.
@@ -22,6 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from pretrain.data.shards import TOKENIZER_DIR
+from pretrain.tokenizer import copy_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +112,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, root: Path, step: int, client_state: dict, rank_state: dict, layout: dict, keep_last: int,
-         keep_every: int) -> Path:
-    """Every rank calls this. `layout`: the parallel sizes, recorded to check resumes against.
-    Returns the final directory once it is complete on all ranks."""
+         keep_every: int, tokenizer: Path | None = None) -> Path:
+    """Every rank calls this. `layout`: the parallel sizes, recorded to check resumes against;
+    `tokenizer`: the run's tokenizer folder, copied into the checkpoint. Returns the final
+    directory once it is complete on all ranks."""
     rank = dist.get_rank()
     final = step_dir(root, step)
     partial = final.with_name(final.name + PARTIAL)
@@ -126,6 +131,8 @@ def save(engine, root: Path, step: int, client_state: dict, rank_state: dict, la
     _fsync(own)
     dist.barrier()
     if rank == 0:
+        if tokenizer is not None:
+            copy_tokenizer(tokenizer, partial / TOKENIZER_DIR)
         files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
         for name in files:
             _fsync(partial / name)

@@ -1,12 +1,15 @@
-"""Command line: `pretrain train|tokenizer train|data build|launch local|launch slurm|bench data ...`."""
+"""Command line: `pretrain train|tokenizer train|data build|data merge|launch local|launch slurm|launch slurm-data|
+convert ...|bench ...`."""
 
 import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from pretrain.config import ConfigError, load, to_yaml, validate
+from pretrain.data.shards import PACKING_UNIT_MB
 
 TRAIN_EPILOG = """\
 overrides are `section.key=value` pairs applied on top of the YAML file, e.g.
@@ -15,6 +18,10 @@ sections: model, parallel, optimizer, schedule, train, data, log, checkpoint
 (see --print-config for every key and its value). Several processes: run under torchrun,
 e.g. torchrun --nproc_per_node 2 -m pretrain train --config configs/tiny.yaml parallel.tp=2
 """
+
+
+INPUT_HELP = ("files, folders (their .jsonl, .jsonl.gz, .json.gz, .jsonl.zst, .parquet and .txt files) or globs; "
+              "a Hugging Face datasets folder (save_to_disk); any other file is one plain-text document")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,8 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tokenizer = commands.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
     tok_train = tokenizer.add_parser("train", help="train a sentencepiece tokenizer")
-    tok_train.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                           help="jsonl (one document per line), parquet, or any other file as one document")
+    tok_train.add_argument("--input", nargs="+", required=True, metavar="INPUT", help=INPUT_HELP)
     tok_train.add_argument("--vocab-size", type=int, required=True)
     tok_train.add_argument("--out", help="output folder (default: tokenizers/<model-type>-<vocab-size>)")
     tok_train.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
@@ -41,13 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="data tools").add_subparsers(dest="action", required=True)
     build = data.add_parser("build", help="tokenize and pack documents into shards")
-    build.add_argument("--input", nargs="+", required=True, metavar="FILE")
+    build.add_argument("--input", nargs="+", required=True, metavar="INPUT", help=INPUT_HELP)
     build.add_argument("--tokenizer", required=True, help="folder from `pretrain tokenizer train`")
     build.add_argument("--seq-len", type=int, required=True, help="model.seq_len; samples hold seq_len + 1 tokens")
     build.add_argument("--out", required=True, help="output folder (must not hold shards yet)")
     build.add_argument("--shard-samples", type=int, default=10_000, help="samples per shard")
     build.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
-    build.add_argument("--text-field", default="text")
+    build.add_argument("--text-field", default="text", help="JSON field / column with the text")
+    build.add_argument("--num-parts", type=int, default=1, help="build one of N disjoint parts (one per node), "
+                                                                 "then `pretrain data merge` them")
+    build.add_argument("--part", type=int, default=0, help="which part, 0..N-1")
+    build.add_argument("--unit-mb", type=float, default=PACKING_UNIT_MB,
+                       help="input MB per packing unit: packing restarts at each (parts split between units)")
+    merge = data.add_parser("merge", help="the parts of a `data build --num-parts N` -> one shards folder")
+    merge.add_argument("parts", nargs="+", metavar="PART_DIR", help="every part's --out folder")
+    merge.add_argument("--out", required=True, help="the shards folder (parts are moved into it, then removed)")
 
     launch = commands.add_parser("launch", help="start training with torchrun or Slurm").add_subparsers(
         dest="action", required=True)
@@ -71,6 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--submit", action="store_true", help="call sbatch and print the job id")
     slurm.add_argument("--config")
     slurm.add_argument("overrides", nargs="*", metavar="key=value")
+
+    slurm_data = launch.add_parser("slurm-data", help="render (and --submit) a Slurm job array that builds "
+                                                      "shards in parts, and the merge as a dependent job")
+    slurm_data.add_argument("--parts", type=int, required=True, help="array tasks (one part each)")
+    slurm_data.add_argument("--input", nargs="+", required=True, metavar="INPUT", help=INPUT_HELP)
+    slurm_data.add_argument("--tokenizer", required=True)
+    slurm_data.add_argument("--seq-len", type=int, required=True)
+    slurm_data.add_argument("--out", required=True, help="the merged shards folder; parts are built under OUT/parts")
+    slurm_data.add_argument("--workers", type=int, default=16, help="tokenizing processes per task")
+    slurm_data.add_argument("--shard-samples", type=int, default=10_000)
+    slurm_data.add_argument("--text-field", default="text")
+    slurm_data.add_argument("--unit-mb", type=float, default=PACKING_UNIT_MB)
+    slurm_data.add_argument("--partition")
+    slurm_data.add_argument("--time", help="time limit per task, e.g. 12:00:00")
+    slurm_data.add_argument("--account")
+    slurm_data.add_argument("--job-name", default="pretrain-data")
+    slurm_data.add_argument("--log-dir", default="runs/slurm", help="Slurm logs (relative to here)")
+    slurm_data.add_argument("--submit", action="store_true", help="sbatch both and print the two job ids")
 
     convert = commands.add_parser("convert", help="checkpoint conversion: Hugging Face, resharding").add_subparsers(
         dest="action", required=True)
@@ -99,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="action", required=True)
     bench_data = bench.add_parser("data", help="loader and tokenization throughput beside raw baselines")
-    bench_data.add_argument("--input", nargs="+", metavar="FILE", help="corpus (default: Python's stdlib sources)")
+    bench_data.add_argument("--input", nargs="+", metavar="INPUT", help="corpus (default: Python's stdlib sources)")
     bench_data.add_argument("--work", default="runs/bench-data", help="folder for the tokenizer and shards it builds")
     bench_data.add_argument("--seq-len", type=int, default=2048)
     bench_data.add_argument("--seconds", type=float, default=3.0, help="measuring time per figure (the best of three rounds counts)")
@@ -131,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             return _launch(args)
         if args.command == "convert":
             return _convert(args)
+        if args.command == "data" and args.action == "merge":
+            return _data_merge(args)
         if args.command == "bench" and args.action == "data":
             from pretrain.bench import data
 
@@ -169,6 +203,13 @@ def _launch(args: argparse.Namespace) -> int:
 
     if args.action == "local":
         return launch.launch_local(args.nproc, args.config, args.overrides)
+    if args.action == "slurm-data":
+        job = launch.DataJob(
+            parts=args.parts, inputs=args.input, tokenizer=args.tokenizer, seq_len=args.seq_len, out=args.out,
+            workers=args.workers, shard_samples=args.shard_samples, text_field=args.text_field, unit_mb=args.unit_mb,
+            partition=args.partition, time=args.time, account=args.account, job_name=args.job_name,
+            log_dir=args.log_dir)
+        return launch.launch_slurm_data(job, submit=args.submit)
     job = launch.SlurmJob(
         nodes=args.nodes, procs_per_node=args.gpus_per_node, config=args.config, overrides=args.overrides,
         cpu=args.cpu, partition=args.partition, time=args.time, account=args.account, job_name=args.job_name,
@@ -218,9 +259,25 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
 def _data_build(args: argparse.Namespace) -> int:
     from pretrain.data.build import build_shards
 
+    started = time.perf_counter()
     manifest = build_shards(args.input, args.tokenizer, args.seq_len, args.out, shard_samples=args.shard_samples,
-                            workers=args.workers, text_field=args.text_field)
-    summary = {k: manifest[k] for k in ("documents", "tokens", "samples", "empty_documents_skipped",
-                                        "invalid_utf8_replaced")}
-    print(f"{len(manifest['shards'])} shards written to {args.out}: {json.dumps(summary)}")
+                            workers=args.workers, text_field=args.text_field, num_parts=args.num_parts,
+                            part=args.part, unit_bytes=max(1, int(args.unit_mb * 2**20)))
+    seconds = time.perf_counter() - started
+    what = f"part {args.part} of {args.num_parts}: " if args.num_parts > 1 else ""
+    print(f"{what}{len(manifest['shards'])} shards written to {args.out} in {seconds:.1f} s "
+          f"({manifest['tokens'] / seconds:,.0f} tokens/s with {args.workers} workers): {_summary(manifest)}")
+    return 0
+
+
+def _summary(manifest: dict) -> str:
+    return json.dumps({k: manifest[k] for k in ("documents", "tokens", "samples", "empty_documents_skipped",
+                                                "invalid_utf8_replaced")})
+
+
+def _data_merge(args: argparse.Namespace) -> int:
+    from pretrain.data.build import merge_parts
+
+    manifest = merge_parts(args.parts, args.out)
+    print(f"merged {len(args.parts)} parts into {args.out}: {len(manifest['shards'])} shards, {_summary(manifest)}")
     return 0

@@ -1,5 +1,7 @@
-"""Launchers: `pretrain launch local` (torchrun on this machine) and `pretrain launch slurm`
-(renders slurm/train.sbatch for sbatch, optionally submitting it)."""
+"""Launchers: `pretrain launch local` (torchrun on this machine), `pretrain launch slurm`
+(renders slurm/train.sbatch for sbatch, optionally submitting it) and `pretrain launch
+slurm-data` (slurm/data-build.sbatch, a job array building shards in parts, and
+slurm/data-merge.sbatch, the merge that waits for it)."""
 
 import shlex
 import subprocess
@@ -7,7 +9,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch"
+from pretrain.data.shards import PACKING_UNIT_MB
+
+SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
+TEMPLATE = SLURM_DIR / "train.sbatch"
 
 
 def train_arguments(config: str | None, overrides: list[str]) -> list[str]:
@@ -50,8 +55,6 @@ class SlurmJob:
 def render_sbatch(job: SlurmJob, workdir: Path | None = None) -> str:
     """The sbatch script for `job`: the template with its {{FIELDS}} filled in."""
     workdir = (workdir or Path.cwd()).resolve()
-    extra = [f"#SBATCH --{name}={value}" for name, value in
-             (("partition", job.partition), ("time", job.time), ("account", job.account)) if value]
     fields = {
         "JOB_NAME": job.job_name,
         "NODES": str(job.nodes),
@@ -60,16 +63,43 @@ def render_sbatch(job: SlurmJob, workdir: Path | None = None) -> str:
         "LOG_DIR": str((workdir / job.log_dir).resolve()),
         "SIGNAL_SECONDS": str(job.signal_seconds),
         "WORKDIR": str(workdir),
-        "EXTRA_DIRECTIVES": "\n".join(extra),
+        "EXTRA_DIRECTIVES": _directives(job.partition, job.time, job.account),
         "MAX_RESTARTS": str(job.max_restarts),
         "PYTHON": shlex.quote(sys.executable),
         "PRETRAIN_ARGS": shlex.join(train_arguments(job.config, job.overrides)),
         "PROCS_PER_NODE": str(job.procs_per_node),
     }
-    script = TEMPLATE.read_text()
+    return _fill(TEMPLATE, fields)
+
+
+def _directives(partition: str | None, time: str | None, account: str | None) -> str:
+    return "\n".join(f"#SBATCH --{name}={value}" for name, value in
+                     (("partition", partition), ("time", time), ("account", account)) if value)
+
+
+def _fill(template: Path, fields: dict[str, str]) -> str:
+    script = template.read_text()
     for name, value in fields.items():
         script = script.replace("{{" + name + "}}", value)
     return script
+
+
+def _sbatch(path: Path, *options: str) -> str | None:
+    """sbatch a written script; its job id, or None (after saying why)."""
+    proc = subprocess.run(["sbatch", "--parsable", *options, str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"pretrain: sbatch {path} failed: {proc.stderr.strip()}", file=sys.stderr)
+        return None
+    return proc.stdout.strip().split(";")[0]
+
+
+def _write_scripts(log_dir: str, scripts: dict[str, str]) -> list[Path]:
+    folder = Path(log_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / name for name in scripts]
+    for path, script in zip(paths, scripts.values()):
+        path.write_text(script)
+    return paths
 
 
 def launch_slurm(job: SlurmJob, submit: bool) -> int:
@@ -78,14 +108,70 @@ def launch_slurm(job: SlurmJob, submit: bool) -> int:
     if not submit:
         print(script, end="")
         return 0
-    log_dir = Path(job.log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    path = log_dir / f"{job.job_name}.sbatch"
-    path.write_text(script)
-    proc = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(f"pretrain: sbatch {path} failed: {proc.stderr.strip()}", file=sys.stderr)
-        return proc.returncode
-    print(proc.stdout.strip().split(";")[0])
+    [path] = _write_scripts(job.log_dir, {f"{job.job_name}.sbatch": script})
+    job_id = _sbatch(path)
+    if job_id is None:
+        return 1
+    print(job_id)
+    return 0
+
+
+@dataclass
+class DataJob:
+    """`pretrain data build` in `parts` array tasks, then `pretrain data merge` into `out`."""
+
+    parts: int
+    inputs: list[str]
+    tokenizer: str
+    seq_len: int
+    out: str
+    workers: int = 16
+    shard_samples: int = 10_000
+    text_field: str = "text"
+    unit_mb: float = PACKING_UNIT_MB
+    partition: str | None = None
+    time: str | None = None
+    account: str | None = None
+    job_name: str = "pretrain-data"
+    log_dir: str = "runs/slurm"
+
+
+def render_data_sbatch(job: DataJob, workdir: Path | None = None) -> tuple[str, str]:
+    """The build array's script and the merge's, paths made absolute against `workdir`."""
+    workdir = (workdir or Path.cwd()).resolve()
+
+    def absolute(path: str) -> str:
+        return str(workdir / path) if "*" in path or "?" in path else str((workdir / path).resolve())
+
+    build = ["--input", *map(absolute, job.inputs), "--tokenizer", absolute(job.tokenizer), "--seq-len", str(job.seq_len),
+             "--workers", str(job.workers), "--shard-samples", str(job.shard_samples), "--text-field", job.text_field,
+             "--unit-mb", str(job.unit_mb)]
+    fields = {
+        "JOB_NAME": job.job_name, "PARTS": str(job.parts), "LAST_PART": str(job.parts - 1),
+        "CPUS_PER_TASK": str(job.workers + 1), "LOG_DIR": str((workdir / job.log_dir).resolve()),
+        "WORKDIR": str(workdir), "EXTRA_DIRECTIVES": _directives(job.partition, job.time, job.account),
+        "PYTHON": shlex.quote(sys.executable), "BUILD_ARGS": shlex.join(build), "OUT": shlex.quote(absolute(job.out)),
+    }
+    return _fill(SLURM_DIR / "data-build.sbatch", fields), _fill(SLURM_DIR / "data-merge.sbatch", fields)
+
+
+def launch_slurm_data(job: DataJob, submit: bool) -> int:
+    """Print both scripts, or with `submit` sbatch the array and the merge (afterok) and print their ids."""
+    if job.parts < 1:
+        print("pretrain: --parts must be at least 1", file=sys.stderr)
+        return 2
+    build, merge = render_data_sbatch(job)
+    if not submit:
+        print(build, end="")
+        print("\n# ---- then, with --dependency=afterok:<the array's job id>:\n")
+        print(merge, end="")
+        return 0
+    build_path, merge_path = _write_scripts(job.log_dir, {f"{job.job_name}-build.sbatch": build,
+                                                          f"{job.job_name}-merge.sbatch": merge})
+    array = _sbatch(build_path)
+    merged = array and _sbatch(merge_path, f"--dependency=afterok:{array}")
+    if not merged:
+        return 1
+    print(f"{array} {merged}")
     return 0
 

@@ -402,8 +402,9 @@ class Trainer:
                         "config": to_yaml(self.config),
                         "tokenizer": {"path": self.config.data.tokenizer,
                                       "sha256": self.data.tokenizer_sha256 if self.data else None}}
+        tokenizer = Path(self.config.data.tokenizer) if self.config.data.tokenizer else None
         checkpoint.save(self.engine, Path(config.dir), step, client_state, {"raw_state": self.raw_state},
-                        self._layout_record(), config.keep_last, config.keep_every)
+                        self._layout_record(), config.keep_last, config.keep_every, tokenizer)
 
     def _layout_record(self) -> dict:
         return {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp}

@@ -55,8 +55,8 @@ def data(tmp_path_factory) -> Path:
 
 
 def base(data: Path) -> list[str]:
-    return [f"data.path={data / 'train'}", f"data.valid_path={data / 'valid'}", f"data.tokenizer={data / 'tok'}",
-            "data.num_workers=0", f"model.seq_len={SEQ}", "model.hidden_size=64", "model.num_layers=3",
+    """No data.tokenizer: runs record the tokenizer copy the shards carry."""
+    return [f"data.path={data / 'train'}", f"data.valid_path={data / 'valid'}", "data.num_workers=0", f"model.seq_len={SEQ}", "model.hidden_size=64", "model.num_layers=3",
             "model.ffn_hidden_size=96", "optimizer.lr=3e-3", "schedule.warmup_steps=1", f"train.max_steps={STEPS}",
             "train.micro_batch_size=2", "train.global_batch_size=8", "log.interval=1", f"train.eval_interval={STEPS}",
             "train.eval_steps=1", "checkpoint.interval=2", "checkpoint.keep_last=0"]
@@ -128,7 +128,10 @@ def test_export_loads_in_transformers_with_our_logits_loss_and_ids(name, trained
     assert logit_diff <= 1e-5
     assert abs(result["loss"] - valid_loss) <= 1e-5
 
+    assert Path(summary["tokenizer"]).parent.parent == trained[name]["dir"]  # the checkpoint's own copy
     tokenizer = Tokenizer.load(data / "tok")
+    copies = [Tokenizer.load(step / "tokenizer").sha256 for step in sorted(trained[name]["dir"].glob("step_*"))]
+    assert copies == [tokenizer.sha256] * (STEPS // 2)  # in every checkpoint
     assert result["ids"] == tokenizer.encode(TEXTS)
     assert result["decoded"] == TEXTS
     assert result["special"] == {"bos": 1, "eos": 2, "pad": 3}

@@ -112,3 +112,30 @@ def test_preemption_requeues_and_resumes_to_the_same_loss(slurm, tmp_path, plain
     assert "stopped on a signal after saving; requeueing (restart 1 of 2)" in output
     assert f"job {job} restart 1 (at most 2)" in output and "resumed from" in output
     assert final_loss(tmp_path / "log") == plain_torchrun[4]
+
+
+def test_data_build_job_array_and_dependent_merge(slurm, tmp_path):
+    """`pretrain launch slurm-data`: two array tasks build a part each, the merge waits for both."""
+    from pretrain.data.build import build_shards
+    from pretrain.tokenizer import train_tokenizer
+    from test_data import random_documents
+
+    documents = random_documents(200, seed=8)
+    for index in range(4):
+        (tmp_path / f"docs-{index}.jsonl").write_text(
+            "".join(json.dumps({"text": d}) + "\n" for d in documents[index * 50:(index + 1) * 50]))
+    train_tokenizer([tmp_path / "docs-0.jsonl"], vocab_size=300, out=tmp_path / "tok")
+    args = ["--input", str(tmp_path / "docs-*.jsonl"), "--tokenizer", str(tmp_path / "tok"), "--seq-len", "32",
+            "--out", str(tmp_path / "shards"), "--workers", "1", "--shard-samples", "20", "--unit-mb", "0.001"]
+    proc = subprocess.run([sys.executable, "-m", "pretrain", "launch", "slurm-data", "--parts", "2", *args,
+                           "--log-dir", str(tmp_path / "slurm"), "--submit"],
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    array, merge = proc.stdout.split()
+    assert wait_for(merge, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300) == "COMPLETED", \
+        slurm_output(tmp_path)[-3000:]
+    merged = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    one = build_shards(sorted(tmp_path.glob("docs-*.jsonl")), tmp_path / "tok", 32, tmp_path / "one",
+                       shard_samples=20, workers=1, progress=False, unit_bytes=int(0.001 * 2**20))
+    assert merged["shards"] == one["shards"] and merged["documents"] == one["documents"] > 100
+    assert "part 1 of 2" in slurm_output(tmp_path) and not (tmp_path / "shards" / "parts").exists()

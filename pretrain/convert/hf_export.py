@@ -16,6 +16,7 @@ import torch
 
 from pretrain.checkpoint import CheckpointError
 from pretrain.convert.reader import SAFETENSORS_INDEX, CheckpointReader
+from pretrain.data.shards import TOKENIZER_DIR
 from pretrain.model.hf import hf_config, to_hf_tensors
 from pretrain.tokenizer import SPECIAL_IDS, Tokenizer, TokenizerError
 
@@ -60,16 +61,21 @@ def write_safetensors(tensors, out: Path, max_shard_bytes: int, always_index: bo
 
 
 def _tokenizer(reader: CheckpointReader, override: str | None) -> Tokenizer | None:
-    """The tokenizer the checkpoint was trained with (or `override`; "none" for no tokenizer)."""
+    """The tokenizer the checkpoint was trained with: `override` ("none" for no tokenizer), else
+    the checkpoint's own copy, else the folder it records."""
     if override == "none":
         return None
     recorded = reader.client_state.get("tokenizer") or {}
-    if override is None and not recorded.get("path"):
+    own = reader.path / TOKENIZER_DIR
+    if override is None and own.is_dir():
+        path = own
+    elif override is None and not recorded.get("path"):
         print(f"warning: {reader.path} records no tokenizer (trained on synthetic data?): exporting the model "
               "only; pass --tokenizer DIR to add one", file=sys.stderr)
         return None
-    path = override or recorded["path"]
-    if not Path(path).is_dir():
+    else:
+        path = Path(override or recorded["path"])
+    if not path.is_dir():
         raise TokenizerError(f"the checkpoint's tokenizer {path} does not exist here: pass --tokenizer DIR (the "
                              "folder from `pretrain tokenizer train`), or --tokenizer none to export without one")
     tokenizer = Tokenizer.load(path)

@@ -19,6 +19,7 @@ from pretrain.checkpoint import (
 )
 from pretrain.config import DataSource, validate
 from pretrain.convert.reader import CheckpointReader
+from pretrain.data.shards import TOKENIZER_DIR
 from pretrain.model.pipeline import pipeline_name
 
 
@@ -57,6 +58,8 @@ def reshard(checkpoint: str | Path, out: str | Path, tp: int, pp: int, step: int
         ds_to_universal.main(argparse.Namespace(
             input_folder=str(reader.path), output_folder=str(partial), num_extract_workers=1, num_merge_workers=1,
             keep_temp_folder=False, strict=True, inject_missing_state=False))
+        if (reader.path / TOKENIZER_DIR).is_dir():
+            shutil.copytree(reader.path / TOKENIZER_DIR, partial / TOKENIZER_DIR)
     args = reader.args
     for name in reader.names():
         source = name if reader.layout["pp"] == 1 else pipeline_name(name, args)

@@ -68,7 +68,7 @@ class ShardReader:
     def read(self, shard_index: int, member: int) -> np.ndarray:
         """The sample's seq_len + 1 tokens; ShardError names shard and sample when it is damaged."""
         location, handle, offsets = self._open(shard_index)
-        key = sample_key(shard_index, member)
+        key = sample_key(self.manifest.key_prefix(shard_index), member)
         handle.seek(int(offsets[member]) - tarfile.BLOCKSIZE)
         raw = handle.read(tarfile.BLOCKSIZE + self.sample_bytes)
         header_name = raw[:100].split(b"\0", 1)[0].decode("utf-8", "replace")

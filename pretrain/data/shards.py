@@ -5,7 +5,9 @@ uint16/uint32, and `<key>.json`, {"doc_starts": [...]}, the offsets inside the s
 document begins. Documents end with EOS; the last sample of a dataset is filled with the pad id.
 Beside each shard, `<shard>.idx` lists the byte offset of every sample's tokens (uint64), so
 that a sample can be read without scanning the tar. Tar headers are fixed (mtime 0, uid 0,
-mode 0644): the same input gives byte-identical shards."""
+mode 0644): the same input gives byte-identical shards. A sample's member name is its shard's
+`key_prefix` (in the manifest) and its number in the shard. The folder also holds `tokenizer/`,
+a copy of the tokenizer the shards were built with (checked against the manifest's sha256)."""
 
 import hashlib
 import io
@@ -19,7 +21,10 @@ import numpy as np
 
 MANIFEST = "manifest.json"
 FORMAT = "pretrain-tokens"
-VERSION = 1
+VERSION = 2  # 2: shards named by packing unit, key_prefix per shard, tokenizer copy
+READABLE_VERSIONS = (1, 2)
+TOKENIZER_DIR = "tokenizer"
+PACKING_UNIT_MB = 256  # input per packing unit (pretrain.data.build): at most one padded sample each
 
 
 class ShardError(ValueError):
@@ -30,15 +35,15 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
 
 
-def sample_key(shard_index: int, sample_index: int) -> str:
-    return f"{shard_index:06d}{sample_index:07d}"
+def sample_key(key_prefix: str, sample_index: int) -> str:
+    return f"{key_prefix}{sample_index:07d}"
 
 
 class ShardWriter:
     """Writes one tar shard and its index; renames both into place on close."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, key_prefix: str):
+        self.path, self.key_prefix = path, key_prefix
         self.partial = path.with_name(path.name + ".partial")
         self.tar = tarfile.open(self.partial, "w", format=tarfile.USTAR_FORMAT)
         self.offsets: list[int] = []
@@ -59,7 +64,8 @@ class ShardWriter:
         index = index_path(self.path)
         np.asarray(self.offsets, dtype="<u8").tofile(index)
         os.replace(self.partial, self.path)
-        return {"name": self.path.name, "samples": len(self.offsets), "bytes": self.path.stat().st_size,
+        return {"name": self.path.name, "key_prefix": self.key_prefix, "samples": len(self.offsets),
+                "bytes": self.path.stat().st_size,
                 "sha256": file_sha256(self.path), "index_sha256": file_sha256(index)}
 
 
@@ -112,8 +118,9 @@ class Manifest:
                 raise ShardError(f"{path} is not valid JSON ({error}); rebuild the shards") from None
             raise ShardError(f"no {MANIFEST} at {path} ({error}): build shards with `pretrain data build` "
                              "or point data.path at a shards folder") from None
-        if data.get("format") != FORMAT or data.get("version") != VERSION:
-            raise ShardError(f"{path} is not a version-{VERSION} {FORMAT} manifest; rebuild the shards")
+        if data.get("format") != FORMAT or data.get("version") not in READABLE_VERSIONS:
+            raise ShardError(f"{path} is not a {FORMAT} manifest of version {' or '.join(map(str, READABLE_VERSIONS))}; "
+                             "rebuild the shards")
         return cls(path[: -len(MANIFEST) - 1], data)
 
     @property
@@ -134,3 +141,11 @@ class Manifest:
 
     def shard_path(self, shard: dict) -> str:
         return f"{self.root}/{shard['name']}"
+
+    def key_prefix(self, shard_index: int) -> str:
+        return self.shards[shard_index].get("key_prefix", f"{shard_index:06d}")  # version 1: the shard's number
+
+    def tokenizer_dir(self) -> Path | None:
+        """The tokenizer copy beside local shards (version 2), or None (URLs, version 1)."""
+        folder = Path(self.root) / TOKENIZER_DIR
+        return folder if not is_url(self.root) and self.data["tokenizer"].get("path") == TOKENIZER_DIR else None
