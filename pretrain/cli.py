@@ -34,6 +34,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--print-config", action="store_true", help="print the resolved, validated config and exit")
     train.add_argument("overrides", nargs="*", metavar="key=value")
 
+    plan = commands.add_parser("plan", help="predict memory per GPU, step time and the best layouts before launch",
+                               formatter_class=argparse.RawDescriptionHelpFormatter,
+                               epilog="overrides are section.key=value pairs, as for `pretrain train`")
+    plan.add_argument("--config", help="YAML file of settings")
+    plan.add_argument("--gpus", type=int, required=True, help="GPUs of the job")
+    plan.add_argument("--gpu", default="h100", choices=["h100", "h200", "b200", "a100-80g", "a100-40g", "l40s"])
+    plan.add_argument("--gpus-per-node", type=int, default=8)
+    plan.add_argument("--efficiency", type=float, help="share of the peak the compute reaches (default 0.5)")
+    plan.add_argument("--intra-node-gbps", type=float, help="all-reduce bus bandwidth inside a node, GB/s")
+    plan.add_argument("--inter-node-gbps", type=float, help="bandwidth per GPU between nodes, GB/s")
+    plan.add_argument("--search", action="store_true", help="rank every valid layout that fits by tokens/s")
+    plan.add_argument("--top", type=int, default=5, help="layouts --search shows")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.add_argument("overrides", nargs="*", metavar="key=value")
+
     tokenizer = commands.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
     tok_train = tokenizer.add_parser("train", help="train a sentencepiece tokenizer")
     tok_train.add_argument("--input", nargs="+", required=True, metavar="INPUT", help=INPUT_HELP)
@@ -157,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "plan":
+            return _plan(args)
         if args.command == "tokenizer":
             return _tokenizer_train(args)
         if args.command == "launch":
@@ -196,6 +213,28 @@ def _train(args: argparse.Namespace) -> int:
     from pretrain.train import train
 
     return EXIT_STOPPED if train(config).stopped_by_signal else 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from pretrain import plan
+
+    gpu = plan.GPUS[args.gpu]
+    bandwidths = {"intra_node_gbps": args.intra_node_gbps, "inter_node_gbps": args.inter_node_gbps}
+    gpu = dataclasses.replace(gpu, **{k: v for k, v in bandwidths.items() if v})
+    config = load(args.config, args.overrides)
+    efficiency = args.efficiency or plan.EFFICIENCY
+    if args.search:
+        ranked = plan.search(config, args.gpus, gpu, args.gpus_per_node, efficiency)
+        if args.json:
+            print(json.dumps([p.to_json() for p in ranked[:args.top]], indent=1))
+        else:
+            print(plan.search_table(ranked, args.top, args.gpus, gpu))
+        return 0 if ranked else 1
+    result = plan.plan(config, args.gpus, gpu, args.gpus_per_node, efficiency)
+    print(json.dumps(result.to_json(), indent=1) if args.json else plan.describe(result))
+    return 0
 
 
 def _launch(args: argparse.Namespace) -> int:

@@ -264,6 +264,14 @@ def validate(config: Config, world_size: int) -> Layout:
                   global_batch_size=train.global_batch_size, grad_accumulation=train.global_batch_size // per_step)
 
 
+def total_steps(config: Config) -> int:
+    """Optimizer steps of the run: train.max_steps, or fewer when the token budget ends first."""
+    tokens_per_step = config.train.global_batch_size * config.model.seq_len
+    if config.train.max_tokens:
+        return min(config.train.max_steps, -(-config.train.max_tokens // tokens_per_step))
+    return config.train.max_steps
+
+
 def data_path_list(path: Any) -> list[str]:
     """data.path as a list: one location or several (blending)."""
     if path is None or path == "":

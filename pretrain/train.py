@@ -15,9 +15,9 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from pretrain import checkpoint, parallel
+from pretrain import checkpoint, parallel, plan
 from pretrain.checkpoint import StopSignals
-from pretrain.config import Config, Layout, Precision, to_yaml, validate
+from pretrain.config import Config, Layout, Precision, to_yaml, total_steps, validate
 from pretrain.data import pipeline
 from pretrain.data.shards import ShardError
 from pretrain.metrics import MetricsWriter, peak_flops, peak_memory_gib, throughput
@@ -47,14 +47,6 @@ class TrainResult:
     resumed_from: int = 0  # step of the checkpoint the run started from (0: a fresh start)
     stopped_by_signal: bool = False  # a stop signal ended the run early (after saving a checkpoint)
     skipped_steps: int = 0  # updates skipped for a non-finite loss
-
-
-def total_steps(config: Config) -> int:
-    """Optimizer steps of the run: train.max_steps, or fewer when the token budget ends first."""
-    tokens_per_step = config.train.global_batch_size * config.model.seq_len
-    if config.train.max_tokens:
-        return min(config.train.max_steps, -(-config.train.max_tokens // tokens_per_step))
-    return config.train.max_steps
 
 
 def resolve_precision(precision: Precision, device: torch.device) -> Precision:
@@ -145,6 +137,8 @@ class Trainer:
             config=deepspeed_config(config, layout, self.precision),
             mpu=None if self.pipelined else parallel.MegatronMpu(),  # the pipeline module brings its own grid
         )
+        if context.rank == 0:
+            print(plan.memory_check(config, layout.world_size, context.device), flush=True)
         self.device_update = DeviceUpdate(self.engine.optimizer, config.optimizer.grad_clip, config.train.max_bad_steps) \
             if config.optimizer.zero_stage in DEVICE_UPDATE_STAGES else None
         self.metrics = MetricsWriter(self.log_dir, self.steps, enabled=context.rank == 0)

@@ -5,7 +5,8 @@ rank's figures, per check:
 - graph_breaks: torch.compile graph breaks and graphs of one block's forward + backward
   (fullgraph, with and without document masking and activation checkpointing);
 - chunked_loss: the chunked head + loss against cross_entropy of the full logits (untied and
-  tied embeddings): loss difference and the largest gradient difference over all parameters."""
+  tied embeddings): loss difference and the largest gradient difference over all parameters;
+- activations: `pretrain plan`'s activation bytes and those autograd saves in a real forward."""
 
 import json
 import os
@@ -69,10 +70,28 @@ def chunked_loss(tp_group) -> dict[str, dict]:
     return results
 
 
+def activations(tp_group) -> dict[str, list[float]]:
+    from pretrain.plan import activation_bytes
+    from test_plan import saved_bytes
+
+    tokens, _, _ = batch(2)
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for checkpointing in (False, True):
+            args = LlamaArgs(**ARGS, activation_checkpointing=checkpointing)
+            model = Llama(args, tp_group)
+            model.init_weights(seed=3)
+            measured = saved_bytes(model.to(dtype), tokens)
+            predicted = activation_bytes(args, tp_group.size(), 1, 0, tokens.shape[0], dtype.itemsize, checkpointing)
+            results[f"{dtype},checkpointing={checkpointing}"] = [predicted, measured]
+    return results
+
+
 def main(out_path: str) -> None:
     context = parallel.initialize(tp=int(os.environ["WORLD_SIZE"]), pp=1, backend="gloo")
     try:
-        results = {"graph_breaks": graph_breaks(context.tp_group), "chunked_loss": chunked_loss(context.tp_group)}
+        results = {"graph_breaks": graph_breaks(context.tp_group), "chunked_loss": chunked_loss(context.tp_group),
+                   "activations": activations(context.tp_group)}
         gathered = [None] * context.world_size
         dist.all_gather_object(gathered, results)
         if context.rank == 0:

@@ -1,5 +1,7 @@
 """`torchrun -m pretrain train` with TP2: trains, loss falls, every TensorBoard tag is written."""
 
+import re
+
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import ROOT, torchrun
@@ -13,6 +15,7 @@ def test_torchrun_tp2_writes_every_tag_and_learns(tmp_path):
     proc = torchrun(2, "-m", "pretrain", "train", "--config", str(ROOT / "configs/tiny.yaml"), "parallel.tp=2",
                     f"log.dir={log_dir}", "train.max_steps=40", "checkpoint.dir=" + str(tmp_path / "ckpt"))
     assert "step 40/40" in proc.stdout + proc.stderr
+    assert re.search(r"predicted memory per process: [\d.]+ GiB \(weights [\d.]+, gradients", proc.stdout)
 
     events = EventAccumulator(str(log_dir))
     events.Reload()

@@ -117,3 +117,12 @@ def test_no_host_synchronisation_inside_a_training_step(doc_mask, shards, tmp_pa
         Trainer._step = original_step
         parallel.shutdown()
     assert context.backend == "nccl" and sorted(result.losses) == [4, 8]
+
+
+def test_train_warns_when_the_plan_exceeds_the_gpu():
+    from pretrain import plan
+    from pretrain.config import load
+
+    config = load(ROOT / "configs/llama-70b.yaml", ["parallel.tp=1", "parallel.pp=1"])
+    line = plan.memory_check(config, 1, torch.device("cuda", 0))
+    assert "warning: more than this GPU's" in line and "pretrain plan --search" in line

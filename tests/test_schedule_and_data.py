@@ -4,10 +4,9 @@ import math
 
 import torch
 
-from pretrain.config import Schedule, ScheduleConfig, load
+from pretrain.config import Schedule, ScheduleConfig, load, total_steps
 from pretrain.data.synthetic import synthetic_batches
 from pretrain.optim import lr_multiplier, parameter_groups
-from pretrain.train import total_steps
 
 
 def test_cosine_warmup_then_decay_to_floor():

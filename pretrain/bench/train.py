@@ -2,7 +2,8 @@
 engine, our model, our loader over shards built from a local corpus), eager and with compiled
 blocks, beside Hugging Face's LlamaForCausalLM of the same shape, eager (SDPA) and
 torch.compile'd, in one run on one device. Prints one table (tokens/s, TFLOP/s per GPU, MFU,
-peak memory) and the speed ratios, and writes them as JSON."""
+peak memory; on a known GPU also `pretrain plan`'s prediction of the peak allocated memory) and
+the speed ratios, and writes them as JSON."""
 
 import json
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from pretrain import plan
 from pretrain.bench.data import stdlib_sources
 from pretrain.config import load
 from pretrain.data.build import build_shards
@@ -91,12 +93,16 @@ def run_ours(shape: Shape, shards: Path, work: Path, warmup: int, steps: int, co
         f"train.max_steps={total}", f"log.interval={steps}", "optimizer.zero_stage=1",
         f"log.dir={log_dir}", "checkpoint.dir=''", "schedule.warmup_steps=1", "train.eval_interval=0",
     ]
-    result = train(load(None, overrides))
+    config = load(None, overrides)
+    result = train(config)
     records = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if r["group"] == "train"][-1]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     row = figures(last["tokens_per_sec"], LlamaArgs(**shape.model, seq_len=shape.seq_len).flops_per_token(), device)
     row["loss"] = round(result.losses[max(result.losses)], 3)
+    gpu = plan.gpu_of(device)
+    if gpu is not None:  # what torch.cuda.max_memory_allocated should read: no CUDA context or fragmentation
+        row["plan_mem_gib"] = round(plan.plan(config, 1, gpu).memory_gib["total"] - plan.ALLOWANCE_GIB, 1)
     return row
 
 
@@ -150,10 +156,11 @@ def run(shape_name: str, work: Path, warmup: int, steps: int, corpus: list[str] 
 def print_table(result: dict) -> None:
     print(f"shape {result['shape']} on {result['device']}: seq {result['seq_len']}, micro-batch "
           f"{result['micro_batch_size']}, {result['params'] / 1e6:.3g}M parameters")
-    print(f"{'':<16}{'tokens/s':>12}{'TFLOP/s/GPU':>13}{'MFU':>8}{'peak GiB':>10}")
+    print(f"{'':<16}{'tokens/s':>12}{'TFLOP/s/GPU':>13}{'MFU':>8}{'peak GiB':>10}{'plan GiB':>10}")
     for name, row in result["rows"].items():
         mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
-        print(f"{name:<16}{row['tokens_per_sec']:>12,}{row['tflops_per_gpu']:>13}{mfu:>8}{row['mem_peak_gib']:>10}")
+        print(f"{name:<16}{row['tokens_per_sec']:>12,}{row['tflops_per_gpu']:>13}{mfu:>8}{row['mem_peak_gib']:>10}"
+              f"{row.get('plan_mem_gib', '-'):>10}")
     print("tokens/s ratios: " + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in result["ratios"].items()))
 
 

@@ -1,0 +1,411 @@
+"""`pretrain plan`: a run's memory per GPU and its speed, predicted from the config before launch.
+
+Memory is counted from this framework's own tensors: each rank's parameter shards (its TP slice
+of its pipeline stage), what DeepSpeed's ZeRO stage keeps of weights, gradients and optimizer
+state on a rank, what autograd saves for backward in one micro-batch of our blocks (tests check
+these against a real engine and a real forward), the micro-batches 1F1B keeps in flight on a
+stage, the output head's working set, DeepSpeed's buffers and an allowance for the CUDA context
+and the allocator. Step time is compute at a measured efficiency plus the communication that
+is not overlapped: tensor-parallel all-reduces per layer, the pipeline bubble, pipeline sends and
+the data-parallel gradient reduction (and ZeRO-3's parameter gathers) over a bandwidth table."""
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from pretrain.config import Config, ConfigError, DataSource, Precision, total_steps, validate
+from pretrain.model.args import LlamaArgs
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class GPU:
+    """Device figures: memory as torch reports it, datasheet dense bf16 peak, and the bus bandwidth
+    of an all-reduce inside a node (NVLink) and per GPU across nodes (InfiniBand), in GB/s."""
+
+    name: str
+    memory_gib: float
+    peak_tflops: float
+    intra_node_gbps: float
+    inter_node_gbps: float
+
+
+GPUS = {
+    "h100": GPU("H100 SXM 80GB", 79.1, 989, 450, 50),
+    "h200": GPU("H200 SXM 141GB", 139.8, 989, 450, 50),
+    "b200": GPU("B200 180GB", 178.4, 2250, 900, 50),
+    "a100-80g": GPU("A100 SXM 80GB", 79.1, 312, 240, 25),
+    "a100-40g": GPU("A100 SXM 40GB", 39.4, 312, 240, 25),
+    "l40s": GPU("L40S 48GB", 44.4, 362, 25, 12.5),
+}
+# Share of the peak our compiled blocks reach: 50.7% MFU for a 1B model on one H200 (prototype,
+# ../shared/notes/environment.md); activation checkpointing adds a forward's FLOPs on top.
+EFFICIENCY = 0.5
+ALLOWANCE_GIB = 1.5  # CUDA context, cuBLAS/NCCL workspaces, allocator fragmentation
+# Host-side cost of one micro-batch on a stage (engine calls, kernel launches, pipeline handshakes):
+# an assumption until measured, it keeps the search from splitting work into needlessly small pieces.
+MICRO_BATCH_OVERHEAD_S = 0.002
+INDEX_BYTES = 8  # int64 token and position ids
+
+
+@dataclass(frozen=True)
+class Layout:
+    gpus: int
+    tp: int
+    pp: int
+    dp: int
+    zero_stage: int
+    micro_batch_size: int
+    grad_accumulation: int
+    activation_checkpointing: bool
+
+    def overrides(self) -> str:
+        return (f"parallel.tp={self.tp} parallel.pp={self.pp} optimizer.zero_stage={self.zero_stage} "
+                f"train.micro_batch_size={self.micro_batch_size} "
+                f"model.activation_checkpointing={str(self.activation_checkpointing).lower()}")
+
+
+@dataclass
+class Plan:
+    layout: Layout
+    gpu: GPU
+    memory_gib: dict[str, float]  # per GPU, on the stage that needs the most
+    fits: bool
+    step_time_s: float
+    time_s: dict[str, float]  # the step time's parts
+    tokens_per_sec: float
+    mfu: float
+    steps: int
+    run_hours: float
+    gpu_hours: float
+    parameters: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"layout": dataclasses.asdict(self.layout), "gpu": self.gpu.name, "memory_gib": self.memory_gib,
+                "fits": self.fits, "step_time_s": self.step_time_s, "time_s": self.time_s,
+                "tokens_per_sec": self.tokens_per_sec, "mfu": self.mfu, "steps": self.steps,
+                "run_hours": self.run_hours, "gpu_hours": self.gpu_hours, "parameters": self.parameters,
+                "overrides": self.layout.overrides(), "notes": self.notes}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    numel: int
+    ndim: int
+
+
+def stage_tensors(args: LlamaArgs, tp: int, pp: int) -> list[list[Tensor]]:
+    """Per pipeline stage, the parameter tensors a rank holds (its TP slices), in the order the
+    module lists them. With tied embeddings and pp > 1 the last stage holds the embedding too."""
+    h, head_dim, vocab = args.hidden_size, args.head_dim, args.padded_vocab_size(tp)
+    block = [("attention_norm.weight", h, 1),
+             ("attention.qkv_proj.weight", (args.num_heads + 2 * args.num_kv_heads) * head_dim * h // tp, 2),
+             ("attention.o_proj.weight", h * args.num_heads * head_dim // tp, 2), ("mlp_norm.weight", h, 1),
+             ("mlp.gate_proj.weight", args.ffn_hidden_size * h // tp, 2),
+             ("mlp.up_proj.weight", args.ffn_hidden_size * h // tp, 2),
+             ("mlp.down_proj.weight", h * args.ffn_hidden_size // tp, 2)]
+    embedding = Tensor("embedding.weight", vocab * h // tp, 2)
+    stages = []
+    for stage, layers in enumerate(stage_layers(args.num_layers, pp)):
+        tensors = [embedding] if stage == 0 or (stage == pp - 1 and args.tie_embeddings) else []
+        tensors += [Tensor(f"layers.{i}.{name}", numel, ndim) for i in layers for name, numel, ndim in block]
+        if stage == pp - 1:
+            tensors.append(Tensor("final_norm.weight", h, 1))
+            if not args.tie_embeddings:
+                tensors.append(Tensor("output.weight", vocab * h // tp, 2))
+        stages.append(tensors)
+    return stages
+
+
+def stage_layers(num_layers: int, pp: int) -> list[range]:
+    """Blocks per stage, as even as possible (parallel.pp_partition=blocks), earlier stages smaller."""
+    base, extra = divmod(num_layers, pp)
+    bounds = [0]
+    for stage in range(pp):
+        bounds.append(bounds[-1] + base + (1 if stage >= pp - extra else 0))
+    return [range(bounds[s], bounds[s + 1]) for s in range(pp)]
+
+
+def block_activation_bytes_per_token(args: LlamaArgs, tp: int, dtype_bytes: int) -> float:
+    """Bytes one block saves for backward per token (no checkpointing), as autograd keeps them:
+    per RMSNorm its fp32 input, rsqrt, normalised and scaled outputs; cos and sin; the rotated q
+    and k, the fused qkv buffer that v views, the attention output (which o_proj's input views)
+    and its log-sum-exp; gate, silu(gate), up and their product."""
+    h, d, e = args.hidden_size, args.head_dim, dtype_bytes
+    heads, kv, ffn = args.num_heads / tp, args.num_kv_heads / tp, args.ffn_hidden_size / tp
+    norms = 2 * (4 * h + 4 + 2 * e * h)
+    attention = 2 * e * d + e * heads * d + e * kv * d + e * (heads + 2 * kv) * d + 4 * heads + e * heads * d
+    return norms + attention + 4 * e * ffn
+
+
+def activation_bytes(args: LlamaArgs, tp: int, pp: int, stage: int, micro_batch_size: int, dtype_bytes: int,
+                     checkpointing: bool) -> float:
+    """What autograd saves for backward in one micro-batch on `stage` (the head + loss keeps the
+    gradients it computed at once: of the hidden states and of its weight)."""
+    tokens, h, e = micro_batch_size * args.seq_len, args.hidden_size, dtype_bytes
+    layers = len(stage_layers(args.num_layers, pp)[stage])
+    per_block = e * h if checkpointing else block_activation_bytes_per_token(args, tp, e)
+    total = tokens * layers * per_block + (tokens * INDEX_BYTES if checkpointing else 0)  # positions, once
+    if stage == 0:
+        total += tokens * INDEX_BYTES  # the embedding keeps the token ids
+    if stage == pp - 1:
+        total += tokens * (4 * h + 4 + e * h)  # final norm (the loss keeps a gradient instead of its output)
+        total += tokens * e * h + args.padded_vocab_size(tp) // tp * h * e  # head + loss gradients
+    return total
+
+
+# DeepSpeed 0.19 ZeRO settings the engine runs with (deepspeed_config leaves them at their defaults)
+REDUCE_BUCKET = 500_000_000  # elements of the gradient reduction bucket
+NCCL_ALIGNMENT = 2  # ZeRO-1/2 flat groups are padded to a multiple of this times dp
+PREFETCH_BUCKET = 50_000_000  # ZeRO-3 elements gathered ahead
+
+
+def _groups(tensors: list[Tensor]) -> list[list[int]]:
+    """The optimizer's parameter groups (pretrain.optim): matrices (decay), then vectors."""
+    groups = [[t.numel for t in tensors if t.ndim >= 2], [t.numel for t in tensors if t.ndim < 2]]
+    return [group for group in groups if group]
+
+
+def _zero12_partition(group: list[int], dp: int, rank: int) -> tuple[int, int, int]:
+    """A ZeRO-1/2 group: (its padded flat size, one rank's partition, the gradient elements that rank
+    keeps: every tensor starting in or straddling into its partition, whole, plus its padding)."""
+    flat = -(-sum(group) // (NCCL_ALIGNMENT * dp)) * NCCL_ALIGNMENT * dp
+    part = flat // dp
+    start, end, offset, kept = part * rank, part * (rank + 1), 0, 0
+    for numel in group:
+        if start <= offset < end or offset < start < offset + numel:
+            kept += numel
+        offset += numel
+    return flat, part, kept + min(part, max(0, end - sum(group)))
+
+
+def state_bytes(tensors: list[Tensor], zero_stage: int, dp: int, bf16: bool, persistence_threshold: int = 100_000,
+                dp_rank: int | None = None) -> dict[str, float]:
+    """Weights, gradients (as the optimizer step finds them), optimizer state (fp32 masters, Adam
+    moments, step counters) and DeepSpeed's lasting buffers on data-parallel rank `dp_rank` (None:
+    the worst), as DeepSpeed 0.19 lays them out for torch's fused AdamW (tests check them against
+    the tensors a real engine holds)."""
+    ranks = range(dp) if dp_rank is None else [dp_rank]
+    per_rank = [_state_on_rank(tensors, zero_stage, dp, rank, bf16, persistence_threshold) for rank in ranks]
+    return {key: max(values) for key, values in zip(("weights", "gradients", "optimizer", "buffers"), zip(*per_rank))}
+
+
+def _state_on_rank(tensors: list[Tensor], zero_stage: int, dp: int, rank: int, bf16: bool,
+                   persistence_threshold: int) -> tuple[int, int, int, int]:
+    e = 2 if bf16 else 4
+    groups = _groups(tensors)
+    numels = [n for group in groups for n in group]
+    total = sum(numels)
+    if zero_stage == 0:  # nothing partitioned; bf16: DeepSpeed's unfused wrapper keeps an fp32 copy
+        return e * total, e * total, (12 if bf16 else 8) * total + 4 * len(numels), 0
+    if zero_stage in (1, 2):  # the weights are views of flat groups; fp32 master partitions
+        parts = [_zero12_partition(group, dp, rank) for group in groups]
+        master = sum(part for _, part, _ in parts)
+        return (e * sum(flat for flat, _, _ in parts), e * sum(kept for _, _, kept in parts),
+                12 * master + 4 * len(groups), 0)
+    partitions = [-(-n // dp) for n in numels]  # ZeRO-3: every tensor split; small ones also kept whole
+    persistent = sum(n for n in numels if n <= persistence_threshold) if dp > 1 else 0
+    return e * (sum(partitions) + persistent), e * sum(partitions), 12 * sum(partitions) + 4 * len(groups), \
+        e * REDUCE_BUCKET
+
+
+def deepspeed_transient_bytes(tensors: list[Tensor], zero_stage: int, dp: int, bf16: bool, pipelined: bool,
+                              persistence_threshold: int = 100_000) -> float:
+    """DeepSpeed's largest short-lived allocation: ZeRO-1 keeps full gradients and a reduction
+    bucket through the accumulation (two buckets while a pipeline reduces), ZeRO-2 a bucket per
+    backward; the step turns the largest gradient partition into fp32; ZeRO-3 gathers weights."""
+    e = 2 if bf16 else 4
+    groups = _groups(tensors)
+    total = sum(map(sum, groups))
+    if zero_stage == 0:
+        return max(4 * total if bf16 else 0, e * min(total, REDUCE_BUCKET) if dp > 1 else 0)
+    if zero_stage == 3:
+        big = sorted((t.numel for t in tensors if t.numel > persistence_threshold), reverse=True)
+        gathered = e * (sum(big[:2]) + min(PREFETCH_BUCKET, sum(big[2:]))) if dp > 1 else 0
+        largest = max(-(-sum(group) // dp) for group in groups)
+        return max(gathered, (4 + (e if bf16 else 0)) * largest)
+    largest = max(part for _, part, _ in (_zero12_partition(group, dp, 0) for group in groups))
+    step = (4 + (e if bf16 else 0)) * largest
+    buckets = e * REDUCE_BUCKET * (2 if pipelined else 1)
+    return max(step, buckets + (e * total if zero_stage == 1 else 0))
+
+
+def head_working_bytes(args: LlamaArgs, tp: int, micro_batch_size: int, dtype_bytes: int) -> float:
+    """The output head + loss's transient memory: one chunk's logits (matmul output, fp32 copy,
+    gradient in the weights' dtype) and the fp32 accumulator of the weight's gradient."""
+    chunk = min(args.loss_chunk_tokens, micro_batch_size * args.seq_len)
+    local_vocab = args.padded_vocab_size(tp) // tp
+    return chunk * local_vocab * (2 * dtype_bytes + 4) + local_vocab * args.hidden_size * 4
+
+
+def ring_seconds(bytes_: float, ranks: int, gbps: float, passes: float) -> float:
+    """A ring collective: `passes` (2 for all-reduce, 1 for reduce-scatter or all-gather) times
+    (ranks - 1) / ranks of the bytes over the bus bandwidth."""
+    return 0.0 if ranks == 1 else passes * (ranks - 1) / ranks * bytes_ / (gbps * 1e9)
+
+
+def plan(config: Config, gpus: int, gpu: GPU, gpus_per_node: int = 8, efficiency: float = EFFICIENCY) -> Plan:
+    """The plan of `config` on `gpus` GPUs (validated like a launch of that many processes)."""
+    if config.model.vocab_size == 0:
+        raise ConfigError("model.vocab_size=0 takes the data's tokenizer's: give model.vocab_size to plan with")
+    layout_sizes = validate(_without_data(config), gpus)
+    args, tp, pp, dp = config.model, layout_sizes.tp, layout_sizes.pp, layout_sizes.dp
+    notes = []
+    if tp > gpus_per_node:
+        notes.append(f"parallel.tp={tp} spans nodes of {gpus_per_node} GPUs: its all-reduces run over the network")
+    bf16 = config.train.precision != Precision.fp32
+    e = 2 if bf16 else 4
+    layout = Layout(gpus=gpus, tp=tp, pp=pp, dp=dp, zero_stage=config.optimizer.zero_stage,
+                    micro_batch_size=layout_sizes.micro_batch_size, grad_accumulation=layout_sizes.grad_accumulation,
+                    activation_checkpointing=args.activation_checkpointing)
+    micro, accumulation = layout.micro_batch_size, layout.grad_accumulation
+    threshold = config.optimizer.zero3_param_persistence_threshold
+
+    worst = None
+    for stage, tensors in enumerate(stage_tensors(args, tp, pp)):
+        state = state_bytes(tensors, layout.zero_stage, dp, bf16, threshold)
+        in_flight = min(pp - stage, accumulation) if pp > 1 else 1
+        saved = activation_bytes(args, tp, pp, stage, micro, e, args.activation_checkpointing)
+        activations = in_flight * saved
+        if pp > 1:  # the pipeline engine's input and output buffers of each micro-batch in flight
+            activations += in_flight * micro * args.seq_len * (2 * e * args.hidden_size + 2 * INDEX_BYTES)
+        working = [deepspeed_transient_bytes(tensors, layout.zero_stage, dp, bf16, pp > 1, threshold)]
+        if stage == pp - 1:
+            working.append(head_working_bytes(args, tp, micro, e))
+        if args.activation_checkpointing:  # one block recomputed in backward at a time
+            working.append(micro * args.seq_len * block_activation_bytes_per_token(args, tp, e))
+        memory = {**state, "activations": activations, "working": max(working), "allowance": ALLOWANCE_GIB * GIB}
+        memory["total"] = sum(memory.values())
+        if worst is None or memory["total"] > worst["total"]:
+            worst = memory
+
+    tokens_per_micro = micro * args.seq_len
+    flops_per_gpu_micro = args.flops_per_token() * tokens_per_micro / (tp * pp)
+    compute = flops_per_gpu_micro * (4 / 3 if args.activation_checkpointing else 1) / (gpu.peak_tflops * 1e12 * efficiency)
+    layers = max(len(r) for r in stage_layers(args.num_layers, pp))
+    activation = tokens_per_micro * args.hidden_size * e
+    tp_bandwidth = gpu.intra_node_gbps if tp <= gpus_per_node else gpu.inter_node_gbps
+    # per block: 2 all-reduces forward (attention and MLP outputs), 2 backward (their inputs'
+    # gradients), 2 more when the forward is recomputed; the head and embedding add two
+    all_reduces = layers * (6 if args.activation_checkpointing else 4) + 2
+    tp_time = all_reduces * ring_seconds(activation, tp, tp_bandwidth, 2)
+    pp_bandwidth = gpu.intra_node_gbps if tp * dp * pp <= gpus_per_node else gpu.inter_node_gbps
+    send = 0.0 if pp == 1 else 2 * activation / (pp_bandwidth * 1e9)
+    per_micro = compute + tp_time + send + MICRO_BATCH_OVERHEAD_S
+    pipeline = (accumulation + pp - 1) * per_micro
+    local = max(sum(t.numel for t in stage) for stage in stage_tensors(args, tp, pp))
+    dp_bandwidth = gpu.intra_node_gbps if tp * dp <= gpus_per_node else gpu.inter_node_gbps
+    passes = {0: 2, 1: 2, 2: 2, 3: 3}[layout.zero_stage]  # ZeRO-3 also gathers the weights for backward
+    dp_time = ring_seconds(local * e, dp, dp_bandwidth, passes)
+    step = pipeline + dp_time
+    tokens_per_step = config.train.global_batch_size * args.seq_len
+    tokens_per_sec = tokens_per_step / step
+    steps = total_steps(config)
+    run_hours = steps * step / 3600
+    return Plan(layout=layout, gpu=gpu, memory_gib={k: round(v / GIB, 2) for k, v in worst.items()},
+                fits=worst["total"] <= gpu.memory_gib * GIB, step_time_s=step,
+                time_s={"compute": accumulation * compute, "tensor_parallel": accumulation * tp_time,
+                        "overhead": accumulation * MICRO_BATCH_OVERHEAD_S,
+                        "pipeline_bubble": (pp - 1) * per_micro, "pipeline_sends": accumulation * send,
+                        "data_parallel": dp_time},
+                tokens_per_sec=tokens_per_sec, mfu=args.flops_per_token() * tokens_per_sec / (gpus * gpu.peak_tflops * 1e12),
+                steps=steps, run_hours=run_hours, gpu_hours=run_hours * gpus, parameters=args.num_params(), notes=notes)
+
+
+def _without_data(config: Config) -> Config:
+    """The config as validation sees it for planning: the data are not read (nor needed)."""
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, source=DataSource.synthetic),
+                               train=dataclasses.replace(config.train, eval_interval=0))
+
+
+def with_layout(config: Config, tp: int, pp: int, zero_stage: int, micro_batch_size: int,
+                checkpointing: bool) -> Config:
+    return dataclasses.replace(
+        config, parallel=dataclasses.replace(config.parallel, tp=tp, pp=pp),
+        optimizer=dataclasses.replace(config.optimizer, zero_stage=zero_stage),
+        train=dataclasses.replace(config.train, micro_batch_size=micro_batch_size),
+        model=dataclasses.replace(config.model, activation_checkpointing=checkpointing))
+
+
+def search(config: Config, gpus: int, gpu: GPU, gpus_per_node: int = 8, efficiency: float = EFFICIENCY) -> list[Plan]:
+    """Every layout of `gpus` GPUs that validation accepts and that fits, fastest first: tensor
+    parallel inside a node, any pipeline depth, ZeRO 0-3, micro-batches of powers of two,
+    activation checkpointing off and on."""
+    plans = []
+    for tp in (t for t in range(1, min(gpus, gpus_per_node) + 1) if gpus_per_node % t == 0 and gpus % t == 0):
+        for pp in (p for p in range(1, config.model.num_layers + 1) if gpus % (tp * p) == 0):
+            for zero_stage in (1,) if pp > 1 else (0, 1, 2, 3):
+                micro = 1
+                while micro <= config.train.global_batch_size:
+                    for checkpointing in (False, True):
+                        candidate = with_layout(config, tp, pp, zero_stage, micro, checkpointing)
+                        try:
+                            result = plan(candidate, gpus, gpu, gpus_per_node, efficiency)
+                        except ConfigError:
+                            continue
+                        if result.fits:
+                            plans.append(result)
+                    micro *= 2
+    return sorted(plans, key=lambda p: (-p.tokens_per_sec, p.memory_gib["total"]))
+
+
+def describe(result: Plan) -> str:
+    layout, memory = result.layout, result.memory_gib
+    lines = [
+        f"{result.parameters / 1e9:.2f}B parameters on {layout.gpus} x {result.gpu.name}: tp {layout.tp} x pp "
+        f"{layout.pp} x dp {layout.dp}, ZeRO-{layout.zero_stage}, micro-batch {layout.micro_batch_size} x "
+        f"{layout.grad_accumulation} accumulated, activation checkpointing "
+        f"{'on' if layout.activation_checkpointing else 'off'}",
+        "memory per GPU (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in memory.items() if k != "total")
+        + f"; total {memory['total']:.2f} of {result.gpu.memory_gib}: " + ("fits" if result.fits else "DOES NOT FIT"),
+        f"step {result.step_time_s:.3f} s: " + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in result.time_s.items()),
+        f"{result.tokens_per_sec:,.0f} tokens/s, MFU {100 * result.mfu:.1f}%; {result.steps:,} steps in "
+        f"{result.run_hours:,.1f} h = {result.gpu_hours:,.0f} GPU-hours",
+    ]
+    return "\n".join(lines + [f"note: {note}" for note in result.notes])
+
+
+def search_table(plans: list[Plan], top: int, gpus: int, gpu: GPU) -> str:
+    if not plans:
+        return f"no layout of {gpus} x {gpu.name} fits this model and batch: add GPUs or lower train.global_batch_size"
+    rows = [f"{len(plans)} layouts of {gpus} x {gpu.name} fit; the {min(top, len(plans))} fastest:",
+            f"{'tokens/s':>12} {'MFU':>6} {'GiB':>7}  overrides"]
+    rows += [f"{p.tokens_per_sec:>12,.0f} {100 * p.mfu:>5.1f}% {p.memory_gib['total']:>7.1f}  {p.layout.overrides()}"
+             for p in plans[:top]]
+    return "\n".join(rows)
+
+
+def gpu_of(device) -> GPU | None:
+    """The table's entry for a CUDA device (by name and memory), or None (CPU, unknown GPU)."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    name, memory = torch.cuda.get_device_name(device), torch.cuda.get_device_properties(device).total_memory / GIB
+    for key in ("H200", "B200", "H100", "L40S"):
+        if key in name:
+            return GPUS[key.lower()]
+    if "A100" in name:
+        return GPUS["a100-80g" if memory > 60 else "a100-40g"]
+    return None
+
+
+def memory_check(config: Config, world_size: int, device) -> str:
+    """`pretrain train`'s start-up line: the predicted memory per GPU, and a warning when it
+    exceeds the device's."""
+    gpu = gpu_of(device) or GPU(str(device), float("inf"), 1.0, 1.0, 1.0)
+    result = plan(config, world_size, gpu)
+    memory = result.memory_gib
+    line = (f"predicted memory per {'GPU' if device.type == 'cuda' else 'process'}: {memory['total']:.2f} GiB (weights {memory['weights']:.2f}, gradients "
+            f"{memory['gradients']:.2f}, optimizer {memory['optimizer']:.2f}, activations {memory['activations']:.2f})")
+    if device.type == "cuda":
+        import torch
+
+        available = torch.cuda.get_device_properties(device).total_memory / GIB
+        if memory["total"] > available:
+            line += (f"\nwarning: more than this GPU's {available:.1f} GiB: expect an out-of-memory error; "
+                     f"`pretrain plan --search` lists layouts that fit")
+    return line
