@@ -68,6 +68,10 @@ def initialize(tp: int, pp: int, backend: str = "auto") -> ParallelContext:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(_free_port()))
         dist.init_process_group(backend=choose_backend(backend))
+    # DeepSpeed would JIT-compile its shared-memory all-reduce (used only by CPU inference) here:
+    # a minute of g++ on a fresh machine, and a process killed meanwhile leaves a lock file that
+    # hangs every later run. Marking the op unavailable keeps plain torch.distributed collectives.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the group (PipelineModule needs it)
     world_size, rank = dist.get_world_size(), dist.get_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
