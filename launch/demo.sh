@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: a corpus -> sentencepiece tokenizer -> tokenized shards -> training of the tiny
-# model on them, with a held-out validation split. Needs no download: by default the corpus is
+# model on them, with a held-out validation split and samples every 100 steps -> export to
+# Hugging Face -> a completion by `transformers` from the export. Needs no download: by default the corpus is
 # this Python's own standard library sources. DATA="files..." uses your files instead (any input
 # `pretrain data build` takes: JSON lines plain or compressed, parquet, folders, globs, text).
 set -euo pipefail
@@ -34,4 +35,18 @@ rm -rf "$OUT"
   data.source=shards data.path="$OUT/shards" data.valid_path="$OUT/valid" \
   model.vocab_size=0 model.seq_len=256 model.hidden_size=128 model.ffn_hidden_size=352 \
   train.max_steps="$STEPS" train.eval_interval=100 train.eval_steps=4 schedule.warmup_steps=30 \
-  optimizer.lr=2e-3 log.dir="$OUT/log" log.interval=25 checkpoint.dir="$OUT/checkpoints"
+  optimizer.lr=2e-3 log.dir="$OUT/log" log.interval=25 checkpoint.dir="$OUT/checkpoints" \
+  log.sample_interval=100 'log.sample_prompts=["def main(","import "]' log.sample_tokens=24
+"$PY" -m pretrain convert to-hf --checkpoint "$OUT/checkpoints" --out "$OUT/hf" --dtype fp32
+echo "demo: transformers completes 'def main(' with the exported model in $OUT/hf:"
+"$PY" - "$OUT/hf" <<'EOF'
+import sys
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+ids = tokenizer("def main(", return_tensors="pt").input_ids
+new = model.generate(ids, max_new_tokens=48, do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:]
+print("def main(" + tokenizer.decode(new, skip_special_tokens=True))
+EOF

@@ -115,7 +115,9 @@ def save(engine, root: Path, step: int, client_state: dict, rank_state: dict, la
          keep_every: int, tokenizer: Path | None = None) -> Path:
     """Every rank calls this. `layout`: the parallel sizes, recorded to check resumes against;
     `tokenizer`: the run's tokenizer folder, copied into the checkpoint. Returns the final
-    directory once it is complete on all ranks."""
+    directory once it is complete on all ranks. A write error on any rank (a full disk, EIO)
+    removes the partial directory and raises CheckpointError on every rank; the checkpoints
+    saved before are left as they were."""
     rank = dist.get_rank()
     final = step_dir(root, step)
     partial = final.with_name(final.name + PARTIAL)
@@ -125,35 +127,76 @@ def save(engine, root: Path, step: int, client_state: dict, rank_state: dict, la
             shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
     started = time.perf_counter()
-    engine.save_checkpoint(str(root), tag=partial.name, client_state=client_state, save_latest=False)
-    own = partial / f"rank_{rank:05d}.pt"
-    torch.save({**rank_state, "rng": rng_state()}, own)
-    _fsync(own)
-    dist.barrier()
-    if rank == 0:
-        if tokenizer is not None:
-            copy_tokenizer(tokenizer, partial / TOKENIZER_DIR)
-        files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
-        for name in files:
-            _fsync(partial / name)
-        (partial / MARKER).write_text(json.dumps({"step": step, "world_size": dist.get_world_size(),
-                                                  "layout": layout, "files": files}, indent=1))
-        _fsync(partial / MARKER)
-        if final.exists():  # a checkpoint of this step from an earlier attempt
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        (root / (LATEST + PARTIAL)).write_text(final.name + "\n")
-        os.replace(root / (LATEST + PARTIAL), root / LATEST)
-        _fsync(root)
-        _prune(root, keep_last, keep_every)
-        print(f"saved {final} in {time.perf_counter() - started:.1f} s", flush=True)
-    dist.barrier()
+    error = None
+    try:
+        engine.save_checkpoint(str(root), tag=partial.name, client_state=client_state, save_latest=False)
+    except (OSError, RuntimeError) as caught:  # torch.save reports a full disk as RuntimeError
+        error = caught
+        dist.barrier()  # the one DeepSpeed's save ends with, where the ranks that wrote their files wait
+    if error is None:
+        try:
+            own = partial / f"rank_{rank:05d}.pt"
+            torch.save({**rank_state, "rng": rng_state()}, own)
+            _fsync(own)
+        except (OSError, RuntimeError) as caught:
+            error = caught
+    _agree_written(error, root, partial)
+    try:
+        if rank == 0:
+            _complete(root, partial, final, step, layout, tokenizer)
+            _prune(root, keep_last, keep_every)
+            print(f"saved {final} in {time.perf_counter() - started:.1f} s", flush=True)
+        error = None
+    except (OSError, RuntimeError) as caught:  # torch.save reports a full disk as RuntimeError
+        error = caught
+    _agree_written(error, root, partial)
     return final
 
 
+def _complete(root: Path, partial: Path, final: Path, step: int, layout: dict, tokenizer: Path | None) -> None:
+    """Rank 0, once every rank has written its files: tokenizer copy, marker, rename, `latest`."""
+    if tokenizer is not None:
+        copy_tokenizer(tokenizer, partial / TOKENIZER_DIR)
+    files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
+    for name in files:
+        _fsync(partial / name)
+    (partial / MARKER).write_text(json.dumps({"step": step, "world_size": dist.get_world_size(),
+                                              "layout": layout, "files": files}, indent=1))
+    _fsync(partial / MARKER)
+    if final.exists():  # a checkpoint of this step from an earlier attempt
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    (root / (LATEST + PARTIAL)).write_text(final.name + "\n")
+    os.replace(root / (LATEST + PARTIAL), root / LATEST)
+    _fsync(root)
+
+
+def _agree_written(error: Exception | None, root: Path, partial: Path) -> None:
+    """All ranks learn whether any failed to write; if one did, the partial save is removed and
+    every rank raises, naming the path, the error and the free space."""
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
+    failed = {rank: message for rank, message in enumerate(errors) if message is not None}
+    if not failed:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    free = shutil.disk_usage(root).free / 2**30 if root.exists() else float("nan")
+    previous = find_checkpoint(root, "auto")
+    rank, message = next(iter(failed.items()))
+    raise CheckpointError(
+        f"saving {partial} failed on rank(s) {', '.join(map(str, failed))} (rank {rank}: {message}); "
+        f"{free:.2f} GiB free on {root}. The partial save was removed; "
+        + (f"{previous} is the newest complete checkpoint and resumes as before"
+           if previous else "no earlier complete checkpoint exists")
+        + ": free space (or point checkpoint.dir elsewhere) and restart")
+
+
 def _prune(root: Path, keep_last: int, keep_every: int) -> None:
-    """Keep the newest keep_last checkpoints and every step divisible by keep_every."""
-    steps = sorted(int(m.group(1)) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))
+    """Keep the newest keep_last complete checkpoints and every step divisible by keep_every;
+    torn ones are neither counted nor removed, so the newest complete one always stays."""
+    steps = sorted(int(m.group(1)) for p in root.iterdir()
+                   if (m := _STEP_DIR.match(p.name)) and torn_reason(p) is None)
     for step in steps[:-keep_last] if keep_last else []:
         if not (keep_every and step % keep_every == 0):
             shutil.rmtree(step_dir(root, step), ignore_errors=True)

@@ -49,6 +49,29 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.add_argument("overrides", nargs="*", metavar="key=value")
 
+    generate = commands.add_parser("generate", help="complete prompts with a checkpoint (one process, CPU or GPU)")
+    generate.add_argument("--checkpoint", required=True, help="checkpoint.dir of a run (any layout), a step_* folder, "
+                                                              "or a `convert from-hf` folder")
+    generate.add_argument("--step", type=int, help="which step (default: the newest complete one)")
+    prompts = generate.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", nargs="+", metavar="TEXT")
+    prompts.add_argument("--prompts-file", help="one prompt per line")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    generate.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint's)")
+    generate.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1, ...")
+    generate.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every token")
+    evaluate = commands.add_parser("eval", help="loss and perplexity of a checkpoint on held-out shards")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--step", type=int)
+    evaluate.add_argument("--data", required=True, help="a shards folder from `pretrain data build`")
+    evaluate.add_argument("--batches", type=int, help="global batches (default: the run's train.eval_steps)")
+    evaluate.add_argument("--out", help="write the result as JSON here")
+    evaluate.add_argument("--device", default="auto")
+
     tokenizer = commands.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
     tok_train = tokenizer.add_parser("train", help="train a sentencepiece tokenizer")
     tok_train.add_argument("--input", nargs="+", required=True, metavar="INPUT", help=INPUT_HELP)
@@ -82,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True)
     local = launch.add_parser("local", help="torchrun on this machine (one process per GPU, or --nproc)")
     local.add_argument("--nproc", type=int, help="processes (default: the number of GPUs, else 1)")
+    local.add_argument("--max-restarts", type=int, help="torchrun restarts of all workers when one fails "
+                                                        "(default: the config's train.max_restarts)")
     local.add_argument("--config")
     local.add_argument("overrides", nargs="*", metavar="key=value")
     slurm = launch.add_parser("slurm", help="render (and --submit) an sbatch script for multi-node training")
@@ -94,7 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--job-name", default="pretrain")
     slurm.add_argument("--log-dir", default="runs/slurm", help="Slurm and torchrun logs (relative to here)")
     slurm.add_argument("--cpus-per-task", type=int, help="CPUs per node task (default: 8 per GPU)")
-    slurm.add_argument("--max-restarts", type=int, default=3, help="requeues after a stop signal")
+    slurm.add_argument("--max-restarts", type=int, help="torchrun restarts of all workers in the job when one "
+                                                        "fails (default: the config's train.max_restarts)")
+    slurm.add_argument("--max-requeues", type=int, default=3, help="requeues after a stop signal (time limit, "
+                                                                   "preemption)")
+    slurm.add_argument("--max-failures", type=int, default=2, help="requeues after training failed (a node lost, "
+                                                                   "the restarts used up), counted apart")
     slurm.add_argument("--signal-seconds", type=int, default=120,
                        help="seconds before the time limit at which Slurm asks training to save and stop")
     slurm.add_argument("--submit", action="store_true", help="call sbatch and print the job id")
@@ -158,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--warmup", type=int, default=5, help="steps before measuring (compilation included)")
     bench_train.add_argument("--steps", type=int, default=10, help="measured steps")
     bench_train.add_argument("--out", help="write the table as JSON here")
+    bench_generate = bench.add_parser("generate", help="decoding speed with the KV cache beside recomputing")
+    bench_generate.add_argument("--config", default="configs/llama-125m.yaml", help="the model shape")
+    bench_generate.add_argument("--new-tokens", type=int, default=256)
+    bench_generate.add_argument("--batch", type=int, default=1, help="prompts decoded together")
+    bench_generate.add_argument("--prompt-tokens", type=int, default=16)
+    bench_generate.add_argument("--device", default="auto")
+    bench_generate.add_argument("--out", help="write the figures as JSON here")
     return parser
 
 
@@ -174,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "plan":
             return _plan(args)
+        if args.command in ("generate", "eval"):
+            return _inference(args)
         if args.command == "tokenizer":
             return _tokenizer_train(args)
         if args.command == "launch":
@@ -186,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
             from pretrain.bench import data
 
             return data.main(args.input, args.work, args.out, args.seq_len, args.seconds)
+        if args.command == "bench" and args.action == "generate":
+            from pretrain.bench import generate as generate_bench
+
+            return generate_bench.main(args.config, args.new_tokens, args.batch, args.prompt_tokens, args.out,
+                                       args.device)
         if args.command == "bench":
             from pretrain.bench import train as train_bench
 
@@ -237,11 +281,27 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inference(args: argparse.Namespace) -> int:
+    from pretrain import inference
+
+    if args.command == "eval":
+        inference.run_eval(args.checkpoint, args.step, args.data, args.batches, args.out, args.device)
+        return 0
+    from pretrain.generate import Sampling
+
+    prompts = args.prompt or [line for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed)
+    inference.run_generate(args.checkpoint, args.step, prompts, sampling, args.tokenizer, args.device,
+                           use_cache=not args.no_cache)
+    return 0
+
+
 def _launch(args: argparse.Namespace) -> int:
     from pretrain import launch
 
     if args.action == "local":
-        return launch.launch_local(args.nproc, args.config, args.overrides)
+        return launch.launch_local(args.nproc, args.config, args.overrides, args.max_restarts)
     if args.action == "slurm-data":
         job = launch.DataJob(
             parts=args.parts, inputs=args.input, tokenizer=args.tokenizer, seq_len=args.seq_len, out=args.out,
@@ -253,7 +313,7 @@ def _launch(args: argparse.Namespace) -> int:
         nodes=args.nodes, procs_per_node=args.gpus_per_node, config=args.config, overrides=args.overrides,
         cpu=args.cpu, partition=args.partition, time=args.time, account=args.account, job_name=args.job_name,
         log_dir=args.log_dir, cpus_per_task=args.cpus_per_task, max_restarts=args.max_restarts,
-        signal_seconds=args.signal_seconds)
+        max_requeues=args.max_requeues, max_failures=args.max_failures, signal_seconds=args.signal_seconds)
     return launch.launch_slurm(job, submit=args.submit)
 
 

@@ -53,6 +53,7 @@ class ParallelConfig:
     pp: int = 1  # pipeline-parallel size; data-parallel size = world size / (tp * pp)
     backend: Backend = Backend.auto
     pp_partition: PipelinePartition = PipelinePartition.blocks  # how layers are split among pipeline stages
+    timeout_minutes: float = 30.0  # a collective waiting longer than this fails (a dead or hung peer)
 
 
 @dataclass
@@ -87,6 +88,10 @@ class TrainConfig:
     eval_steps: int = 10  # global batches per validation pass (the same batches every time)
     max_bad_steps: int = 5  # stop after this many updates in a row skipped for a non-finite loss
     inject_nan_steps: list[int] = field(default_factory=list)  # fault injection for tests: NaN loss at these steps
+    # a rank with no finished step, evaluation or save for this long dumps its stacks and exits, so
+    # that torchrun restarts the workers; 0 = no watchdog
+    hang_timeout_s: float = 1800.0
+    max_restarts: int = 3  # torchrun restarts of all workers when one fails (`pretrain launch local|slurm`)
 
 
 @dataclass
@@ -108,6 +113,12 @@ class DataConfig:
 class LogConfig:
     dir: str = "runs/default"  # TensorBoard events, metrics.jsonl and the resolved config
     interval: int = 10  # steps between metric records
+    sample_interval: int = 0  # steps between completions of sample_prompts by the model in training; 0 = none
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_tokens: int = 32  # new tokens per sample (greedy)
+    wandb: bool = False  # mirror metrics and samples to Weights & Biases (pip install wandb; WANDB_MODE=offline works)
+    wandb_project: str = "pretrain"
+    wandb_run_name: str = ""  # empty: the log.dir's name
 
 
 @dataclass
@@ -235,7 +246,20 @@ def validate(config: Config, world_size: int) -> Layout:
     need(train.max_bad_steps >= 1, f"train.max_bad_steps={train.max_bad_steps} must be at least 1")
     need(not (train.inject_nan_steps and pp > 1), "train.inject_nan_steps (fault injection) needs parallel.pp=1")
     need(train.eval_interval >= 0, f"train.eval_interval={train.eval_interval} must be >= 0 (0 = no validation)")
+    need(train.hang_timeout_s >= 0, f"train.hang_timeout_s={train.hang_timeout_s} must be >= 0 (0 = no watchdog)")
+    need(train.max_restarts >= 0, f"train.max_restarts={train.max_restarts} must be >= 0")
+    need(config.parallel.timeout_minutes > 0,
+         f"parallel.timeout_minutes={config.parallel.timeout_minutes} must be > 0 (e.g. 30)")
     need(train.eval_steps >= 1, f"train.eval_steps={train.eval_steps} must be at least 1")
+    log = config.log
+    need(log.sample_interval >= 0, f"log.sample_interval={log.sample_interval} must be >= 0 (0 = no samples)")
+    need(not log.sample_interval or bool(log.sample_prompts),
+         f"log.sample_interval={log.sample_interval} needs log.sample_prompts, e.g. 'log.sample_prompts=[\"def \"]'")
+    need(not log.sample_interval or log.sample_tokens >= 1, f"log.sample_tokens={log.sample_tokens} must be at least 1")
+    need(not (log.sample_interval and config.optimizer.zero_stage == 3),
+         "log.sample_interval needs whole weights on each rank: not with optimizer.zero_stage=3 (use 0-2)")
+    need(not (log.sample_interval and config.data.source == DataSource.synthetic),
+         "log.sample_interval needs a tokenizer: not with data.source=synthetic")
     need(not (train.eval_interval and not config.data.valid_path),
          f"train.eval_interval={train.eval_interval} needs data.valid_path (held-out shards), or set train.eval_interval=0")
     need(config.data.num_workers >= 0, f"data.num_workers={config.data.num_workers} must be >= 0")

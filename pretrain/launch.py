@@ -3,6 +3,7 @@
 slurm-data` (slurm/data-build.sbatch, a job array building shards in parts, and
 slurm/data-merge.sbatch, the merge that waits for it)."""
 
+import os
 import shlex
 import subprocess
 import sys
@@ -12,6 +13,9 @@ from pathlib import Path
 from pretrain.data.shards import PACKING_UNIT_MB
 
 SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
+# Restarted workers must not share torchrun's rendezvous store: keys of the failed attempt
+# left there send the new process group to dead peers (pytorch/pytorch#135712).
+RESTART_SAFE_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 TEMPLATE = SLURM_DIR / "train.sbatch"
 
 
@@ -19,20 +23,31 @@ def train_arguments(config: str | None, overrides: list[str]) -> list[str]:
     return (["--config", config] if config else []) + list(overrides)
 
 
-def local_command(nproc: int | None, config: str | None, overrides: list[str]) -> list[str]:
-    """torchrun with a standalone rendezvous: one process per GPU, or `nproc` CPU processes."""
+def configured_restarts(config: str | None, overrides: list[str]) -> int:
+    """train.max_restarts of the config the job will train with."""
+    from pretrain.config import load
+
+    return load(config, overrides).train.max_restarts
+
+
+def local_command(nproc: int | None, config: str | None, overrides: list[str], max_restarts: int) -> list[str]:
+    """torchrun with a standalone rendezvous: one process per GPU, or `nproc` CPU processes; when a
+    worker fails, all are restarted (at most `max_restarts` times) and resume from the newest
+    complete checkpoint."""
     if nproc is None:
         import torch
 
         nproc = torch.cuda.device_count() or 1
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            "-m", "pretrain", "train", *train_arguments(config, overrides)]
+            "--max-restarts", str(max_restarts), "-m", "pretrain", "train", *train_arguments(config, overrides)]
 
 
-def launch_local(nproc: int | None, config: str | None, overrides: list[str]) -> int:
-    command = local_command(nproc, config, overrides)
+def launch_local(nproc: int | None, config: str | None, overrides: list[str], max_restarts: int | None = None) -> int:
+    if max_restarts is None:
+        max_restarts = configured_restarts(config, overrides)
+    command = local_command(nproc, config, overrides, max_restarts)
     print("+ " + shlex.join(command), flush=True)
-    return subprocess.run(command).returncode
+    return subprocess.run(command, env={**os.environ, **RESTART_SAFE_ENV}).returncode
 
 
 @dataclass
@@ -48,7 +63,9 @@ class SlurmJob:
     job_name: str = "pretrain"
     log_dir: str = "runs/slurm"
     cpus_per_task: int | None = None
-    max_restarts: int = 3
+    max_restarts: int | None = None  # torchrun restarts in the job (None: the config's train.max_restarts)
+    max_requeues: int = 3  # requeues after a stop signal (time limit, preemption)
+    max_failures: int = 2  # requeues after training failed (a node lost, torchrun's restarts used up)
     signal_seconds: int = 120
 
 
@@ -64,7 +81,10 @@ def render_sbatch(job: SlurmJob, workdir: Path | None = None) -> str:
         "SIGNAL_SECONDS": str(job.signal_seconds),
         "WORKDIR": str(workdir),
         "EXTRA_DIRECTIVES": _directives(job.partition, job.time, job.account),
-        "MAX_RESTARTS": str(job.max_restarts),
+        "MAX_RESTARTS": str(configured_restarts(job.config, job.overrides) if job.max_restarts is None
+                            else job.max_restarts),
+        "MAX_REQUEUES": str(job.max_requeues),
+        "MAX_FAILURES": str(job.max_failures),
         "PYTHON": shlex.quote(sys.executable),
         "PRETRAIN_ARGS": shlex.join(train_arguments(job.config, job.overrides)),
         "PROCS_PER_NODE": str(job.procs_per_node),

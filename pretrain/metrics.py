@@ -55,19 +55,20 @@ def throughput(tokens: int, seconds: float, flops_per_token: int, world_size: in
 
 
 class MetricsWriter:
-    """Writes `train/<name>` scalars on rank 0; other ranks hold a disabled writer."""
+    """Writes `train/<name>` scalars on rank 0 (to TensorBoard, metrics.jsonl, the console and,
+    with `wandb`, a Weights & Biases run) and samples (TensorBoard text, samples.jsonl); other
+    ranks hold a disabled writer."""
 
-    def __init__(self, log_dir: Path, total_steps: int, enabled: bool):
+    def __init__(self, log_dir: Path, total_steps: int, enabled: bool, wandb: dict | None = None):
         self.enabled = enabled
         if not enabled:
             return
         log_dir.mkdir(parents=True, exist_ok=True)
         self.tensorboard = SummaryWriter(str(log_dir))
-        path = log_dir / "metrics.jsonl"
-        self.jsonl = open(path, "a", encoding="utf-8")
-        if self.jsonl.tell() and _last_byte(path) != b"\n":
-            self.jsonl.write("\n")  # a killed run left half a line: start the resumed run on a new one
+        self.jsonl = _appender(log_dir / "metrics.jsonl")
+        self.samples = _appender(log_dir / "samples.jsonl")
         self.progress = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True, disable=None)
+        self.wandb = _wandb_run(log_dir, wandb) if wandb is not None else None
 
     def write(self, step: int, values: dict[str, float], group: str = "train", console: bool = True) -> None:
         if not self.enabled:
@@ -76,8 +77,27 @@ class MetricsWriter:
             self.tensorboard.add_scalar(f"{group}/{name}", value, step)
         self.jsonl.write(json.dumps({"step": step, "group": group, **values}) + "\n")
         self.jsonl.flush()
+        if self.wandb is not None:
+            self.wandb.log({f"{group}/{name}": value for name, value in values.items()}, step=step)
         if console:
             self.progress.write(console_line(group, step, self.progress.total, values))
+
+    def write_samples(self, step: int, prompts: list[str], completions: list[str]) -> None:
+        if not self.enabled:
+            return
+        rows = "\n".join(f"| {json.dumps(p)} | {json.dumps(c)} |" for p, c in zip(prompts, completions))
+        self.tensorboard.add_text("samples", f"| prompt | completion |\n|---|---|\n{rows}", step)
+        for prompt, completion in zip(prompts, completions):
+            self.samples.write(json.dumps({"step": step, "prompt": prompt, "completion": completion}) + "\n")
+        self.samples.flush()
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"samples": wandb.Table(columns=["step", "prompt", "completion"],
+                                                   data=[[step, p, c] for p, c in zip(prompts, completions)])},
+                           step=step)
+        self.progress.write(f"samples at step {step}: " + " | ".join(
+            json.dumps(p + c)[:120] for p, c in zip(prompts, completions)))
 
     def advance(self, steps: int) -> None:
         if self.enabled:
@@ -88,6 +108,27 @@ class MetricsWriter:
             self.progress.close()
             self.tensorboard.close()
             self.jsonl.close()
+            self.samples.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+def _appender(path: Path):
+    """A JSON-lines file opened for appending; half a line left by a killed run is ended first."""
+    stream = open(path, "a", encoding="utf-8")
+    if stream.tell() and _last_byte(path) != b"\n":
+        stream.write("\n")
+    return stream
+
+
+def _wandb_run(log_dir: Path, settings: dict):
+    """A Weights & Biases run in log_dir (resumed when the log folder is resumed)."""
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError("log.wandb=true needs Weights & Biases: pip install wandb (or set log.wandb=false)") from None
+    return wandb.init(project=settings["project"], name=settings["name"] or log_dir.name, dir=str(log_dir),
+                      config=settings["config"], id=settings["id"], resume="allow")
 
 
 _CONSOLE_FIELDS = [("ppl", "ppl {:.2f}"), ("lr", "lr {:.2e}"), ("grad_norm", "grad {:.3f}"),

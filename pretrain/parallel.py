@@ -4,6 +4,7 @@ built once and checked to agree on every rank's (pipeline, data, tensor) coordin
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import deepspeed
 import torch
@@ -58,16 +59,20 @@ def choose_backend(requested: str) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def initialize(tp: int, pp: int, backend: str = "auto") -> ParallelContext:
+def initialize(tp: int, pp: int, backend: str = "auto", timeout_minutes: float = 30.0) -> ParallelContext:
     """Join (or, for a plain single-process run, create) the process group and build the grid.
 
     Under torchrun the environment names rank and world size; without it this process is a
-    world of one on a free local port."""
+    world of one on a free local port. A collective that waits longer than `timeout_minutes`
+    fails instead of hanging (NCCL: its watchdog aborts the communicator)."""
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(_free_port()))
-        dist.init_process_group(backend=choose_backend(backend))
+        backend = choose_backend(backend)
+        if backend == "nccl":
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a failed collective ends the process
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
     # DeepSpeed would JIT-compile its shared-memory all-reduce (used only by CPU inference) here:
     # a minute of g++ on a fresh machine, and a process killed meanwhile leaves a lock file that
     # hangs every later run. Marking the op unavailable keeps plain torch.distributed collectives.

@@ -318,7 +318,8 @@ def plan(config: Config, gpus: int, gpu: GPU, gpus_per_node: int = 8, efficiency
 def _without_data(config: Config) -> Config:
     """The config as validation sees it for planning: the data are not read (nor needed)."""
     return dataclasses.replace(config, data=dataclasses.replace(config.data, source=DataSource.synthetic),
-                               train=dataclasses.replace(config.train, eval_interval=0))
+                               train=dataclasses.replace(config.train, eval_interval=0),
+                               log=dataclasses.replace(config.log, sample_interval=0))
 
 
 def with_layout(config: Config, tp: int, pp: int, zero_stage: int, micro_batch_size: int,

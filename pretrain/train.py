@@ -2,6 +2,7 @@
 by data-parallel rank, with metrics every `log.interval` steps, validation and checkpoints."""
 
 import contextlib
+import hashlib
 import itertools
 import math
 import warnings
@@ -14,18 +15,22 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from pretrain import checkpoint, parallel, plan
 from pretrain.checkpoint import StopSignals
-from pretrain.config import Config, Layout, Precision, to_yaml, total_steps, validate
+from pretrain.config import Config, ConfigError, Layout, Precision, to_yaml, total_steps, validate
 from pretrain.data import pipeline
 from pretrain.data.shards import ShardError
 from pretrain.metrics import MetricsWriter, peak_flops, peak_memory_gib, throughput
 from pretrain.model.llama import Llama, compile_blocks
-from pretrain.model.pipeline import build_pipeline, canonical_name
+from pretrain.generate import ModelDecoder, PipelineDecoder, Sampling, generate
+from pretrain.model.pipeline import build_pipeline, canonical_name, head_weight
 from pretrain.model.weights import load_full_state_dict
 from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.tokenizer import Tokenizer
 from pretrain.update import DeviceUpdate
+from pretrain.watchdog import Watchdog
 
 
 DEVICE_UPDATE_STAGES = (1, 2)  # ZeRO stages whose optimizer step DeviceUpdate keeps on the device
@@ -91,7 +96,8 @@ def train(config: Config) -> TrainResult:
     layout = validate(config, int(os.environ.get("WORLD_SIZE", "1")))
     data = pipeline.resolve(config)
     owns_process_group = not dist.is_initialized()
-    context = parallel.initialize(layout.tp, layout.pp, config.parallel.backend.value)
+    context = parallel.initialize(layout.tp, layout.pp, config.parallel.backend.value,
+                                  config.parallel.timeout_minutes)
     try:
         return Trainer(config, layout, context, data).run()
     finally:
@@ -141,7 +147,8 @@ class Trainer:
             print(plan.memory_check(config, layout.world_size, context.device), flush=True)
         self.device_update = DeviceUpdate(self.engine.optimizer, config.optimizer.grad_clip, config.train.max_bad_steps) \
             if config.optimizer.zero_stage in DEVICE_UPDATE_STAGES else None
-        self.metrics = MetricsWriter(self.log_dir, self.steps, enabled=context.rank == 0)
+        self.metrics = MetricsWriter(self.log_dir, self.steps, enabled=context.rank == 0, wandb=self._wandb_settings())
+        self.sampler = self._sampler()
         self.samples_per_step = layout.global_batch_size
         self.consumed_samples = 0
         self.skipped_corrupt = 0
@@ -158,6 +165,40 @@ class Trainer:
         self.engine_reports_norm = config.optimizer.zero_stage > 0 or self.precision != Precision.fp32
         if resume_from is not None and not starts_from_weights:
             self._resume(resume_from)
+
+    def _wandb_settings(self) -> dict | None:
+        if not self.config.log.wandb:
+            return None
+        log = self.config.log
+        run_id = hashlib.sha256(str(self.log_dir.resolve()).encode()).hexdigest()[:16]  # a resumed run continues it
+        return {"project": log.wandb_project, "name": log.wandb_run_name, "id": run_id,
+                "config": OmegaConf.to_container(OmegaConf.structured(self.config), resolve=True)}
+
+    def _sampler(self) -> tuple[Tokenizer, list[list[int]]] | None:
+        """log.sample_prompts tokenized, when the run samples."""
+        if not self.config.log.sample_interval:
+            return None
+        if not self.config.data.tokenizer:
+            raise ConfigError("log.sample_interval needs a tokenizer: set data.tokenizer (shards built before "
+                              "they carried their tokenizer do not name one)")
+        tokenizer = Tokenizer.load(self.config.data.tokenizer)
+        return tokenizer, tokenizer.encode(list(self.config.log.sample_prompts))
+
+    def sample(self, step: int) -> None:
+        """Complete log.sample_prompts with the current weights (greedy), as the training ranks:
+        TP peers together, pipeline stages in turn; one data-parallel replica. Nothing of the
+        training state changes (the weights are only read; sampling has its own generator)."""
+        if self.context.dp_rank != 0:
+            return
+        tokenizer, prompts = self.sampler
+        if self.pipelined:
+            decoder = PipelineDecoder(self.model, self.config.model, self.context.tp_group,
+                                      head_weight(self.model, self.config.model) if self.context.is_last_stage else None)
+        else:
+            decoder = ModelDecoder(self.model)
+        sampling = Sampling(max_new_tokens=self.config.log.sample_tokens, seed=self.config.train.seed)
+        ids = generate(decoder, prompts, sampling, tokenizer.eos_id, tokenizer.pad_id)
+        self.metrics.write_samples(step, list(self.config.log.sample_prompts), [tokenizer.decode(row) for row in ids])
 
     def _find_checkpoint(self) -> Path | None:
         found = [checkpoint.find_checkpoint(Path(self.config.checkpoint.dir), self.config.checkpoint.resume)
@@ -256,6 +297,23 @@ class Trainer:
         return total, grad_norm
 
     def run(self) -> TrainResult:
+        self._report_restart()
+        self.watchdog = Watchdog(self.config.train.hang_timeout_s, self.context.rank)
+        try:
+            return self._train_loop()
+        finally:
+            self.watchdog.stop()
+
+    def _report_restart(self) -> None:
+        """Under torchrun, after a worker failed: say which restart this is and from where it resumes."""
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restart and self.context.rank == 0:
+            limit = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?")
+            print(f"restart {restart} of at most {limit}: torchrun restarted the workers after one failed; "
+                  f"continuing after step {self.start_step}", flush=True)
+            self.metrics.write(self.start_step, {"restarts": restart}, group="fault", console=False)
+
+    def _train_loop(self) -> TrainResult:
         config, layout, context = self.config, self.layout, self.context
         batches = self._batches()
         if self.pipelined:
@@ -272,6 +330,7 @@ class Trainer:
             log_step = step % config.log.interval == 0 or step == self.steps
             skipped_before = self.engine.skipped_steps
             loss, grad_norm = self._step(step, batches, log_step)
+            self.watchdog.progress(f"step {step}")
             if self.device_update is None:
                 bad_in_a_row = self._check_update(step, loss, skipped_before, bad_in_a_row, result)
             window_loss += loss
@@ -308,10 +367,15 @@ class Trainer:
             self.metrics.advance(1)
             if config.train.eval_interval and (step % config.train.eval_interval == 0 or step == self.steps):
                 result.valid_losses[step] = self.evaluate(step)
+                self.watchdog.progress(f"the evaluation at step {step}")
+            if config.log.sample_interval and step % config.log.sample_interval == 0:
+                self.sample(step)
+                self.watchdog.progress(f"the samples at step {step}")
             stop = self.stop_signals.agreed()
             if config.checkpoint.dir and (step == self.steps or stop or (
                     config.checkpoint.interval and step % config.checkpoint.interval == 0)):
                 self.save(step, result.tokens)
+                self.watchdog.progress(f"the checkpoint of step {step}")
             if stop:
                 if context.rank == 0:
                     print(f"stop signal received: stopped after step {step}"

@@ -2,8 +2,10 @@
 writes what the tests compare: python hf_check.py SPEC.json OUT.pt
 
 SPEC: {"model": folder, "logits_tokens": [[ids]], "loss_batches": [{"tokens": [[ids]], "labels": [[ids]]}],
-       "texts": [str]}. OUT holds the logits, the mean loss over all labelled tokens of loss_batches,
-the AutoTokenizer ids of the texts and their decoded strings, and a greedy generation."""
+       "texts": [str], optionally "generate": {"prompts": [str], "max_new_tokens": n}}. OUT holds the
+logits, the mean loss over all labelled tokens of loss_batches, the AutoTokenizer ids of the
+texts and their decoded strings, a greedy generation, and with "generate" the greedy new ids of
+each prompt (one at a time, up to its EOS)."""
 
 import json
 import sys
@@ -33,6 +35,16 @@ def main(spec_path: str, out_path: str) -> None:
         out["ids"] = tokenizer(spec["texts"])["input_ids"]
         out["decoded"] = [tokenizer.decode(ids) for ids in out["ids"]]
         out["special"] = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
+    if spec.get("generate"):
+        tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+        out["generations"] = []
+        for prompt in spec["generate"]["prompts"]:
+            ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+            with torch.no_grad():
+                new = model.generate(ids, max_new_tokens=spec["generate"]["max_new_tokens"], do_sample=False,
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            new = new[0, ids.shape[1]:].tolist()
+            out["generations"].append(new[:new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new)
     assert not any(name == "pretrain" or name.startswith("pretrain.") for name in sys.modules)
     torch.save(out, out_path)
 

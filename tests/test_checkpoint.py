@@ -188,15 +188,18 @@ def test_nan_updates_are_skipped_counted_and_stop_the_run(tmp_path, uninterrupte
     assert "3 updates in a row skipped for a non-finite loss (train.max_bad_steps=3) at step 6" in proc.stderr
 
 
-def test_retention_keeps_the_newest_and_every_kth(tmp_path):
+def test_retention_keeps_the_newest_complete_and_every_kth(tmp_path):
     from pretrain.checkpoint import UNIVERSAL, _prune
 
     for step in range(1, 11):
         (tmp_path / f"step_{step:08d}").mkdir()
+        (tmp_path / f"step_{step:08d}" / MARKER).write_text(json.dumps({"files": {}}))
     (tmp_path / f"step_00000001{UNIVERSAL}").mkdir()
+    (tmp_path / "step_00000011").mkdir()  # torn (no marker): neither counted nor removed
     _prune(tmp_path, keep_last=3, keep_every=4)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "step_00000004", "step_00000008", "step_00000009", "step_00000010"]
+        "step_00000004", "step_00000008", "step_00000009", "step_00000010", "step_00000011"]
+    assert find_checkpoint(tmp_path, "auto").name == "step_00000010"
     assert find_checkpoint(tmp_path, "none") is None
 
 

@@ -44,7 +44,8 @@ def test_launch_local_prints_and_runs_torchrun(tmp_path):
         cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     first = proc.stdout.splitlines()[0]
-    assert first.startswith("+ ") and "torch.distributed.run --standalone --nproc_per_node 2 -m pretrain train" in first
+    assert first.startswith("+ ") and ("torch.distributed.run --standalone --nproc_per_node 2 --max-restarts 3 "
+                                       "-m pretrain train") in first  # train.max_restarts
     assert "step 4/4" in proc.stdout + proc.stderr
 
 
@@ -59,5 +60,6 @@ def test_slurm_script_renders_every_field():
     assert not re.search(r"\{\{[A-Z_]+\}\}", script)  # every field filled in
     for line in ("#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu",
                  "#SBATCH --time=1-00:00:00", "#SBATCH --account=lab", "#SBATCH --signal=B:USR1@120",
-                 "PRETRAIN_ARGS=(--config configs/llama-7b.yaml train.max_steps=10)", "MAX_RESTARTS=3"):
+                 "PRETRAIN_ARGS=(--config configs/llama-7b.yaml train.max_steps=10)", "MAX_RESTARTS=3",
+                 "MAX_REQUEUES=3", "MAX_FAILURES=2", '--max-restarts "$4"'):
         assert line in script

@@ -5,6 +5,7 @@ PRETRAIN_REQUIRE_SLURM=1 (CI) makes that a failure."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -40,7 +41,7 @@ def slurm() -> int:
 def submit(tmp: Path, nodes: int, *extra: str) -> str:
     proc = subprocess.run(
         [sys.executable, "-m", "pretrain", "launch", "slurm", "--nodes", str(nodes), "--gpus-per-node", "2", "--cpu",
-         "--log-dir", str(tmp / "slurm"), "--signal-seconds", "60", "--max-restarts", "2", "--submit", *TRAIN,
+         "--log-dir", str(tmp / "slurm"), "--signal-seconds", "60", "--max-restarts", "2", "--max-requeues", "2", "--submit", *TRAIN,
          f"log.dir={tmp / 'log'}", f"checkpoint.dir={tmp / 'ckpt'}", *extra],
         cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -109,8 +110,33 @@ def test_preemption_requeues_and_resumes_to_the_same_loss(slurm, tmp_path, plain
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED", slurm_output(tmp_path)[-3000:]
     output = slurm_output(tmp_path)
-    assert "stopped on a signal after saving; requeueing (restart 1 of 2)" in output
-    assert f"job {job} restart 1 (at most 2)" in output and "resumed from" in output
+    assert "stopped on a signal after saving; requeueing (requeue 1 of 2 after a stop signal)" in output
+    assert f"job {job} run 1 (requeued 1 of at most 2 times after a stop signal, 0 of at most 2 after a failure)" \
+        in output and "resumed from" in output
+    assert final_loss(tmp_path / "log") == plain_torchrun[4]
+
+
+def test_a_killed_training_process_is_restarted_in_the_job(slurm, tmp_path, plain_torchrun):
+    """2 nodes x 2 ranks: SIGKILL one training process after the first checkpoint; torchrun's
+    agents restart all four workers, which resume and end with the uninterrupted run's loss."""
+    from test_faults import training_pids
+
+    job = submit(tmp_path, 2)
+    deadline = time.time() + 300
+    while not (tmp_path / "ckpt" / "latest").exists():
+        assert time.time() < deadline and job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), \
+            slurm_output(tmp_path)[-3000:]
+        time.sleep(0.05)
+    pids = training_pids(str(tmp_path / "log"))
+    assert sorted(pids) == [0, 1, 2, 3]
+    os.kill(pids[3], signal.SIGKILL)
+    killed = time.monotonic()
+    assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}) == "COMPLETED", \
+        slurm_output(tmp_path)[-3000:]
+    print(f"killed rank 3: the job completed {time.monotonic() - killed:.1f} s later")
+    output = slurm_output(tmp_path)
+    assert "restart 1 of at most 2: torchrun restarted the workers after one failed" in output
+    assert "requeueing" not in output  # recovered within the job
     assert final_loss(tmp_path / "log") == plain_torchrun[4]
 
 

@@ -8,17 +8,15 @@ memory needed is about one output file, whatever the size of the model."""
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from pretrain.checkpoint import CheckpointError
-from pretrain.convert.reader import SAFETENSORS_INDEX, CheckpointReader
-from pretrain.data.shards import TOKENIZER_DIR
+from pretrain.convert.reader import SAFETENSORS_INDEX, CheckpointReader, checkpoint_tokenizer
 from pretrain.model.hf import hf_config, to_hf_tensors
-from pretrain.tokenizer import SPECIAL_IDS, Tokenizer, TokenizerError
+from pretrain.tokenizer import SPECIAL_IDS, TokenizerError
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -60,31 +58,6 @@ def write_safetensors(tensors, out: Path, max_shard_bytes: int, always_index: bo
     return weight_map
 
 
-def _tokenizer(reader: CheckpointReader, override: str | None) -> Tokenizer | None:
-    """The tokenizer the checkpoint was trained with: `override` ("none" for no tokenizer), else
-    the checkpoint's own copy, else the folder it records."""
-    if override == "none":
-        return None
-    recorded = reader.client_state.get("tokenizer") or {}
-    own = reader.path / TOKENIZER_DIR
-    if override is None and own.is_dir():
-        path = own
-    elif override is None and not recorded.get("path"):
-        print(f"warning: {reader.path} records no tokenizer (trained on synthetic data?): exporting the model "
-              "only; pass --tokenizer DIR to add one", file=sys.stderr)
-        return None
-    else:
-        path = Path(override or recorded["path"])
-    if not path.is_dir():
-        raise TokenizerError(f"the checkpoint's tokenizer {path} does not exist here: pass --tokenizer DIR (the "
-                             "folder from `pretrain tokenizer train`), or --tokenizer none to export without one")
-    tokenizer = Tokenizer.load(path)
-    if recorded.get("sha256") and tokenizer.sha256 != recorded["sha256"]:
-        raise TokenizerError(f"{path} (sha256 {tokenizer.sha256[:12]}) is not the tokenizer this checkpoint was "
-                             f"trained with ({recorded['sha256'][:12]}): pass the right one with --tokenizer")
-    return tokenizer
-
-
 def export(checkpoint: str | Path, out: str | Path, step: int | None = None, dtype: str = "bf16",
            tokenizer: str | None = None, max_shard_bytes: int = 5 * 2**30) -> dict:
     """Export one checkpoint step; returns a summary (step, parameters, bytes, files, seconds)."""
@@ -93,7 +66,7 @@ def export(checkpoint: str | Path, out: str | Path, step: int | None = None, dty
     args, out = reader.args, Path(out)
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out} exists and is not empty: choose a new --out folder")
-    spm = _tokenizer(reader, tokenizer)
+    spm = checkpoint_tokenizer(reader, tokenizer)
     if spm is not None and spm.vocab_size > args.vocab_size:
         raise TokenizerError(f"{spm.path} has {spm.vocab_size} tokens, the model only {args.vocab_size}")
     partial = out.with_name(out.name + ".partial")

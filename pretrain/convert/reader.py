@@ -10,6 +10,7 @@ Files are memory-mapped and only the slices a tensor needs are read, so converti
 never holds more than the tensor at hand (plus what the page cache keeps)."""
 
 import json
+import sys
 from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
@@ -20,9 +21,11 @@ from pretrain.checkpoint import (
     DEEPSPEED, MARKER, UNIVERSAL_FORMAT, WEIGHTS, CheckpointError, find_checkpoint, step_dir, torn_reason,
 )
 from pretrain.config import Config, from_yaml
+from pretrain.data.shards import TOKENIZER_DIR
 from pretrain.model.args import LlamaArgs
 from pretrain.model.pipeline import pipeline_name
 from pretrain.model.weights import VOCAB_PARAMETERS, parameter_names, partition_dim
+from pretrain.tokenizer import Tokenizer, TokenizerError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -174,3 +177,28 @@ class LazyTensors(Mapping):
 
     def __len__(self) -> int:
         return len(self.names)
+
+
+def checkpoint_tokenizer(reader: CheckpointReader, override: str | None) -> Tokenizer | None:
+    """The tokenizer the checkpoint was trained with: `override` ("none" for no tokenizer), else
+    the checkpoint's own copy, else the folder it records."""
+    if override == "none":
+        return None
+    recorded = reader.client_state.get("tokenizer") or {}
+    own = reader.path / TOKENIZER_DIR
+    if override is None and own.is_dir():
+        path = own
+    elif override is None and not recorded.get("path"):
+        print(f"warning: {reader.path} records no tokenizer (trained on synthetic data?): exporting the model "
+              "only; pass --tokenizer DIR to add one", file=sys.stderr)
+        return None
+    else:
+        path = Path(override or recorded["path"])
+    if not path.is_dir():
+        raise TokenizerError(f"the checkpoint's tokenizer {path} does not exist here: pass --tokenizer DIR (the "
+                             "folder from `pretrain tokenizer train`), or --tokenizer none to export without one")
+    tokenizer = Tokenizer.load(path)
+    if recorded.get("sha256") and tokenizer.sha256 != recorded["sha256"]:
+        raise TokenizerError(f"{path} (sha256 {tokenizer.sha256[:12]}) is not the tokenizer this checkpoint was "
+                             f"trained with ({recorded['sha256'][:12]}): pass the right one with --tokenizer")
+    return tokenizer

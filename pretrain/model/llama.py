@@ -117,8 +117,8 @@ class Attention(nn.Module):
         self.qkv_proj = column_parallel(args.hidden_size, qkv_size, layer_config, tp_group)
         self.o_proj = row_parallel(args.num_heads * self.head_dim, args.hidden_size, layer_config, tp_group)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q [batch, heads/tp, seq, head_dim], k and v [batch, kv_heads/tp, seq, head_dim], rotated."""
         batch, seq, _ = x.shape
         qkv, _ = self.qkv_proj(copy_to_tensor_model_parallel_region(x, group=self.tp_group))
         qkv = qkv.view(batch, seq, self.local_groups, self.queries_per_group + 2, self.head_dim)
@@ -126,10 +126,42 @@ class Attention(nn.Module):
         q = q.reshape(batch, seq, -1, self.head_dim).transpose(1, 2)
         k = k.reshape(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = v.reshape(batch, seq, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attention(q, k, v, document_ids).transpose(1, 2).reshape(batch, seq, -1)
-        out, _ = self.o_proj(out)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def _output(self, out: torch.Tensor) -> torch.Tensor:
+        out, _ = self.o_proj(out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1))
         return out
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self._project(x, cos, sin)
+        return self._output(attention(q, k, v, document_ids))
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+               cache: "KVCache | None") -> torch.Tensor:
+        """Inference: the new positions attend to the cached ones and themselves as `mask`
+        ([batch, 1, new, cached + new], True = may attend) allows."""
+        q, k, v = self._project(x, cos, sin)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        return self._output(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
+
+
+class KVCache:
+    """One block's keys and values of the positions decoded so far: [batch, kv_heads/tp, capacity, head_dim]."""
+
+    def __init__(self, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.keys = torch.empty(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.values = torch.empty_like(self.keys)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions; returns the keys and values of every position so far."""
+        end = self.length + k.shape[2]
+        self.keys[:, :, self.length:end], self.values[:, :, self.length:end] = k, v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
 
 
 class SwiGLU(nn.Module):
@@ -171,6 +203,17 @@ class Block(nn.Module):
         if self.recompute and torch.is_grad_enabled():
             return checkpoint(self._forward, x, position_ids, document_ids, use_reentrant=False)
         return self._forward(x, position_ids, document_ids)
+
+    def decode(self, x: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+               cache: KVCache | None) -> torch.Tensor:
+        """Inference on new positions (pretrain.generate), with or without a cache; never compiled."""
+        cos, sin = self.rotary(position_ids, x.dtype)
+        h = x + self.attention.decode(self.attention_norm(x), cos, sin, mask, cache)
+        return h + self.mlp(self.mlp_norm(h))
+
+    def new_cache(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+        attention = self.attention
+        return KVCache(batch, attention.local_groups, capacity, attention.head_dim, dtype, device)
 
 
 def compile_blocks(model: nn.Module) -> None:

@@ -111,7 +111,12 @@ def build_pipeline(args: LlamaArgs, tp_group, topology: ProcessTopology, partiti
     initialize(module, seed, args.init_std, args.num_layers, tp_group.rank(), tp_group.size(),
                canonical=lambda name: canonical_name(name, args.num_layers))
     if module.stage_id == module.num_stages - 1:
-        head = module.tied_modules[TIED_KEY].embedding if args.tie_embeddings else module.forward_funcs[-1].output
-        module.loss_fn = partial(linear_cross_entropy, weight=head.weight, vocab_size=args.vocab_size,
+        module.loss_fn = partial(linear_cross_entropy, weight=head_weight(module, args), vocab_size=args.vocab_size,
                                  tp_group=tp_group, chunk_tokens=args.loss_chunk_tokens)
     return module
+
+
+def head_weight(module: PipelineModule, args: LlamaArgs) -> nn.Parameter:
+    """The output head's weight on the last stage: the tied embedding's, or the head's own."""
+    head = module.tied_modules[TIED_KEY].embedding if args.tie_embeddings else module.forward_funcs[-1].output
+    return head.weight

@@ -1,0 +1,87 @@
+"""`pretrain generate` and `pretrain eval`: a checkpoint of any layout (TP, PP, ZeRO, resharded, or
+from `pretrain convert from-hf`) loaded whole into one process, on CPU or one GPU."""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from pretrain import parallel
+from pretrain.config import Config, Precision, validate
+from pretrain.convert.reader import CheckpointReader, LazyTensors, checkpoint_tokenizer
+from pretrain.data import pipeline
+from pretrain.generate import ModelDecoder, Sampling, generate
+from pretrain.model.llama import Llama
+from pretrain.model.weights import load_full_state_dict
+from pretrain.tokenizer import TokenizerError
+
+
+def load_model(reader: CheckpointReader, device: torch.device, dtype: torch.dtype) -> Llama:
+    """The checkpoint's weights in a model of one process (its process group stays up until
+    parallel.shutdown())."""
+    model = Llama(reader.args, parallel.initialize(tp=1, pp=1, backend="gloo").tp_group)
+    load_full_state_dict(model, LazyTensors(reader), tp_rank=0, tp=1)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _device(name: str) -> torch.device:
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+
+
+def run_generate(checkpoint: str, step: int | None, prompts: list[str], sampling: Sampling, tokenizer: str | None,
+                 device: str = "auto", use_cache: bool = True) -> list[list[int]]:
+    """Print each prompt's completion and the decoding speed; returns the new token ids."""
+    reader = CheckpointReader(checkpoint, step)
+    spm = checkpoint_tokenizer(reader, tokenizer)
+    if spm is None:
+        raise TokenizerError(f"{reader.path} records no tokenizer: pass --tokenizer DIR")
+    target = _device(device)
+    try:
+        model = load_model(reader, target, torch.bfloat16 if target.type == "cuda" else torch.float32)
+        started = time.perf_counter()
+        ids = generate(ModelDecoder(model), spm.encode(prompts), sampling, spm.eos_id, spm.pad_id, use_cache)
+        seconds = time.perf_counter() - started
+    finally:
+        parallel.shutdown()
+    completions = [spm.decode(row) for row in ids]
+    for prompt, completion in zip(prompts, completions):
+        print(f"--- {prompt!r}\n{prompt}{completion}")
+    new = sum(map(len, ids))
+    print(f"{new} new tokens for {len(prompts)} prompt(s) in {seconds:.2f} s: {new / seconds:,.1f} tokens/s "
+          f"({'with' if use_cache else 'without'} a KV cache, {target})")
+    return ids
+
+
+def run_eval(checkpoint: str, step: int | None, data: str, batches: int | None, out: str | None,
+             device: str = "auto") -> dict:
+    """Mean loss per predicted token and perplexity over the first `batches` global batches of
+    `data` (default: the run's train.eval_steps), as the trainer's valid/loss counts them."""
+    reader = CheckpointReader(checkpoint, step)
+    config: Config = reader.config
+    config.data.valid_path, config.train.eval_steps = data, batches or config.train.eval_steps
+    config.data.path, config.data.tokenizer = data, ""
+    config.parallel.tp, config.parallel.pp = 1, 1  # one process holds the whole model
+    info = pipeline.resolve(config)
+    layout = validate(config, 1)
+    target = _device(device)
+    precision = torch.float32 if config.train.precision == Precision.fp32 or target.type == "cpu" else torch.bfloat16
+    try:
+        model = load_model(reader, target, precision)
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for batch in pipeline.validation_batches(config, info, layout, dp_rank=0):
+                batch = {name: tensor.to(target) for name, tensor in batch.items() if torch.is_tensor(tensor)}
+                predicted = int((batch["labels"] != -100).sum())
+                loss = model(batch["tokens"], batch.get("position_ids"), batch.get("document_ids"), batch["labels"])
+                total, count = total + float(loss) * predicted, count + predicted
+    finally:
+        parallel.shutdown()
+    result = {"checkpoint": str(reader.path), "step": reader.step, "data": data, "batches": config.train.eval_steps,
+              "tokens": count, "loss": total / count, "ppl": math.exp(min(total / count, 50.0))}
+    print(f"{reader.path} on {data}: loss {result['loss']:.4f}, perplexity {result['ppl']:.2f} over "
+          f"{count:,} tokens ({result['batches']} batches)")
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1) + "\n")
+    return result

@@ -1,0 +1,117 @@
+"""Hard faults, with real processes: a stopped (hung) rank under `pretrain launch local` is found
+by the watchdog and torchrun restarts the workers, which finish with the uninterrupted run's
+losses; a full disk during a save (a real tmpfs) leaves the previous checkpoint, which resumes
+exactly, and the error names the path. (A killed rank on two Slurm nodes: tests/test_slurm.py.)"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, child_env, free_port
+from pretrain.checkpoint import find_checkpoint, torn_reason
+from pretrain.watchdog import EXIT_HUNG
+from test_checkpoint import BASE, train_losses
+
+HANG_TIMEOUT_S = 6
+LONG = ["train.max_steps=160", "log.interval=10", "checkpoint.interval=40", "checkpoint.keep_last=2",
+        f"train.hang_timeout_s={HANG_TIMEOUT_S}"]
+
+
+def training_pids(marker: str) -> dict[int, int]:
+    """rank -> pid of the training processes whose command line contains `marker`."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = dict(item.split(b"=", 1) for item in (entry / "environ").read_bytes().split(b"\0") if b"=" in item)
+        except (OSError, ValueError):
+            continue
+        if marker.encode() in b" ".join(cmdline) and b"torch.distributed.run" not in cmdline and b"RANK" in environ:
+            found[int(environ[b"RANK"])] = int(entry.name)
+    return found
+
+
+def final_losses(tmp: Path) -> dict[int, float]:
+    return {step: values[-1] for step, values in train_losses(tmp).items()}
+
+
+def test_a_stopped_rank_is_detected_and_the_workers_restart_to_the_same_losses(tmp_path):
+    plain, faulty = tmp_path / "plain", tmp_path / "faulty"
+    launch = [sys.executable, "-m", "pretrain", "launch", "local", "--nproc", "2", "--max-restarts", "1", *BASE, *LONG]
+    subprocess.run([*launch, f"log.dir={plain / 'log'}", "checkpoint.dir=''"], cwd=ROOT, env=child_env(),
+                   capture_output=True, check=True, timeout=300)
+    output = tmp_path / "output.txt"
+    with open(output, "w") as sink:
+        proc = subprocess.Popen([*launch, f"log.dir={faulty / 'log'}", f"checkpoint.dir={faulty / 'ckpt'}"],
+                                cwd=ROOT, env=child_env(), stdout=sink, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while not (faulty / "ckpt" / "latest").exists():
+        assert proc.poll() is None and time.time() < deadline, output.read_text()[-3000:]
+        time.sleep(0.05)
+    victim = training_pids(str(faulty / "log"))[1]
+    os.kill(victim, signal.SIGSTOP)
+    stopped, seen = time.monotonic(), {}
+    while proc.poll() is None:
+        text = output.read_text()
+        for event, line in (("detected", "hung: nothing finished for"), ("restarted", "restart 1 of at most 1")):
+            if line in text and event not in seen:
+                seen[event] = time.monotonic() - stopped
+        assert time.monotonic() - stopped < 240, text[-3000:]
+        time.sleep(0.1)
+    text = output.read_text()
+    assert proc.returncode == 0, text[-4000:]
+    assert f"exits with {EXIT_HUNG} so that torchrun restarts the workers" in text and "Thread 0x" in text  # stacks
+    assert seen["detected"] < HANG_TIMEOUT_S + 12, seen
+    print(f"stopped rank: detected after {seen['detected']:.1f} s, workers restarted after {seen['restarted']:.1f} s")
+    assert final_losses(faulty) == final_losses(plain)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(bytes) -> a real tmpfs of that size (needs root, as the Slurm fixture does)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mounted = []
+
+    def mount(size: int) -> Path:
+        path = tmp_path / "disk"
+        path.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size // 1024}k", "tmpfs", str(path)], check=True)
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, small_disk):
+    def train(ckpt: Path, log: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "pretrain",
+                               "train", *BASE, f"log.dir={log}", f"checkpoint.dir={ckpt}", *extra],
+                              cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+
+    reference = train(tmp_path / "ref-ckpt", tmp_path / "ref" / "log", "checkpoint.interval=4")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    size = sum(p.stat().st_size for p in (tmp_path / "ref-ckpt" / "step_00000004").rglob("*") if p.is_file())
+    disk = small_disk(int(1.5 * size))  # room for one checkpoint, not two
+    full = train(disk, tmp_path / "full" / "log", "checkpoint.interval=4")
+    assert full.returncode != 0
+    assert f"saving {disk / 'step_00000008.partial'} failed on rank(s)" in full.stderr
+    assert f"0.00 GiB free on {disk}" in full.stderr
+    assert f"{disk / 'step_00000004'} is the newest complete checkpoint" in full.stderr
+    assert sorted(p.name for p in disk.glob("step_*")) == ["step_00000004"]  # the partial one removed
+    assert (disk / "latest").read_text().strip() == "step_00000004"
+    assert torn_reason(disk / "step_00000004") is None
+    shutil.copytree(disk, tmp_path / "moved")  # the user frees space: checkpoint.dir elsewhere
+    assert find_checkpoint(tmp_path / "moved", "auto").name == "step_00000004"
+    resumed = train(tmp_path / "moved", tmp_path / "full" / "log", "checkpoint.interval=0")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
+    assert final_losses(tmp_path / "full") == final_losses(tmp_path / "ref")

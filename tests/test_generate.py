@@ -1,0 +1,192 @@
+"""Generation: greedy tokens of `pretrain generate` on a TP2 x PP2 checkpoint equal transformers'
+generate on its export; KV cache and recomputation agree; seeded sampling repeats; samples
+during training at TP2 and PP2 leave the losses bit for bit as they were (and reach an offline
+Weights & Biases run); `pretrain eval` gives the trainer's validation loss."""
+
+import glob
+import json
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import ROOT, TESTS, child_env, run_layouts
+from pretrain import parallel
+from pretrain.convert.hf_export import export
+from pretrain.data.build import build_shards
+from pretrain.generate import ModelDecoder, Sampling, generate
+from pretrain.inference import run_eval, run_generate
+from pretrain.model.args import LlamaArgs
+from pretrain.model.llama import Llama
+from pretrain.tokenizer import Tokenizer, train_tokenizer
+from test_data import random_documents
+
+STEPS, SEQ = 6, 32
+PROMPTS = ["def ", "class Foo", "import os\n", "  x = 1", "return 12", "é 😀"]
+SAMPLE = ["log.sample_interval=2", 'log.sample_prompts=["def ","alpha "]', "log.sample_tokens=5"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("generate")
+    for name, seed, count in (("train", 1, 300), ("valid", 2, 40)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in random_documents(count, seed)))
+    train_tokenizer([root / "train.jsonl"], vocab_size=360, out=root / "tok")
+    for name in ("train", "valid"):
+        build_shards([root / f"{name}.jsonl"], root / "tok", SEQ, root / name, shard_samples=64, progress=False)
+    return root
+
+
+def base(data) -> list[str]:
+    return [f"data.path={data / 'train'}", f"data.valid_path={data / 'valid'}", "data.num_workers=0",
+            f"model.seq_len={SEQ}", "model.hidden_size=64", "model.num_layers=4", "model.num_heads=4",
+            "model.num_kv_heads=2", "model.ffn_hidden_size=96", "optimizer.lr=3e-3", "schedule.warmup_steps=1",
+            f"train.max_steps={STEPS}", "train.micro_batch_size=2", "train.global_batch_size=8", "log.interval=1",
+            f"train.eval_interval={STEPS}", "train.eval_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("runs")
+    wandb = {"tp2": ["log.wandb=true", "log.wandb_project=generate-test"], "pp2": []}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_MODE", "offline")
+        patch.setenv("WANDB_SILENT", "true")
+        runs = run_layouts(root, 4, base(data), {"tp2_pp2": ["parallel.tp=2", "parallel.pp=2", "optimizer.zero_stage=1",
+                                                              f"checkpoint.dir={root / 'ckpt'}"]})
+        runs |= run_layouts(root, 2, base(data), {
+            f"{layout}_{mode}": [f"parallel.{layout[:2]}=2", "optimizer.zero_stage=1",
+                                 *(SAMPLE + wandb[layout] if mode == "sampled" else [])]
+            for layout in ("tp2", "pp2") for mode in ("sampled", "plain")})
+    return {"runs": runs, "root": root}
+
+
+def test_greedy_generation_equals_transformers_on_the_export(data, trained, tmp_path):
+    checkpoint = trained["root"] / "ckpt"
+    ours = run_generate(str(checkpoint), None, PROMPTS, Sampling(max_new_tokens=12), tokenizer=None, device="cpu")
+    export(checkpoint, tmp_path / "hf", dtype="fp32")
+    spec, out = tmp_path / "spec.json", tmp_path / "out.pt"
+    spec.write_text(json.dumps({"model": str(tmp_path / "hf"), "logits_tokens": [[5, 6, 7]], "loss_batches": [],
+                                "generate": {"prompts": PROMPTS, "max_new_tokens": 12}}))
+    proc = subprocess.run([sys.executable, str(TESTS / "hf_check.py"), str(spec), str(out)], env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hf = torch.load(out, weights_only=False)["generations"]
+    assert hf == ours and sum(map(len, ours)) > len(PROMPTS)
+
+
+@pytest.fixture
+def model():
+    context = parallel.initialize(tp=1, pp=1, backend="gloo")
+    args = LlamaArgs(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=96,
+                     seq_len=64)
+    llama = Llama(args, context.tp_group)
+    llama.init_weights(seed=3)
+    with torch.no_grad():
+        for param in llama.parameters():
+            param.mul_(5)  # sharp distributions: the tokens depend on every position
+    yield llama.eval()
+    parallel.shutdown()
+
+
+PROMPT_IDS = [[5, 6, 7], [9], [10, 11, 12, 13, 14, 15, 16, 17]]  # different lengths: left padding
+
+
+def test_kv_cache_and_recomputation_give_the_same_tokens(model):
+    for sampling in (Sampling(max_new_tokens=20), Sampling(max_new_tokens=20, temperature=0.8, top_k=40, top_p=0.9)):
+        cached = generate(ModelDecoder(model), PROMPT_IDS, sampling, eos_id=2, pad_id=0)
+        recomputed = generate(ModelDecoder(model), PROMPT_IDS, sampling, eos_id=2, pad_id=0, use_cache=False)
+        assert cached == recomputed and min(map(len, cached)) > 0
+    alone = [generate(ModelDecoder(model), [prompt], Sampling(max_new_tokens=20), 2, 0)[0] for prompt in PROMPT_IDS]
+    assert alone == generate(ModelDecoder(model), PROMPT_IDS, Sampling(max_new_tokens=20), 2, 0)
+
+
+def test_seeded_sampling_repeats_and_seeds_differ(model):
+    def run(seed):
+        return generate(ModelDecoder(model), PROMPT_IDS, Sampling(max_new_tokens=16, temperature=1.0, seed=seed), 2, 0)
+
+    assert run(1) == run(1) and run(1) != run(2)
+    rng = torch.get_rng_state()
+    run(3)
+    assert torch.equal(rng, torch.get_rng_state())  # the global generator is not touched
+
+
+def test_eos_stops_a_prompt(model):
+    first = generate(ModelDecoder(model), PROMPT_IDS, Sampling(max_new_tokens=8), eos_id=2, pad_id=0)
+    stop = first[0][2]  # the third token of the first prompt becomes its EOS
+    stopped = generate(ModelDecoder(model), PROMPT_IDS, Sampling(max_new_tokens=8), eos_id=stop, pad_id=0)
+    assert stopped[0] == first[0][:2]
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_samples_are_logged_and_leave_the_losses_as_they_were(layout, trained):
+    runs = trained["runs"]
+    assert runs[f"{layout}_sampled"]["loss"] == runs[f"{layout}_plain"]["loss"]  # bit for bit
+    log = trained["root"] / f"{layout}_sampled"
+    rows = [json.loads(line) for line in (log / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["prompt"]) for r in rows] == [(s, p) for s in (2, 4, 6) for p in ("def ", "alpha ")]
+    events = EventAccumulator(str(log), size_guidance={"tensors": 0})
+    events.Reload()
+    texts = events.Tensors("samples/text_summary")
+    assert [t.step for t in texts] == [2, 4, 6]
+    assert not (trained["root"] / f"{layout}_plain" / "samples.jsonl").read_text()
+
+
+def wandb_records(run_dir) -> list:
+    """The records of an offline W&B run file (LevelDB-style log: 32 KiB blocks of
+    [crc32, length, type] chunks after a 7-byte header)."""
+    from wandb.proto import wandb_internal_pb2
+
+    [path] = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
+    data, block, position, pieces, records = open(path, "rb").read(), 32768, 7, b"", []
+    while position + 7 <= len(data):
+        room = block - position % block
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7]) if room >= 7 else (0, 0, 0)
+        if length == 0 and kind == 0:  # the rest of the block is padding
+            position += room
+            continue
+        pieces, position = pieces + data[position + 7:position + 7 + length], position + 7 + length
+        if kind in (1, 4):  # a whole record, or its last chunk
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pieces)
+            records.append(record)
+            pieces = b""
+    return records
+
+
+def test_weights_and_biases_offline_run_mirrors_scalars_and_samples(trained):
+    log = trained["root"] / "tp2_sampled"
+    records = wandb_records(log)
+    history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+               for record in records if record.WhichOneof("record_type") == "history"]
+    losses = {row["_step"]: row["train/loss"] for row in history if "train/loss" in row}
+    assert losses == trained["runs"]["tp2_sampled"]["loss"]
+    tables = {row["_step"]: row["samples/path"] for row in history if "samples/path" in row}
+    [run_dir] = (log / "wandb").glob("offline-run-*")
+    logged = [json.loads(line) for line in (log / "samples.jsonl").read_text().splitlines()]
+    assert list(tables) == [2, 4, 6]
+    for step, path in tables.items():
+        table = json.loads((run_dir / "files" / path).read_text())
+        assert table["data"] == [[step, r["prompt"], r["completion"]] for r in logged if r["step"] == step]
+    [run] = [record.run for record in records if record.WhichOneof("record_type") == "run"]
+    assert run.project == "generate-test" and run.display_name == "tp2_sampled"
+    assert not (trained["root"] / "pp2_sampled" / "wandb").exists()
+
+
+def test_eval_gives_the_trainers_validation_loss(data, trained, tmp_path):
+    result = run_eval(str(trained["root"] / "ckpt"), None, str(data / "valid"), batches=2, out=str(tmp_path / "e.json"),
+                      device="cpu")
+    expected = trained["runs"]["tp2_pp2"]["valid_loss"][STEPS]
+    assert abs(result["loss"] - expected) < 1e-5
+    assert json.loads((tmp_path / "e.json").read_text())["ppl"] == pytest.approx(result["ppl"])
+
+
+def test_generate_command_prints_completions_and_speed(trained):
+    proc = subprocess.run([sys.executable, "-m", "pretrain", "generate", "--checkpoint", str(trained["root"] / "ckpt"),
+                           "--prompt", "def ", "--max-new-tokens", "4", "--temperature", "0.7", "--seed", "1",
+                           "--device", "cpu"], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--- 'def '" in proc.stdout and "tokens/s (with a KV cache, cpu)" in proc.stdout
