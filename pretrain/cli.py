@@ -1,5 +1,5 @@
 """Command line: `pretrain train|tokenizer train|data build|data merge|launch local|launch slurm|launch slurm-data|
-convert ...|bench ...`."""
+convert ...|bench ...|scaling plan|launch|fit`."""
 
 import argparse
 import json
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pretrain.config import ConfigError, load, to_yaml, validate
 from pretrain.data.shards import PACKING_UNIT_MB
+from pretrain.scaling import cli as scaling_cli
 
 TRAIN_EPILOG = """\
 overrides are `section.key=value` pairs applied on top of the YAML file, e.g.
@@ -195,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_generate.add_argument("--prompt-tokens", type=int, default=16)
     bench_generate.add_argument("--device", default="auto")
     bench_generate.add_argument("--out", help="write the figures as JSON here")
+    scaling_cli.add_parser(commands)
     return parser
 
 
@@ -211,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "scaling":
+            return scaling_cli.run(args)
         if args.command in ("generate", "eval"):
             return _inference(args)
         if args.command == "tokenizer":
@@ -256,7 +260,11 @@ def _train(args: argparse.Namespace) -> int:
     from pretrain.checkpoint import EXIT_STOPPED
     from pretrain.train import train
 
-    return EXIT_STOPPED if train(config).stopped_by_signal else 0
+    if not train(config).stopped_by_signal:
+        return 0
+    # A torchrun that may restart its workers would take 75 for a failure and train on: there the
+    # launcher that sent the signal (the Slurm script) requeues, and the workers end cleanly.
+    return 0 if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 else EXIT_STOPPED
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -113,6 +113,7 @@ def test_preemption_requeues_and_resumes_to_the_same_loss(slurm, tmp_path, plain
     assert "stopped on a signal after saving; requeueing (requeue 1 of 2 after a stop signal)" in output
     assert f"job {job} run 1 (requeued 1 of at most 2 times after a stop signal, 0 of at most 2 after a failure)" \
         in output and "resumed from" in output
+    assert "torchrun restarted the workers" not in output  # stopped workers end; the requeue resumes them
     assert final_loss(tmp_path / "log") == plain_torchrun[4]
 
 
