@@ -26,7 +26,8 @@ def load_model(reader: CheckpointReader, device: torch.device, dtype: torch.dtyp
     return model.to(device=device, dtype=dtype).eval()
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """`auto`: a GPU if there is one, else the CPU; otherwise the device named."""
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
 
 
@@ -37,7 +38,7 @@ def run_generate(checkpoint: str, step: int | None, prompts: list[str], sampling
     spm = checkpoint_tokenizer(reader, tokenizer)
     if spm is None:
         raise TokenizerError(f"{reader.path} records no tokenizer: pass --tokenizer DIR")
-    target = _device(device)
+    target = resolve_device(device)
     try:
         model = load_model(reader, target, torch.bfloat16 if target.type == "cuda" else torch.float32)
         started = time.perf_counter()
@@ -65,7 +66,7 @@ def run_eval(checkpoint: str, step: int | None, data: str, batches: int | None, 
     config.parallel.tp, config.parallel.pp = 1, 1  # one process holds the whole model
     info = pipeline.resolve(config)
     layout = validate(config, 1)
-    target = _device(device)
+    target = resolve_device(device)
     precision = torch.float32 if config.train.precision == Precision.fp32 or target.type == "cpu" else torch.bfloat16
     try:
         model = load_model(reader, target, precision)

@@ -11,6 +11,7 @@ import torch
 from pretrain import parallel
 from pretrain.config import load
 from pretrain.generate import ModelDecoder, Sampling, generate
+from pretrain.inference import resolve_device
 from pretrain.model.llama import Llama
 
 ROWS = ("no_cache", "kv_cache")
@@ -19,8 +20,7 @@ ROWS = ("no_cache", "kv_cache")
 def main(config_path: str, new_tokens: int, batch: int, prompt_tokens: int, out: str | None,
          device: str = "auto") -> int:
     args = load(config_path).model
-    target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          "cpu" if device == "auto" else device)
+    target = resolve_device(device)
     dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
     prompts = torch.randint(3, args.vocab_size, (batch, prompt_tokens), generator=torch.Generator().manual_seed(0))
     sampling = Sampling(max_new_tokens=new_tokens)

@@ -110,8 +110,8 @@ def _train(config_path: Path, nproc: int) -> int:
         from pretrain.train import train
 
         return EXIT_STOPPED if train(config).stopped_by_signal else 0
-    # torchrun ignores USR1 (the default action would kill it); its workers get it from here, and
-    # torchrun a SIGTERM so that it does not restart them once they exit: it waits 30 s for them
+    # torchrun ignores USR1 (the default action would kill it); its workers get it from here, save
+    # and end (with exit code 0 under a torchrun that may restart them), and torchrun with them
     child = subprocess.Popen(local_command(nproc, str(config_path), [], config.train.max_restarts),
                              env={**os.environ, **RESTART_SAFE_ENV},
                              preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
@@ -120,7 +120,6 @@ def _train(config_path: Path, nproc: int) -> int:
     def forward(signum, _frame) -> None:
         stopped.append(signum)
         subprocess.run(["pkill", "-USR1", "-P", str(child.pid)])
-        child.terminate()
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGUSR1, signal.SIGTERM)}
     try:
@@ -128,7 +127,7 @@ def _train(config_path: Path, nproc: int) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    return EXIT_STOPPED if stopped and code != 0 else code
+    return EXIT_STOPPED if stopped and code == 0 else code
 
 
 def run_point(sweep: Sweep, point: dict, nproc: int = 1) -> int:
