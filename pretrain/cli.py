@@ -1,4 +1,4 @@
-"""Command line: `pretrain train|tokenizer train|data build|data merge|launch local|launch slurm|launch slurm-data|
+"""Command line: `pretrain train|plan|generate|eval|tokenizer train|data build|data merge|launch local|launch slurm|launch slurm-data|
 convert ...|bench ...|scaling plan|launch|fit`."""
 
 import argparse
