@@ -1,5 +1,5 @@
-"""Command line: `pretrain train|plan|generate|eval|tokenizer train|data build|data merge|launch local|launch slurm|launch slurm-data|
-convert ...|bench ...|scaling plan|launch|fit`."""
+"""Command line: `pretrain train|plan|generate|eval|tokenizer train|data build|data merge|
+launch local|slurm|slurm-data|convert ...|bench ...|scaling plan|launch|fit`."""
 
 import argparse
 import json
