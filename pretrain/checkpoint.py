@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.data.shards import TOKENIZER_DIR
+from pretrain.errors import UserError
 from pretrain.tokenizer import copy_tokenizer
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,11 @@ EXIT_STOPPED = 75  # after SIGTERM/SIGUSR1: checkpoint saved, requeue the job to
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(RuntimeError):
-    """No usable checkpoint where one was asked for; the message names it."""
+class CheckpointError(UserError, RuntimeError):
+    """No usable checkpoint where one was asked for, or one that cannot be written; the message
+    names it. The run cannot go on: exit status 1."""
+
+    exit_code = 1
 
 
 def step_dir(root: Path, step: int) -> Path:

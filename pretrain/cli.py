@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from pretrain.config import ConfigError, load, to_yaml, validate
+from pretrain.config import load, to_yaml, validate
 from pretrain.data.shards import PACKING_UNIT_MB
 from pretrain.scaling import cli as scaling_cli
 
@@ -202,11 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.data.documents import InputError
-    from pretrain.data.shards import ShardError
-    from pretrain.model.hf import UnsupportedModelError
-    from pretrain.tokenizer import TokenizerError
+    from pretrain.errors import UserError
 
     try:
         if args.command == "train":
@@ -239,10 +235,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return train_bench.main(args.shape, args.work, args.out, args.warmup, args.steps)
         return _data_build(args)
-    except (ConfigError, InputError, ShardError, TokenizerError, UnsupportedModelError) as error:
+    except UserError as error:  # a mistake in what the user gave: its message, no traceback
         print(f"pretrain: {error}", file=sys.stderr)
-        return 2
-    except (CheckpointError, FloatingPointError) as error:  # the run cannot go on: say why, no traceback
+        return error.exit_code
+    except FloatingPointError as error:  # training diverged: the run cannot go on
         print(f"pretrain: {error}", file=sys.stderr)
         return 1
 

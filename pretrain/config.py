@@ -10,10 +10,11 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pretrain.errors import UserError
 from pretrain.model.args import LlamaArgs
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A setting is wrong; the message names it and says what to change."""
 
 

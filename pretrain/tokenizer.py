@@ -21,6 +21,7 @@ import sentencepiece as spm
 
 from pretrain.data.documents import DocumentStats, describe, iter_documents, resolve_inputs
 from pretrain.data.shards import file_sha256
+from pretrain.errors import UserError
 
 MODEL_FILE, VOCAB_FILE, CARD_FILE = "tokenizer.model", "tokenizer.vocab", "card.json"
 SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
@@ -29,7 +30,7 @@ SPECIAL_PIECES = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 _CHUNK_BYTES = 8192
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer folder is missing, incomplete or does not match its card."""
 
 

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pretrain.errors import UserError
+
 JSON_LINES = (".jsonl", ".jsonl.gz", ".json.gz", ".jsonl.zst")
 FOLDER_SUFFIXES = (*JSON_LINES, ".parquet", ".txt")  # what a folder contributes (and .tar for raw text shards)
 TEXT_TAR = ".tar"  # data.source=raw: a tar of <key>.txt documents
@@ -32,7 +34,7 @@ BINARY_MAGIC = {
 }
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """An input file is missing or unreadable; the message names it."""
 
 

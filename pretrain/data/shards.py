@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pretrain.errors import UserError
+
 MANIFEST = "manifest.json"
 FORMAT = "pretrain-tokens"
 VERSION = 2  # 2: shards named by packing unit, key_prefix per shard, tokenizer copy
@@ -27,7 +29,7 @@ TOKENIZER_DIR = "tokenizer"
 PACKING_UNIT_MB = 256  # input per packing unit (pretrain.data.build): at most one padded sample each
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard or manifest is missing, damaged or does not fit the run; the message names it."""
 
 

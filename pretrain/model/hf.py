@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from pretrain.errors import UserError
 from pretrain.model.args import LlamaArgs
 
 # Ours -> Hugging Face, per block ("{i}" = layer number) and for the whole model.
@@ -26,7 +27,7 @@ QKV = "attention.qkv_proj.weight"
 HF_QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError, ValueError):
     """A Hugging Face config describes a model this framework does not implement."""
 
 
