@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from pretrain import accelerators
 from pretrain.config import load, to_yaml, validate
 from pretrain.data.shards import PACKING_UNIT_MB
 from pretrain.scaling import cli as scaling_cli
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                                epilog="overrides are section.key=value pairs, as for `pretrain train`")
     plan.add_argument("--config", help="YAML file of settings")
     plan.add_argument("--gpus", type=int, required=True, help="GPUs of the job")
-    plan.add_argument("--gpu", default="h100", choices=["h100", "h200", "b200", "a100-80g", "a100-40g", "l40s"])
+    plan.add_argument("--gpu", default="h100", choices=list(accelerators.BY_KEY),
+                      help="the accelerator (pretrain/accelerators.py; default: H100 SXM)")
     plan.add_argument("--gpus-per-node", type=int, default=8)
     plan.add_argument("--efficiency", type=float, help="share of the peak the compute reaches (default 0.5)")
     plan.add_argument("--intra-node-gbps", type=float, help="all-reduce bus bandwidth inside a node, GB/s")
@@ -244,12 +246,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pretrain.data import pipeline
+    from pretrain.data import stream
 
     config = load(args.config, args.overrides)
     layout = validate(config, int(os.environ.get("WORLD_SIZE", "1")))
     if args.print_config:
-        pipeline.resolve(config)
+        stream.resolve(config)
         print(to_yaml(config), end="")
         print(f"# derived: {layout}")
         return 0
@@ -268,7 +270,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     from pretrain import plan
 
-    gpu = plan.GPUS[args.gpu]
+    gpu = accelerators.BY_KEY[args.gpu]
     bandwidths = {"intra_node_gbps": args.intra_node_gbps, "inter_node_gbps": args.inter_node_gbps}
     gpu = dataclasses.replace(gpu, **{k: v for k, v in bandwidths.items() if v})
     config = load(args.config, args.overrides)

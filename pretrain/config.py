@@ -3,15 +3,16 @@ overrides, validated before any process group exists. Values derived from severa
 (data-parallel size, gradient accumulation, padded vocabulary) are computed once, in `Layout`."""
 
 import enum
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pretrain.errors import UserError
-from pretrain.model.args import LlamaArgs
+from pretrain.model.args import ExecutionArgs, LlamaArgs
 
 
 class ConfigError(UserError, ValueError):
@@ -88,11 +89,17 @@ class TrainConfig:
     eval_interval: int = 0  # steps between validation passes over data.valid_path; 0 = none
     eval_steps: int = 10  # global batches per validation pass (the same batches every time)
     max_bad_steps: int = 5  # stop after this many updates in a row skipped for a non-finite loss
-    inject_nan_steps: list[int] = field(default_factory=list)  # fault injection for tests: NaN loss at these steps
     # a rank with no finished step, evaluation or save for this long dumps its stacks and exits, so
     # that torchrun restarts the workers; 0 = no watchdog
     hang_timeout_s: float = 1800.0
     max_restarts: int = 3  # torchrun restarts of all workers when one fails (`pretrain launch local|slurm`)
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for the framework's own tests; a training run never needs it."""
+
+    inject_nan_steps: list[int] = field(default_factory=list)  # NaN loss at these steps (parallel.pp=1)
 
 
 @dataclass
@@ -134,6 +141,7 @@ class CheckpointConfig:
 @dataclass
 class Config:
     model: LlamaArgs = field(default_factory=LlamaArgs)
+    execution: ExecutionArgs = field(default_factory=ExecutionArgs)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -141,6 +149,17 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+
+# Settings that moved, old name -> new: still read from YAML files, overrides and the configs
+# that checkpoints written before the move record.
+MOVED = {
+    "model.activation_checkpointing": "execution.activation_checkpointing",
+    "model.compile": "execution.compile",
+    "model.loss_chunk_tokens": "execution.loss_chunk_tokens",
+    "train.inject_nan_steps": "debug.inject_nan_steps",
+}
 
 
 @dataclass(frozen=True)
@@ -165,12 +184,29 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
-            layers.append(OmegaConf.load(path))
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+            layers.append(_renamed(OmegaConf.load(path), str(path), warn=True))
+        layers.append(_renamed(OmegaConf.from_dotlist(list(overrides)), "the overrides", warn=True))
         merged = OmegaConf.merge(*layers)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         raise ConfigError(_describe(error)) from None
+
+
+def _renamed(layer: DictConfig, source: str, warn: bool) -> DictConfig:
+    """`layer` with the settings of MOVED under their new names."""
+    for old, new in MOVED.items():
+        old_section, old_key = old.split(".")
+        section = layer.get(old_section)
+        if not isinstance(section, DictConfig) or old_key not in section:
+            continue
+        if OmegaConf.select(layer, new) is not None:
+            raise ConfigError(f"{source} sets both {old} and {new}: keep only {new}")
+        value = section.pop(old_key)
+        OmegaConf.update(layer, new, value, merge=True)
+        if warn:
+            warnings.warn(f"{source}: {old} is now called {new} (the old name still works)", FutureWarning,
+                          stacklevel=3)
+    return layer
 
 
 def _describe(error: OmegaConfBaseException) -> str:
@@ -185,7 +221,7 @@ def _describe(error: OmegaConfBaseException) -> str:
 
 def validate(config: Config, world_size: int) -> Layout:
     """Check every rule that involves several settings; report all broken rules at once."""
-    model, parallel, train = config.model, config.parallel, config.train
+    model, execution, parallel, train = config.model, config.execution, config.parallel, config.train
     tp, pp = parallel.tp, parallel.pp
     problems: list[str] = []
 
@@ -198,12 +234,13 @@ def validate(config: Config, world_size: int) -> Layout:
                        ("model.num_kv_heads", model.num_kv_heads), ("model.ffn_hidden_size", model.ffn_hidden_size),
                        ("model.seq_len", model.seq_len),
                        ("model.vocab_pad_multiple", model.vocab_pad_multiple),
-                       ("model.loss_chunk_tokens", model.loss_chunk_tokens),
+                       ("execution.loss_chunk_tokens", execution.loss_chunk_tokens),
                        ("train.max_steps", train.max_steps), ("train.micro_batch_size", train.micro_batch_size),
                        ("train.global_batch_size", train.global_batch_size), ("log.interval", config.log.interval)]:
         need(value >= 1, f"{key}={value} must be at least 1")
     need(model.vocab_size >= 0, f"model.vocab_size={model.vocab_size} must be >= 0 (0 = from the data's tokenizer)")
-    need(model.compile in ("auto", True, False), f"model.compile={model.compile!r} must be true, false or auto")
+    need(execution.compile in ("auto", True, False),
+         f"execution.compile={execution.compile!r} must be true, false or auto")
     if problems:
         raise ConfigError(_report(problems))
 
@@ -226,9 +263,9 @@ def validate(config: Config, world_size: int) -> Layout:
     need(not (config.optimizer.zero_stage >= 2 and pp > 1),
          f"optimizer.zero_stage={config.optimizer.zero_stage} cannot be combined with parallel.pp={pp}: DeepSpeed's "
          "pipeline engine supports ZeRO stages 0 and 1 only; set optimizer.zero_stage=1 or parallel.pp=1")
-    need(not (model.compile is True and config.optimizer.zero_stage == 3),
-         "model.compile=true cannot be combined with optimizer.zero_stage=3: ZeRO-3's parameter hooks break the "
-         "compiled graphs; set model.compile=false (or auto, which then stays off) or use ZeRO-1/2")
+    need(not (execution.compile is True and config.optimizer.zero_stage == 3),
+         "execution.compile=true cannot be combined with optimizer.zero_stage=3: ZeRO-3's parameter hooks break the "
+         "compiled graphs; set execution.compile=false (or auto, which then stays off) or use ZeRO-1/2")
     need(not (config.optimizer.zero_stage == 0 and pp > 1),
          f"optimizer.zero_stage=0 cannot be combined with parallel.pp={pp}: DeepSpeed then computes the "
          "gradient-clipping norm wrongly on later pipeline stages; set optimizer.zero_stage=1")
@@ -245,7 +282,7 @@ def validate(config: Config, world_size: int) -> Layout:
     need(not (config.checkpoint.resume not in ("auto", "none") and not Path(config.checkpoint.resume).exists()),
          f"checkpoint.resume={config.checkpoint.resume} does not exist: give auto, none or a checkpoint directory")
     need(train.max_bad_steps >= 1, f"train.max_bad_steps={train.max_bad_steps} must be at least 1")
-    need(not (train.inject_nan_steps and pp > 1), "train.inject_nan_steps (fault injection) needs parallel.pp=1")
+    need(not (config.debug.inject_nan_steps and pp > 1), "debug.inject_nan_steps (fault injection) needs parallel.pp=1")
     need(train.eval_interval >= 0, f"train.eval_interval={train.eval_interval} must be >= 0 (0 = no validation)")
     need(train.hang_timeout_s >= 0, f"train.hang_timeout_s={train.hang_timeout_s} must be >= 0 (0 = no watchdog)")
     need(train.max_restarts >= 0, f"train.max_restarts={train.max_restarts} must be >= 0")
@@ -325,6 +362,7 @@ def to_yaml(config: Config) -> str:
 def from_yaml(text: str) -> Config:
     """The inverse of to_yaml (e.g. the config recorded in a checkpoint), checked against the schema."""
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text)))
+        stored = _renamed(OmegaConf.create(text), "a stored config", warn=False)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), stored))
     except OmegaConfBaseException as error:
         raise ConfigError(_describe(error)) from None

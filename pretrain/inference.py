@@ -11,7 +11,7 @@ import torch
 from pretrain import parallel
 from pretrain.config import Config, Precision, validate
 from pretrain.convert.reader import CheckpointReader, LazyTensors, checkpoint_tokenizer
-from pretrain.data import pipeline
+from pretrain.data import stream
 from pretrain.generate import ModelDecoder, Sampling, generate
 from pretrain.model.llama import Llama
 from pretrain.model.weights import load_full_state_dict
@@ -64,7 +64,7 @@ def run_eval(checkpoint: str, step: int | None, data: str, batches: int | None, 
     config.data.valid_path, config.train.eval_steps = data, batches or config.train.eval_steps
     config.data.path, config.data.tokenizer = data, ""
     config.parallel.tp, config.parallel.pp = 1, 1  # one process holds the whole model
-    info = pipeline.resolve(config)
+    info = stream.resolve(config)
     layout = validate(config, 1)
     target = resolve_device(device)
     precision = torch.float32 if config.train.precision == Precision.fp32 or target.type == "cpu" else torch.bfloat16
@@ -72,7 +72,7 @@ def run_eval(checkpoint: str, step: int | None, data: str, batches: int | None, 
         model = load_model(reader, target, precision)
         total, count = 0.0, 0
         with torch.no_grad():
-            for batch in pipeline.validation_batches(config, info, layout, dp_rank=0):
+            for batch in stream.validation_batches(config, info, layout, dp_rank=0):
                 batch = {name: tensor.to(target) for name, tensor in batch.items() if torch.is_tensor(tensor)}
                 predicted = int((batch["labels"] != -100).sum())
                 loss = model(batch["tokens"], batch.get("position_ids"), batch.get("document_ids"), batch["labels"])

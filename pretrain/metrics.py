@@ -9,32 +9,6 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-# Dense bf16 peak per GPU (vendor datasheets, without sparsity), matched against the device name.
-PEAK_BF16_FLOPS = {
-    "H200": 989e12,
-    "H100 SXM": 989e12,
-    "H100 PCIe": 756e12,
-    "H100": 989e12,
-    "GH200": 989e12,
-    "B200": 2250e12,
-    "A100": 312e12,
-    "A800": 312e12,
-    "L40S": 362e12,
-    "A10G": 125e12,
-    "A6000": 155e12,
-}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """Datasheet peak of this GPU, or None (CPU, unknown GPU): MFU is then not reported."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return flops
-    return None
-
 
 def peak_memory_gib(device: torch.device) -> float:
     """Peak allocated GPU memory, or on CPU the process's peak resident set size."""

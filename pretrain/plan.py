@@ -13,32 +13,11 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from pretrain.config import Config, ConfigError, DataSource, Precision, total_steps, validate
+from pretrain.accelerators import Accelerator, of_device
+from pretrain.config import Config, ConfigError, DataSource, Layout, Precision, total_steps, validate
 from pretrain.model.args import LlamaArgs
 
 GIB = 2**30
-
-
-@dataclass(frozen=True)
-class GPU:
-    """Device figures: memory as torch reports it, datasheet dense bf16 peak, and the bus bandwidth
-    of an all-reduce inside a node (NVLink) and per GPU across nodes (InfiniBand), in GB/s."""
-
-    name: str
-    memory_gib: float
-    peak_tflops: float
-    intra_node_gbps: float
-    inter_node_gbps: float
-
-
-GPUS = {
-    "h100": GPU("H100 SXM 80GB", 79.1, 989, 450, 50),
-    "h200": GPU("H200 SXM 141GB", 139.8, 989, 450, 50),
-    "b200": GPU("B200 180GB", 178.4, 2250, 900, 50),
-    "a100-80g": GPU("A100 SXM 80GB", 79.1, 312, 240, 25),
-    "a100-40g": GPU("A100 SXM 40GB", 39.4, 312, 240, 25),
-    "l40s": GPU("L40S 48GB", 44.4, 362, 25, 12.5),
-}
 # Share of the peak our compiled blocks reach: 50.7% MFU for a 1B model on one H200 (prototype,
 # ../shared/notes/environment.md); activation checkpointing adds a forward's FLOPs on top.
 EFFICIENCY = 0.5
@@ -49,27 +28,12 @@ MICRO_BATCH_OVERHEAD_S = 0.002
 INDEX_BYTES = 8  # int64 token and position ids
 
 
-@dataclass(frozen=True)
-class Layout:
-    gpus: int
-    tp: int
-    pp: int
-    dp: int
-    zero_stage: int
-    micro_batch_size: int
-    grad_accumulation: int
-    activation_checkpointing: bool
-
-    def overrides(self) -> str:
-        return (f"parallel.tp={self.tp} parallel.pp={self.pp} optimizer.zero_stage={self.zero_stage} "
-                f"train.micro_batch_size={self.micro_batch_size} "
-                f"model.activation_checkpointing={str(self.activation_checkpointing).lower()}")
-
-
 @dataclass
 class Plan:
-    layout: Layout
-    gpu: GPU
+    layout: Layout  # the sizes a launch of this many processes derives
+    zero_stage: int
+    activation_checkpointing: bool
+    gpu: Accelerator
     memory_gib: dict[str, float]  # per GPU, on the stage that needs the most
     fits: bool
     step_time_s: float
@@ -82,12 +46,21 @@ class Plan:
     parameters: int
     notes: list[str] = field(default_factory=list)
 
+    def overrides(self) -> str:
+        """The settings that choose this layout, as `pretrain train` takes them."""
+        layout = self.layout
+        return (f"parallel.tp={layout.tp} parallel.pp={layout.pp} optimizer.zero_stage={self.zero_stage} "
+                f"train.micro_batch_size={layout.micro_batch_size} "
+                f"execution.activation_checkpointing={str(self.activation_checkpointing).lower()}")
+
     def to_json(self) -> dict:
-        return {"layout": dataclasses.asdict(self.layout), "gpu": self.gpu.name, "memory_gib": self.memory_gib,
+        layout = {**dataclasses.asdict(self.layout), "zero_stage": self.zero_stage,
+                  "activation_checkpointing": self.activation_checkpointing}
+        return {"layout": layout, "gpu": self.gpu.name, "memory_gib": self.memory_gib,
                 "fits": self.fits, "step_time_s": self.step_time_s, "time_s": self.time_s,
                 "tokens_per_sec": self.tokens_per_sec, "mfu": self.mfu, "steps": self.steps,
                 "run_hours": self.run_hours, "gpu_hours": self.gpu_hours, "parameters": self.parameters,
-                "overrides": self.layout.overrides(), "notes": self.notes}
+                "overrides": self.overrides(), "notes": self.notes}
 
 
 @dataclass(frozen=True)
@@ -233,10 +206,10 @@ def deepspeed_transient_bytes(tensors: list[Tensor], zero_stage: int, dp: int, b
     return max(step, buckets + (e * total if zero_stage == 1 else 0))
 
 
-def head_working_bytes(args: LlamaArgs, tp: int, micro_batch_size: int, dtype_bytes: int) -> float:
+def head_working_bytes(args: LlamaArgs, tp: int, micro_batch_size: int, dtype_bytes: int, chunk_tokens: int) -> float:
     """The output head + loss's transient memory: one chunk's logits (matmul output, fp32 copy,
     gradient in the weights' dtype) and the fp32 accumulator of the weight's gradient."""
-    chunk = min(args.loss_chunk_tokens, micro_batch_size * args.seq_len)
+    chunk = min(chunk_tokens, micro_batch_size * args.seq_len)
     local_vocab = args.padded_vocab_size(tp) // tp
     return chunk * local_vocab * (2 * dtype_bytes + 4) + local_vocab * args.hidden_size * 4
 
@@ -247,35 +220,33 @@ def ring_seconds(bytes_: float, ranks: int, gbps: float, passes: float) -> float
     return 0.0 if ranks == 1 else passes * (ranks - 1) / ranks * bytes_ / (gbps * 1e9)
 
 
-def plan(config: Config, gpus: int, gpu: GPU, gpus_per_node: int = 8, efficiency: float = EFFICIENCY) -> Plan:
+def plan(config: Config, gpus: int, gpu: Accelerator, gpus_per_node: int = 8, efficiency: float = EFFICIENCY) -> Plan:
     """The plan of `config` on `gpus` GPUs (validated like a launch of that many processes)."""
     if config.model.vocab_size == 0:
         raise ConfigError("model.vocab_size=0 takes the data's tokenizer's: give model.vocab_size to plan with")
-    layout_sizes = validate(_without_data(config), gpus)
-    args, tp, pp, dp = config.model, layout_sizes.tp, layout_sizes.pp, layout_sizes.dp
+    layout = validate(_without_data(config), gpus)
+    args, execution, zero_stage = config.model, config.execution, config.optimizer.zero_stage
+    tp, pp, dp = layout.tp, layout.pp, layout.dp
     notes = []
     if tp > gpus_per_node:
         notes.append(f"parallel.tp={tp} spans nodes of {gpus_per_node} GPUs: its all-reduces run over the network")
     bf16 = config.train.precision != Precision.fp32
     e = 2 if bf16 else 4
-    layout = Layout(gpus=gpus, tp=tp, pp=pp, dp=dp, zero_stage=config.optimizer.zero_stage,
-                    micro_batch_size=layout_sizes.micro_batch_size, grad_accumulation=layout_sizes.grad_accumulation,
-                    activation_checkpointing=args.activation_checkpointing)
     micro, accumulation = layout.micro_batch_size, layout.grad_accumulation
     threshold = config.optimizer.zero3_param_persistence_threshold
 
     worst = None
     for stage, tensors in enumerate(stage_tensors(args, tp, pp)):
-        state = state_bytes(tensors, layout.zero_stage, dp, bf16, threshold)
+        state = state_bytes(tensors, zero_stage, dp, bf16, threshold)
         in_flight = min(pp - stage, accumulation) if pp > 1 else 1
-        saved = activation_bytes(args, tp, pp, stage, micro, e, args.activation_checkpointing)
+        saved = activation_bytes(args, tp, pp, stage, micro, e, execution.activation_checkpointing)
         activations = in_flight * saved
         if pp > 1:  # the pipeline engine's input and output buffers of each micro-batch in flight
             activations += in_flight * micro * args.seq_len * (2 * e * args.hidden_size + 2 * INDEX_BYTES)
-        working = [deepspeed_transient_bytes(tensors, layout.zero_stage, dp, bf16, pp > 1, threshold)]
+        working = [deepspeed_transient_bytes(tensors, zero_stage, dp, bf16, pp > 1, threshold)]
         if stage == pp - 1:
-            working.append(head_working_bytes(args, tp, micro, e))
-        if args.activation_checkpointing:  # one block recomputed in backward at a time
+            working.append(head_working_bytes(args, tp, micro, e, execution.loss_chunk_tokens))
+        if execution.activation_checkpointing:  # one block recomputed in backward at a time
             working.append(micro * args.seq_len * block_activation_bytes_per_token(args, tp, e))
         memory = {**state, "activations": activations, "working": max(working), "allowance": ALLOWANCE_GIB * GIB}
         memory["total"] = sum(memory.values())
@@ -284,13 +255,13 @@ def plan(config: Config, gpus: int, gpu: GPU, gpus_per_node: int = 8, efficiency
 
     tokens_per_micro = micro * args.seq_len
     flops_per_gpu_micro = args.flops_per_token() * tokens_per_micro / (tp * pp)
-    compute = flops_per_gpu_micro * (4 / 3 if args.activation_checkpointing else 1) / (gpu.peak_tflops * 1e12 * efficiency)
+    compute = flops_per_gpu_micro * (4 / 3 if execution.activation_checkpointing else 1) / (gpu.peak_tflops * 1e12 * efficiency)
     layers = max(len(r) for r in stage_layers(args.num_layers, pp))
     activation = tokens_per_micro * args.hidden_size * e
     tp_bandwidth = gpu.intra_node_gbps if tp <= gpus_per_node else gpu.inter_node_gbps
     # per block: 2 all-reduces forward (attention and MLP outputs), 2 backward (their inputs'
     # gradients), 2 more when the forward is recomputed; the head and embedding add two
-    all_reduces = layers * (6 if args.activation_checkpointing else 4) + 2
+    all_reduces = layers * (6 if execution.activation_checkpointing else 4) + 2
     tp_time = all_reduces * ring_seconds(activation, tp, tp_bandwidth, 2)
     pp_bandwidth = gpu.intra_node_gbps if tp * dp * pp <= gpus_per_node else gpu.inter_node_gbps
     send = 0.0 if pp == 1 else 2 * activation / (pp_bandwidth * 1e9)
@@ -298,14 +269,15 @@ def plan(config: Config, gpus: int, gpu: GPU, gpus_per_node: int = 8, efficiency
     pipeline = (accumulation + pp - 1) * per_micro
     local = max(sum(t.numel for t in stage) for stage in stage_tensors(args, tp, pp))
     dp_bandwidth = gpu.intra_node_gbps if tp * dp <= gpus_per_node else gpu.inter_node_gbps
-    passes = {0: 2, 1: 2, 2: 2, 3: 3}[layout.zero_stage]  # ZeRO-3 also gathers the weights for backward
+    passes = {0: 2, 1: 2, 2: 2, 3: 3}[zero_stage]  # ZeRO-3 also gathers the weights for backward
     dp_time = ring_seconds(local * e, dp, dp_bandwidth, passes)
     step = pipeline + dp_time
     tokens_per_step = config.train.global_batch_size * args.seq_len
     tokens_per_sec = tokens_per_step / step
     steps = total_steps(config)
     run_hours = steps * step / 3600
-    return Plan(layout=layout, gpu=gpu, memory_gib={k: round(v / GIB, 2) for k, v in worst.items()},
+    return Plan(layout=layout, zero_stage=zero_stage, activation_checkpointing=execution.activation_checkpointing,
+                gpu=gpu, memory_gib={k: round(v / GIB, 2) for k, v in worst.items()},
                 fits=worst["total"] <= gpu.memory_gib * GIB, step_time_s=step,
                 time_s={"compute": accumulation * compute, "tensor_parallel": accumulation * tp_time,
                         "overhead": accumulation * MICRO_BATCH_OVERHEAD_S,
@@ -328,10 +300,10 @@ def with_layout(config: Config, tp: int, pp: int, zero_stage: int, micro_batch_s
         config, parallel=dataclasses.replace(config.parallel, tp=tp, pp=pp),
         optimizer=dataclasses.replace(config.optimizer, zero_stage=zero_stage),
         train=dataclasses.replace(config.train, micro_batch_size=micro_batch_size),
-        model=dataclasses.replace(config.model, activation_checkpointing=checkpointing))
+        execution=dataclasses.replace(config.execution, activation_checkpointing=checkpointing))
 
 
-def search(config: Config, gpus: int, gpu: GPU, gpus_per_node: int = 8, efficiency: float = EFFICIENCY) -> list[Plan]:
+def search(config: Config, gpus: int, gpu: Accelerator, gpus_per_node: int = 8, efficiency: float = EFFICIENCY) -> list[Plan]:
     """Every layout of `gpus` GPUs that validation accepts and that fits, fastest first: tensor
     parallel inside a node, any pipeline depth, ZeRO 0-3, micro-batches of powers of two,
     activation checkpointing off and on."""
@@ -356,10 +328,10 @@ def search(config: Config, gpus: int, gpu: GPU, gpus_per_node: int = 8, efficien
 def describe(result: Plan) -> str:
     layout, memory = result.layout, result.memory_gib
     lines = [
-        f"{result.parameters / 1e9:.2f}B parameters on {layout.gpus} x {result.gpu.name}: tp {layout.tp} x pp "
-        f"{layout.pp} x dp {layout.dp}, ZeRO-{layout.zero_stage}, micro-batch {layout.micro_batch_size} x "
+        f"{result.parameters / 1e9:.2f}B parameters on {layout.world_size} x {result.gpu.name}: tp {layout.tp} x pp "
+        f"{layout.pp} x dp {layout.dp}, ZeRO-{result.zero_stage}, micro-batch {layout.micro_batch_size} x "
         f"{layout.grad_accumulation} accumulated, activation checkpointing "
-        f"{'on' if layout.activation_checkpointing else 'off'}",
+        f"{'on' if result.activation_checkpointing else 'off'}",
         "memory per GPU (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in memory.items() if k != "total")
         + f"; total {memory['total']:.2f} of {result.gpu.memory_gib}: " + ("fits" if result.fits else "DOES NOT FIT"),
         f"step {result.step_time_s:.3f} s: " + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in result.time_s.items()),
@@ -369,35 +341,20 @@ def describe(result: Plan) -> str:
     return "\n".join(lines + [f"note: {note}" for note in result.notes])
 
 
-def search_table(plans: list[Plan], top: int, gpus: int, gpu: GPU) -> str:
+def search_table(plans: list[Plan], top: int, gpus: int, gpu: Accelerator) -> str:
     if not plans:
         return f"no layout of {gpus} x {gpu.name} fits this model and batch: add GPUs or lower train.global_batch_size"
     rows = [f"{len(plans)} layouts of {gpus} x {gpu.name} fit; the {min(top, len(plans))} fastest:",
             f"{'tokens/s':>12} {'MFU':>6} {'GiB':>7}  overrides"]
-    rows += [f"{p.tokens_per_sec:>12,.0f} {100 * p.mfu:>5.1f}% {p.memory_gib['total']:>7.1f}  {p.layout.overrides()}"
+    rows += [f"{p.tokens_per_sec:>12,.0f} {100 * p.mfu:>5.1f}% {p.memory_gib['total']:>7.1f}  {p.overrides()}"
              for p in plans[:top]]
     return "\n".join(rows)
-
-
-def gpu_of(device) -> GPU | None:
-    """The table's entry for a CUDA device (by name and memory), or None (CPU, unknown GPU)."""
-    if device.type != "cuda":
-        return None
-    import torch
-
-    name, memory = torch.cuda.get_device_name(device), torch.cuda.get_device_properties(device).total_memory / GIB
-    for key in ("H200", "B200", "H100", "L40S"):
-        if key in name:
-            return GPUS[key.lower()]
-    if "A100" in name:
-        return GPUS["a100-80g" if memory > 60 else "a100-40g"]
-    return None
 
 
 def memory_check(config: Config, world_size: int, device) -> str:
     """`pretrain train`'s start-up line: the predicted memory per GPU, and a warning when it
     exceeds the device's."""
-    gpu = gpu_of(device) or GPU(str(device), float("inf"), 1.0, 1.0, 1.0)
+    gpu = of_device(device) or Accelerator("unknown", str(device), (), float("inf"), 1.0, 1.0, 1.0)
     result = plan(config, world_size, gpu)
     memory = result.memory_gib
     line = (f"predicted memory per {'GPU' if device.type == 'cuda' else 'process'}: {memory['total']:.2f} GiB (weights {memory['weights']:.2f}, gradients "

@@ -20,10 +20,12 @@ from omegaconf import OmegaConf
 from pretrain import checkpoint, parallel, plan
 from pretrain.checkpoint import StopSignals
 from pretrain.config import Config, ConfigError, Layout, Precision, to_yaml, total_steps, validate
-from pretrain.data import pipeline
+from pretrain.data import stream
 from pretrain.data.shards import ShardError
-from pretrain.metrics import MetricsWriter, peak_flops, peak_memory_gib, throughput
-from pretrain.model.llama import Llama, compile_blocks
+from pretrain.accelerators import peak_flops
+from pretrain.metrics import MetricsWriter, peak_memory_gib, throughput
+from pretrain.model.execution import apply_execution
+from pretrain.model.llama import Llama
 from pretrain.generate import ModelDecoder, PipelineDecoder, Sampling, generate
 from pretrain.model.pipeline import build_pipeline, canonical_name, head_weight
 from pretrain.model.weights import load_full_state_dict
@@ -61,10 +63,10 @@ def resolve_precision(precision: Precision, device: torch.device) -> Precision:
 
 
 def resolve_compile(config: Config, device: torch.device) -> bool:
-    """model.compile=auto: compiled blocks on GPU, except under ZeRO-3 (its hooks break the graphs)."""
-    if config.model.compile == "auto":
+    """execution.compile=auto: compiled blocks on GPU, except under ZeRO-3 (its hooks break the graphs)."""
+    if config.execution.compile == "auto":
         return device.type == "cuda" and config.optimizer.zero_stage != 3
-    return config.model.compile
+    return config.execution.compile
 
 
 def deepspeed_config(config: Config, layout: Layout, precision: Precision) -> dict:
@@ -94,7 +96,7 @@ def train(config: Config) -> TrainResult:
     The config is validated and the data checked against it before any process group exists.
     A process group that already exists is used and left running (several runs in one launch)."""
     layout = validate(config, int(os.environ.get("WORLD_SIZE", "1")))
-    data = pipeline.resolve(config)
+    data = stream.resolve(config)
     owns_process_group = not dist.is_initialized()
     context = parallel.initialize(layout.tp, layout.pp, config.parallel.backend.value,
                                   config.parallel.timeout_minutes)
@@ -106,7 +108,7 @@ def train(config: Config) -> TrainResult:
 
 class Trainer:
     def __init__(self, config: Config, layout: Layout, context: parallel.ParallelContext,
-                 data: pipeline.DataInfo | None):
+                 data: stream.DataInfo | None):
         self.config, self.layout, self.context, self.data = config, layout, context, data
         self.precision = resolve_precision(config.train.precision, context.device)
         self.steps = total_steps(config)
@@ -115,7 +117,7 @@ class Trainer:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             (self.log_dir / "config.yaml").write_text(to_yaml(config))
         if data is not None and config.data.verify:
-            pipeline.verify_shards(data, context.rank, context.world_size, tolerate=config.data.skip_corrupt > 0)
+            stream.verify_shards(data, context.rank, context.world_size, tolerate=config.data.skip_corrupt > 0)
 
         torch.manual_seed(config.train.seed)
         resume_from = self._find_checkpoint() if config.checkpoint.dir else None
@@ -130,8 +132,7 @@ class Trainer:
         else:
             self.model = Llama(config.model, context.tp_group)
             self.model.init_weights(config.train.seed)
-        if resolve_compile(config, context.device):
-            compile_blocks(self.model)
+        apply_execution(self.model, config.execution, resolve_compile(config, context.device))
         starts_from_weights = resume_from is not None and checkpoint.checkpoint_format(resume_from) == checkpoint.WEIGHTS
         if starts_from_weights:  # before DeepSpeed copies the weights into its optimizer
             self._load_weights(resume_from)
@@ -241,11 +242,11 @@ class Trainer:
                   f"in {time.perf_counter() - started:.1f} s", flush=True)
 
     def _batches(self):
-        batches = pipeline.training_batches(self.config, self.data, self.layout, self.context.dp_rank,
+        batches = stream.training_batches(self.config, self.data, self.layout, self.context.dp_rank,
                                             self.consumed_samples, pin_memory=self.context.device.type == "cuda",
                                             raw_state=self.raw_state)
         first = next(batches)
-        pipeline.check_batch_agreement(first["tokens"], self.context.dp_rank)
+        stream.check_batch_agreement(first["tokens"], self.context.dp_rank)
         return self._counted(itertools.chain([first], batches))
 
     def _counted(self, batches):
@@ -287,7 +288,7 @@ class Trainer:
         total, grad_norm = torch.zeros((), device=self.context.device), None
         for micro in range(accumulation):
             loss, _ = self._loss(next(batches))
-            if step in self.config.train.inject_nan_steps:
+            if step in self.config.debug.inject_nan_steps:
                 loss = loss * float("nan")
             self.engine.backward(loss)
             if log_step and not self.engine_reports_norm and micro == accumulation - 1:
@@ -432,7 +433,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, step: int) -> float:
         """Mean loss per predicted token over the fixed validation batches; logs valid/loss and valid/ppl."""
-        batches = list(pipeline.validation_batches(self.config, self.data, self.layout, self.context.dp_rank))
+        batches = list(stream.validation_batches(self.config, self.data, self.layout, self.context.dp_rank))
         totals = torch.zeros(2, device=self.context.device)  # loss sum, predicted tokens
         totals[1] = sum(int((batch["labels"] != -100).sum()) for batch in batches)
         if self.pipelined:

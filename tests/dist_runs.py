@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from pretrain import parallel
 from pretrain.config import load, validate
-from pretrain.data import pipeline
+from pretrain.data import stream
 from pretrain.data.loader import MicroBatches
 from pretrain.train import train
 
@@ -39,16 +39,16 @@ def main(spec_path: str, out_path: str) -> None:
 def split_check(config) -> dict[str, str]:
     """The batch-agreement check on a correct and on a deliberately wrong (global-rank) split."""
     layout = validate(config, dist.get_world_size())
-    info = pipeline.resolve(config)
+    info = stream.resolve(config)
     context = parallel.initialize(layout.tp, layout.pp, "gloo")
     outcome = {}
     try:
         for name, dp_rank in (("by_data_parallel_rank", context.dp_rank), ("by_global_rank", context.rank)):
-            spec = pipeline.stream_spec(config, info, replace(layout, dp=context.world_size) if name == "by_global_rank"
+            spec = stream.stream_spec(config, info, replace(layout, dp=context.world_size) if name == "by_global_rank"
                                         else layout, dp_rank, start_sample=0)
             batch = next(iter(MicroBatches(spec)))
             try:
-                pipeline.check_batch_agreement(batch["tokens"], context.dp_rank)
+                stream.check_batch_agreement(batch["tokens"], context.dp_rank)
                 outcome[name] = "passed"
             except RuntimeError as error:
                 outcome[name] = str(error)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from engine_memory import measure
 from pretrain import parallel, plan
 from pretrain.config import Precision, load, validate
-from pretrain.data import pipeline
+from pretrain.data import stream
 from pretrain.train import Trainer
 
 
@@ -22,7 +22,7 @@ def check(config) -> dict:
     layout = validate(config, dist.get_world_size())
     context = parallel.initialize(layout.tp, layout.pp, "gloo")
     try:
-        trainer = Trainer(config, layout, context, pipeline.resolve(config))
+        trainer = Trainer(config, layout, context, stream.resolve(config))
         tensors = plan.stage_tensors(config.model, layout.tp, layout.pp)[context.pp_rank]
         predicted = plan.state_bytes(tensors, config.optimizer.zero_stage, layout.dp,
                                      config.train.precision == Precision.bf16,

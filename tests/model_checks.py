@@ -18,9 +18,10 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from pretrain import parallel
-from pretrain.model.args import LlamaArgs
+from pretrain.model.args import ExecutionArgs, LlamaArgs
+from pretrain.model.execution import apply_execution
 from pretrain.model.llama import Llama
-from pretrain.model.loss import cross_entropy
+from reference import cross_entropy
 
 ARGS = dict(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=96, seq_len=32)
 
@@ -41,7 +42,8 @@ def graph_breaks(tp_group) -> dict[str, dict]:
         for recompute in (False, True):
             torch._dynamo.reset()
             counters.clear()
-            model = Llama(LlamaArgs(**ARGS, activation_checkpointing=recompute), tp_group)
+            model = Llama(LlamaArgs(**ARGS), tp_group)
+            apply_execution(model, ExecutionArgs(activation_checkpointing=recompute), compile_blocks=False)
             model.init_weights(seed=1)
             for block in model.layers:  # fullgraph: a break would raise instead of splitting the graph
                 block.compile(backend="aot_eager", fullgraph=True)
@@ -55,7 +57,8 @@ def chunked_loss(tp_group) -> dict[str, dict]:
     tokens, labels, _ = batch(1)
     results = {}
     for tied in (False, True):
-        model = Llama(LlamaArgs(**ARGS, tie_embeddings=tied, loss_chunk_tokens=5), tp_group)
+        model = Llama(LlamaArgs(**ARGS, tie_embeddings=tied), tp_group)
+        apply_execution(model, ExecutionArgs(loss_chunk_tokens=5), compile_blocks=False)
         model.init_weights(seed=2)
         expected = cross_entropy(model(tokens), labels, ARGS["vocab_size"])
         expected.backward()
@@ -78,8 +81,9 @@ def activations(tp_group) -> dict[str, list[float]]:
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
         for checkpointing in (False, True):
-            args = LlamaArgs(**ARGS, activation_checkpointing=checkpointing)
+            args = LlamaArgs(**ARGS)
             model = Llama(args, tp_group)
+            apply_execution(model, ExecutionArgs(activation_checkpointing=checkpointing), compile_blocks=False)
             model.init_weights(seed=3)
             measured = saved_bytes(model.to(dtype), tokens)
             predicted = activation_bytes(args, tp_group.size(), 1, 0, tokens.shape[0], dtype.itemsize, checkpointing)

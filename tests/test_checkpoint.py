@@ -213,7 +213,7 @@ def test_checkpoints_saved_while_deepspeed_clipped_still_resume(tmp_path):
     DeepSpeed refuses to load into a ZeRO optimizer that measures no norm of its own."""
     from pretrain import parallel
     from pretrain.config import load, validate
-    from pretrain.data import pipeline
+    from pretrain.data import stream
     from pretrain.train import Trainer
 
     config = load(BASE[1], BASE[2:] + [f"log.dir={tmp_path / 'log'}", f"checkpoint.dir={tmp_path / 'ckpt'}",
@@ -221,7 +221,7 @@ def test_checkpoints_saved_while_deepspeed_clipped_still_resume(tmp_path):
     for step in (2, 3):
         context = parallel.initialize(tp=1, pp=1, backend="gloo")
         try:
-            trainer = Trainer(config, validate(config, 1), context, pipeline.resolve(config))
+            trainer = Trainer(config, validate(config, 1), context, stream.resolve(config))
             if step == 2:
                 trainer.run()
                 trainer.engine.optimizer.clip_grad = 1.0  # as DeepSpeed's own clipping saved it

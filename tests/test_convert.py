@@ -18,7 +18,7 @@ from pretrain.cli import main as cli
 from pretrain.config import load, validate
 from pretrain.convert.hf_export import export
 from pretrain.convert.reader import CheckpointReader
-from pretrain.data import pipeline
+from pretrain.data import stream
 from pretrain.data.build import build_shards
 from pretrain.model.llama import Llama
 from pretrain.model.weights import load_full_state_dict
@@ -77,10 +77,10 @@ def batches(data: Path, name: str, validation: bool) -> tuple[list[dict], object
     _, model = VARIANTS[name]
     config = load(None, base(data) + model + ["parallel.tp=2", "parallel.pp=2"])
     layout = validate(config, 4)
-    info = pipeline.resolve(config)
+    info = stream.resolve(config)
     if validation:
-        return list(pipeline.validation_batches(config, info, layout, 0)), config
-    stream = pipeline.training_batches(config, info, layout, 0, 0, pin_memory=False)
+        return list(stream.validation_batches(config, info, layout, 0)), config
+    stream = stream.training_batches(config, info, layout, 0, 0, pin_memory=False)
     return [next(stream) for _ in range(layout.grad_accumulation)], config
 
 

@@ -14,7 +14,7 @@ from pretrain.config import load
 from pretrain.data.build import build_shards
 from pretrain.data.documents import InputError
 from pretrain.data.loader import MicroBatches, StreamSpec
-from pretrain.data.pipeline import resolve, verify_shards
+from pretrain.data.stream import resolve, verify_shards
 from pretrain.data.shards import ShardError
 from pretrain.tokenizer import TokenizerError, train_tokenizer
 

@@ -95,7 +95,7 @@ def test_no_host_synchronisation_inside_a_training_step(doc_mask, shards, tmp_pa
     """CUDA's sync debug mode raises on any synchronisation in non-log steps after the first."""
     from pretrain import parallel
     from pretrain.config import load, validate
-    from pretrain.data import pipeline
+    from pretrain.data import stream
     from pretrain.train import Trainer
 
     config = load(None, [*MODEL, *TRAIN, f"data.path={shards}", f"data.doc_mask={str(doc_mask).lower()}",
@@ -110,7 +110,7 @@ def test_no_host_synchronisation_inside_a_training_step(doc_mask, shards, tmp_pa
 
     try:
         Trainer._step = checked_step
-        trainer = Trainer(config, validate(config, 1), context, pipeline.resolve(config))
+        trainer = Trainer(config, validate(config, 1), context, stream.resolve(config))
         result = trainer.run()
     finally:
         torch.cuda.set_sync_debug_mode(0)

@@ -8,11 +8,12 @@ import torch
 from conftest import TESTS, torchrun
 from model_checks import chunked_loss, graph_breaks
 from pretrain import parallel
-from pretrain.model.args import LlamaArgs
-from pretrain.model.hf import from_hf, merge_qkv, split_qkv, to_hf
+from pretrain.model.args import ExecutionArgs, LlamaArgs
+from pretrain.model.execution import apply_execution
+from pretrain.model.hf import merge_qkv, split_qkv
 from pretrain.model.llama import Llama
-from pretrain.model.loss import cross_entropy
 from pretrain.model.weights import load_full_state_dict
+from reference import cross_entropy, from_hf, to_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -114,8 +115,8 @@ def test_activation_checkpointing_gives_the_same_gradients(tp_group):
     args = LlamaArgs(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=48)
     grads = []
     for recompute in (False, True):
-        args.activation_checkpointing = recompute
         model = Llama(args, tp_group)
+        apply_execution(model, ExecutionArgs(activation_checkpointing=recompute), compile_blocks=False)
         model.init_weights(seed=1)
         tokens = torch.arange(32).reshape(2, 16) % 128
         cross_entropy(model(tokens), torch.roll(tokens, -1, 1), 128).backward()
@@ -176,7 +177,7 @@ def test_chunked_head_and_loss_save_8x_fewer_bytes_for_backward(tp_group):
     labels = torch.randint(0, 32000, (8, 2048))
     logits_path = saved_bytes(lambda: cross_entropy(head(hidden)[0], labels, 32000))
     chunked_path = saved_bytes(lambda: linear_cross_entropy(hidden, labels, head.weight, 32000, tp_group,
-                                                            args.loss_chunk_tokens))
+                                                            ExecutionArgs.loss_chunk_tokens))
     print(f"saved for backward: logits path {logits_path / 2**20:.1f} MiB, chunked {chunked_path / 2**20:.1f} MiB "
           f"({logits_path / chunked_path:.1f}x fewer)")
     assert logits_path >= 8 * 2048 * 32000 * 4  # the fp32 probabilities alone

@@ -13,7 +13,8 @@ import torch
 from conftest import ROOT, TESTS, child_env, torchrun
 from pretrain import parallel, plan
 from pretrain.config import load, validate
-from pretrain.model.args import LlamaArgs
+from pretrain.model.args import ExecutionArgs, LlamaArgs
+from pretrain.model.execution import apply_execution
 from pretrain.model.llama import Llama
 
 TOLERANCE = 0.02
@@ -92,10 +93,11 @@ def saved_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> int:
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_activations_equal_what_a_forward_saves(dtype, checkpointing, tied):
     args = LlamaArgs(vocab_size=1000, hidden_size=128, num_layers=3, num_heads=8, num_kv_heads=2,
-                     ffn_hidden_size=352, seq_len=64, activation_checkpointing=checkpointing, tie_embeddings=tied)
+                     ffn_hidden_size=352, seq_len=64, tie_embeddings=tied)
     context = parallel.initialize(tp=1, pp=1, backend="gloo")
     try:
         model = Llama(args, context.tp_group)
+        apply_execution(model, ExecutionArgs(activation_checkpointing=checkpointing), compile_blocks=False)
         model.init_weights(seed=0)
         measured = saved_bytes(model.to(dtype), torch.randint(0, 1000, (2, 64)))
     finally:

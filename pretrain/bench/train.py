@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 
 from pretrain import plan
+from pretrain.accelerators import of_device, peak_flops
 from pretrain.bench.data import stdlib_sources
 from pretrain.config import load
 from pretrain.data.build import build_shards
-from pretrain.metrics import peak_flops, peak_memory_gib
+from pretrain.metrics import peak_memory_gib
 from pretrain.model.args import LlamaArgs
 from pretrain.tokenizer import train_tokenizer
 
@@ -87,7 +88,7 @@ def run_ours(shape: Shape, shards: Path, work: Path, warmup: int, steps: int, co
     total = -(-warmup // steps) * steps + steps
     log_dir = work / ("ours-log" if compiled else "ours-eager-log")
     overrides = [f"model.{k}={v}" for k, v in shape.model.items()] + [
-        f"model.seq_len={shape.seq_len}", f"model.compile={str(compiled).lower()}", "data.source=shards",
+        f"model.seq_len={shape.seq_len}", f"execution.compile={str(compiled).lower()}", "data.source=shards",
         f"data.path={shards}", "data.num_workers=2",
         f"train.micro_batch_size={shape.micro_batch_size}", f"train.global_batch_size={shape.micro_batch_size}",
         f"train.max_steps={total}", f"log.interval={steps}", "optimizer.zero_stage=1",
@@ -100,7 +101,7 @@ def run_ours(shape: Shape, shards: Path, work: Path, warmup: int, steps: int, co
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     row = figures(last["tokens_per_sec"], LlamaArgs(**shape.model, seq_len=shape.seq_len).flops_per_token(), device)
     row["loss"] = round(result.losses[max(result.losses)], 3)
-    gpu = plan.gpu_of(device)
+    gpu = of_device(device)
     if gpu is not None:  # what torch.cuda.max_memory_allocated should read: no CUDA context or fragmentation
         row["plan_mem_gib"] = round(plan.plan(config, 1, gpu).memory_gib["total"] - plan.ALLOWANCE_GIB, 1)
     return row

@@ -1,4 +1,5 @@
-"""Shape and numerics of the Llama model: the only input the model takes besides its TP group."""
+"""Shape and numerics of the Llama model: the only input the model takes besides its TP group.
+How it runs (checkpointing, compilation, loss chunks) is applied from outside: pretrain.model.execution."""
 
 from dataclasses import dataclass
 from typing import Any
@@ -20,9 +21,6 @@ class LlamaArgs:
     tie_embeddings: bool = False  # tie_word_embeddings
     init_std: float = 0.02  # initializer_range
     vocab_pad_multiple: int = 128  # embedding rows are padded to a multiple of this times TP
-    activation_checkpointing: bool = False  # recompute each block in the backward pass
-    loss_chunk_tokens: int = 4096  # tokens whose logits the output head + loss compute at a time
-    compile: Any = "auto"  # torch.compile each block: true, false or auto (on GPU, off on CPU)
 
     @property
     def head_dim(self) -> int:
@@ -50,3 +48,13 @@ class LlamaArgs:
         matmul_weights = self.num_layers * (2 * h * h + 2 * h * kv_dim + 3 * h * self.ffn_hidden_size)
         matmul_weights += self.vocab_size * h
         return 6 * matmul_weights + 12 * self.num_layers * h * self.seq_len
+
+
+@dataclass
+class ExecutionArgs:
+    """How the model runs, never what it computes: applied to a built model from outside
+    (pretrain.model.execution), like torchtitan's parallelize step."""
+
+    activation_checkpointing: bool = False  # recompute each block in the backward pass
+    compile: Any = "auto"  # torch.compile each block: true, false or auto (GPU, unless ZeRO-3)
+    loss_chunk_tokens: int = 4096  # tokens whose logits the output head + loss compute at a time

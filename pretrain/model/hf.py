@@ -79,19 +79,6 @@ def from_hf_tensor(name: str, hf_tensor: Callable[[str], torch.Tensor], args: Ll
     return hf_tensor(names[0])
 
 
-def to_hf(ours: dict[str, torch.Tensor], args: LlamaArgs) -> dict[str, torch.Tensor]:
-    """Full, unpadded tensors under our names -> Hugging Face names."""
-    return {hf: t for name, tensor in ours.items() for hf, t in to_hf_tensors(name, tensor, args)}
-
-
-def from_hf(hf: dict[str, torch.Tensor], args: LlamaArgs) -> dict[str, torch.Tensor]:
-    """Hugging Face tensors -> our names (the inverse of to_hf)."""
-    from pretrain.model.weights import parameter_names
-
-    return {name: from_hf_tensor(name, hf.__getitem__, args)
-            for name in parameter_names(args.num_layers, args.tie_embeddings)}
-
-
 def hf_config(args: LlamaArgs, dtype: torch.dtype, bos_id: int, eos_id: int, pad_id: int | None) -> dict:
     """config.json of the exported LlamaForCausalLM."""
     return {

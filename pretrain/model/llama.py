@@ -6,7 +6,7 @@ attention where query head i reads key/value head i // (num_heads // num_kv_head
 
 Tensor layout is [batch, sequence, hidden]. The model is a sequence of stages
 (embedding, blocks, head) so that the pipeline path can cut it between blocks. Each block traces
-into one torch.compile graph at any TP size (compile_blocks): the tensor-parallel layers hand
+into one torch.compile graph at any TP size (pretrain.model.execution): the tensor-parallel layers hand
 their process group to megatron-core explicitly and all-reduce input gradients synchronously.
 """
 
@@ -22,7 +22,7 @@ from megatron.core.tensor_parallel import (
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pretrain.model.args import LlamaArgs
+from pretrain.model.args import ExecutionArgs, LlamaArgs
 from pretrain.model.attention import attention
 from pretrain.model.loss import linear_cross_entropy
 from pretrain.model.weights import drop_empty_extra_state, initialize, mark_tensor_parallel
@@ -190,7 +190,7 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(args.hidden_size, args.norm_eps)
         self.mlp = SwiGLU(args, layer_config, tp_group)
         self.rotary = RotaryEmbedding(args.head_dim, args.rope_theta)
-        self.recompute = args.activation_checkpointing
+        self.recompute = False  # activation checkpointing: set by pretrain.model.execution
 
     def _forward(self, x: torch.Tensor, position_ids: torch.Tensor,
                  document_ids: torch.Tensor | None) -> torch.Tensor:
@@ -214,14 +214,6 @@ class Block(nn.Module):
     def new_cache(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> KVCache:
         attention = self.attention
         return KVCache(batch, attention.local_groups, capacity, attention.head_dim, dtype, device)
-
-
-def compile_blocks(model: nn.Module) -> None:
-    """torch.compile each transformer block in place (regional compilation: parameter names
-    stay; one graph serves every block of a shape). Works on Llama and on pipeline stages."""
-    for module in model.modules():
-        if isinstance(module, Block):
-            module.compile()
 
 
 def vocab_embedding(args: LlamaArgs, layer_config: ModelParallelConfig, tp_group) -> VocabParallelEmbedding:
@@ -254,6 +246,7 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(args, layer_config, tp_group) for _ in range(args.num_layers))
         self.final_norm = RMSNorm(args.hidden_size, args.norm_eps)
         self.output = output_projection(args, layer_config, tp_group, tied=args.tie_embeddings)
+        self.loss_chunk_tokens = ExecutionArgs.loss_chunk_tokens  # set by pretrain.model.execution
         mark_tensor_parallel(self)
         drop_empty_extra_state(self)
 
@@ -277,6 +270,6 @@ class Llama(nn.Module):
         x = self.final_norm(x)
         if labels is not None:
             return linear_cross_entropy(x, labels, self.output_weight(), self.args.vocab_size, self.tp_group,
-                                        self.args.loss_chunk_tokens)
+                                        self.loss_chunk_tokens)
         logits, _ = self.output(x, weight=self.output_weight() if self.args.tie_embeddings else None)
         return logits

@@ -14,8 +14,7 @@ vocab_parallel_cross_entropy. Vocabulary padding rows never enter the softmax.
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
-from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
 IGNORE_INDEX = -100
 
@@ -85,18 +84,3 @@ def linear_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, weight: tor
     if reduction == "sum":
         return total
     return total / (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
-
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
-                  reduction: str = "mean") -> torch.Tensor:
-    """The same loss from already computed vocab-parallel logits [..., vocab/tp] (Llama.forward
-    without labels), over megatron-core's tensor-parallel group: padding columns are masked out
-    of the softmax."""
-    local_vocab = logits.shape[-1]
-    first_column = parallel_state.get_tensor_model_parallel_rank() * local_vocab
-    column_ids = torch.arange(first_column, first_column + local_vocab, device=logits.device)
-    logits = logits.float().masked_fill(column_ids >= vocab_size, float("-inf"))
-    valid = labels != IGNORE_INDEX
-    per_token = vocab_parallel_cross_entropy(logits, labels.masked_fill(~valid, 0))
-    total = (per_token * valid).sum()
-    return total if reduction == "sum" else total / valid.sum().clamp(min=1)

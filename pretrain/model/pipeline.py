@@ -11,14 +11,12 @@ DeepSpeed names parameters by layer index ("3.attention.qkv_proj.weight"); canon
 maps them to the names of the single-stage model ("layers.2.attention.qkv_proj.weight"), which
 seed the initial weights and are what checkpoints and exports use."""
 
-from functools import partial
-
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import ProcessTopology
 from torch import nn
 
-from pretrain.model.args import LlamaArgs
+from pretrain.model.args import ExecutionArgs, LlamaArgs
 from pretrain.model.llama import (
     Block, RMSNorm, megatron_layer_config, output_projection, vocab_embedding,
 )
@@ -63,6 +61,19 @@ class HeadStage(FinalNormStage):
         self.output = output_projection(args, megatron_layer_config(tp_group.size()), tp_group, tied=False)
 
 
+class HeadLoss:
+    """The last stage's loss_fn: the output head and the next-token loss of the final norm's
+    output, `chunk_tokens` tokens at a time (pretrain.model.loss)."""
+
+    def __init__(self, weight: nn.Parameter, vocab_size: int, tp_group):
+        self.weight, self.vocab_size, self.tp_group = weight, vocab_size, tp_group
+        self.chunk_tokens = ExecutionArgs.loss_chunk_tokens  # set by pretrain.model.execution
+
+    def __call__(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return linear_cross_entropy(hidden, labels, self.weight, self.vocab_size, self.tp_group, self.chunk_tokens,
+                                    reduction)
+
+
 def _pass_hidden(_module: EmbeddingStage, hidden: torch.Tensor) -> torch.Tensor:
     return hidden
 
@@ -103,7 +114,7 @@ def build_pipeline(args: LlamaArgs, tp_group, topology: ProcessTopology, partiti
                    seed: int) -> PipelineModule:
     """This rank's stage of the pipeline, with the same initial weights as Llama(args).init_weights(seed).
     On the last stage `loss_fn(hidden, labels[, reduction="sum"])` is the output head and the mean
-    loss (pretrain.model.loss); other stages have none."""
+    loss (HeadLoss); other stages have none."""
     module = PipelineModule(layers=layer_specs(args, tp_group), topology=topology,
                             partition_method=PARTITION_METHODS[partition])
     mark_tensor_parallel(module)
@@ -111,8 +122,7 @@ def build_pipeline(args: LlamaArgs, tp_group, topology: ProcessTopology, partiti
     initialize(module, seed, args.init_std, args.num_layers, tp_group.rank(), tp_group.size(),
                canonical=lambda name: canonical_name(name, args.num_layers))
     if module.stage_id == module.num_stages - 1:
-        module.loss_fn = partial(linear_cross_entropy, weight=head_weight(module, args), vocab_size=args.vocab_size,
-                                 tp_group=tp_group, chunk_tokens=args.loss_chunk_tokens)
+        module.loss_fn = HeadLoss(head_weight(module, args), args.vocab_size, tp_group)
     return module
 
 

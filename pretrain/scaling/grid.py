@@ -90,9 +90,9 @@ def base_config(path: str, overrides: list[str]) -> Config:
     data paths made absolute (point configs run from anywhere)."""
     config = load(path, overrides)
     if config.data.source != DataSource.synthetic:
-        from pretrain.data import pipeline
+        from pretrain.data import stream
 
-        pipeline.resolve(config)
+        stream.resolve(config)
     if config.model.vocab_size < 1:
         raise ScalingError("the base config needs model.vocab_size (or data whose tokenizer gives it): "
                            "parameter counts depend on it")
