@@ -8,38 +8,58 @@ import sys
 import time
 from pathlib import Path
 
-from pretrain import accelerators
+from pretrain import accelerators, options
 from pretrain.config import load, to_yaml, validate
-from pretrain.data.shards import PACKING_UNIT_MB
+from pretrain.errors import UserError
 from pretrain.scaling import cli as scaling_cli
 
 TRAIN_EPILOG = """\
 overrides are `section.key=value` pairs applied on top of the YAML file, e.g.
   pretrain train --config configs/tiny.yaml parallel.tp=2 train.max_steps=50
-sections: model, parallel, optimizer, schedule, train, data, log, checkpoint
+sections: model, execution, parallel, optimizer, schedule, train, data, log, checkpoint
 (see --print-config for every key and its value). Several processes: run under torchrun,
 e.g. torchrun --nproc_per_node 2 -m pretrain train --config configs/tiny.yaml parallel.tp=2
 """
 
 
-INPUT_HELP = ("files, folders (their .jsonl, .jsonl.gz, .json.gz, .jsonl.zst, .parquet and .txt files) or globs; "
-              "a Hugging Face datasets folder (save_to_disk); any other file is one plain-text document")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pretrain", description="Pretrain Llama-style language models.")
     commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_plan, _add_generate, _add_eval, _add_tokenizer, _add_data, _add_launch,
+                _add_convert, _add_bench):
+        add(commands)
+    scaling_cli.add_parser(commands)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as error:  # a mistake in what the user gave: its message, no traceback
+        print(f"pretrain: {error}", file=sys.stderr)
+        return error.exit_code
+    except FloatingPointError as error:  # training diverged: the run cannot go on
+        print(f"pretrain: {error}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as error:
+        print(f"pretrain: {error.filename}: {error.strerror}: check the path", file=sys.stderr)
+        return 2
+
+
+def _add_train(commands) -> None:
     train = commands.add_parser("train", help="train a model", epilog=TRAIN_EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("--config", help="YAML file of settings (defaults apply to what it leaves out)")
+    options.config_and_overrides(train)
     train.add_argument("--print-config", action="store_true", help="print the resolved, validated config and exit")
-    train.add_argument("overrides", nargs="*", metavar="key=value")
+    train.set_defaults(run=_train)
 
+
+def _add_plan(commands) -> None:
     plan = commands.add_parser("plan", help="predict memory per GPU, step time and the best layouts before launch",
                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                epilog="overrides are section.key=value pairs, as for `pretrain train`")
-    plan.add_argument("--config", help="YAML file of settings")
+    options.config_and_overrides(plan)
     plan.add_argument("--gpus", type=int, required=True, help="GPUs of the job")
     plan.add_argument("--gpu", default="h100", choices=list(accelerators.BY_KEY),
                       help="the accelerator (pretrain/accelerators.py; default: H100 SXM)")
@@ -50,12 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--search", action="store_true", help="rank every valid layout that fits by tokens/s")
     plan.add_argument("--top", type=int, default=5, help="layouts --search shows")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
-    plan.add_argument("overrides", nargs="*", metavar="key=value")
+    plan.set_defaults(run=_plan)
 
+
+def _add_generate(commands) -> None:
     generate = commands.add_parser("generate", help="complete prompts with a checkpoint (one process, CPU or GPU)")
-    generate.add_argument("--checkpoint", required=True, help="checkpoint.dir of a run (any layout), a step_* folder, "
-                                                              "or a `convert from-hf` folder")
-    generate.add_argument("--step", type=int, help="which step (default: the newest complete one)")
+    options.checkpoint(generate, "checkpoint.dir of a run (any layout), a step_* folder, or a `convert from-hf` "
+                                 "folder")
     prompts = generate.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", nargs="+", metavar="TEXT")
     prompts.add_argument("--prompts-file", help="one prompt per line")
@@ -65,184 +86,146 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint's)")
-    generate.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1, ...")
+    options.device(generate)
     generate.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every token")
+    generate.set_defaults(run=_generate)
+
+
+def _add_eval(commands) -> None:
     evaluate = commands.add_parser("eval", help="loss and perplexity of a checkpoint on held-out shards")
-    evaluate.add_argument("--checkpoint", required=True)
-    evaluate.add_argument("--step", type=int)
+    options.checkpoint(evaluate)
     evaluate.add_argument("--data", required=True, help="a shards folder from `pretrain data build`")
     evaluate.add_argument("--batches", type=int, help="global batches (default: the run's train.eval_steps)")
     evaluate.add_argument("--out", help="write the result as JSON here")
-    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                          help="evaluate on shards of another tokenizer than the checkpoint's")
+    options.device(evaluate)
+    evaluate.set_defaults(run=_eval)
 
+
+def _add_tokenizer(commands) -> None:
     tokenizer = commands.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
-    tok_train = tokenizer.add_parser("train", help="train a sentencepiece tokenizer")
-    tok_train.add_argument("--input", nargs="+", required=True, metavar="INPUT", help=INPUT_HELP)
-    tok_train.add_argument("--vocab-size", type=int, required=True)
-    tok_train.add_argument("--out", help="output folder (default: tokenizers/<model-type>-<vocab-size>)")
-    tok_train.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
-    tok_train.add_argument("--text-field", default="text", help="jsonl field / parquet column with the text")
-    tok_train.add_argument("--max-chars", type=int, default=0, help="stop reading after this many characters")
-    tok_train.add_argument("--special", nargs="*", default=[], metavar="TOKEN",
-                           help="extra special tokens besides <unk> <s> </s> <pad>")
+    train = tokenizer.add_parser("train", help="train a sentencepiece tokenizer")
+    options.inputs(train)
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--out", help="output folder (default: tokenizers/<model-type>-<vocab-size>)")
+    train.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    train.add_argument("--max-chars", type=int, default=0, help="stop reading after this many characters")
+    train.add_argument("--special", nargs="*", default=[], metavar="TOKEN",
+                       help="extra special tokens besides <unk> <s> </s> <pad>")
+    train.set_defaults(run=_tokenizer_train)
 
+
+def _add_data(commands) -> None:
     data = commands.add_parser("data", help="data tools").add_subparsers(dest="action", required=True)
     build = data.add_parser("build", help="tokenize and pack documents into shards")
-    build.add_argument("--input", nargs="+", required=True, metavar="INPUT", help=INPUT_HELP)
-    build.add_argument("--tokenizer", required=True, help="folder from `pretrain tokenizer train`")
-    build.add_argument("--seq-len", type=int, required=True, help="model.seq_len; samples hold seq_len + 1 tokens")
+    options.inputs(build)
+    options.shard_building(build, workers=options.default_workers())
     build.add_argument("--out", required=True, help="output folder (must not hold shards yet)")
-    build.add_argument("--shard-samples", type=int, default=10_000, help="samples per shard")
-    build.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
-    build.add_argument("--text-field", default="text", help="JSON field / column with the text")
     build.add_argument("--num-parts", type=int, default=1, help="build one of N disjoint parts (one per node), "
                                                                  "then `pretrain data merge` them")
     build.add_argument("--part", type=int, default=0, help="which part, 0..N-1")
-    build.add_argument("--unit-mb", type=float, default=PACKING_UNIT_MB,
-                       help="input MB per packing unit: packing restarts at each (parts split between units)")
+    build.set_defaults(run=_data_build)
     merge = data.add_parser("merge", help="the parts of a `data build --num-parts N` -> one shards folder")
     merge.add_argument("parts", nargs="+", metavar="PART_DIR", help="every part's --out folder")
     merge.add_argument("--out", required=True, help="the shards folder (parts are moved into it, then removed)")
+    merge.set_defaults(run=_data_merge)
 
+
+def _add_launch(commands) -> None:
     launch = commands.add_parser("launch", help="start training with torchrun or Slurm").add_subparsers(
         dest="action", required=True)
     local = launch.add_parser("local", help="torchrun on this machine (one process per GPU, or --nproc)")
     local.add_argument("--nproc", type=int, help="processes (default: the number of GPUs, else 1)")
-    local.add_argument("--max-restarts", type=int, help="torchrun restarts of all workers when one fails "
-                                                        "(default: the config's train.max_restarts)")
-    local.add_argument("--config")
-    local.add_argument("overrides", nargs="*", metavar="key=value")
+    options.max_restarts(local)
+    options.config_and_overrides(local)
+    local.set_defaults(run=_launch_local)
+
     slurm = launch.add_parser("slurm", help="render (and --submit) an sbatch script for multi-node training")
     slurm.add_argument("--nodes", type=int, required=True)
     slurm.add_argument("--gpus-per-node", type=int, required=True, help="with --cpu: processes per node")
     slurm.add_argument("--cpu", action="store_true", help="a CPU job (gloo): for trying the launcher without GPUs")
-    slurm.add_argument("--partition")
-    slurm.add_argument("--time", help="time limit, e.g. 2-00:00:00")
-    slurm.add_argument("--account")
-    slurm.add_argument("--job-name", default="pretrain")
-    slurm.add_argument("--log-dir", default="runs/slurm", help="Slurm and torchrun logs (relative to here)")
-    slurm.add_argument("--cpus-per-task", type=int, help="CPUs per node task (default: 8 per GPU)")
-    slurm.add_argument("--max-restarts", type=int, help="torchrun restarts of all workers in the job when one "
-                                                        "fails (default: the config's train.max_restarts)")
-    slurm.add_argument("--max-requeues", type=int, default=3, help="requeues after a stop signal (time limit, "
-                                                                   "preemption)")
+    options.slurm_job(slurm, "pretrain", log_dir="runs/slurm",
+                      log_dir_help="Slurm and torchrun logs (relative to here)", time_help="time limit, e.g. "
+                      "2-00:00:00", submit_help="call sbatch and print the job id")
+    options.slurm_training(slurm)
+    options.max_restarts(slurm)
     slurm.add_argument("--max-failures", type=int, default=2, help="requeues after training failed (a node lost, "
                                                                    "the restarts used up), counted apart")
-    slurm.add_argument("--signal-seconds", type=int, default=120,
-                       help="seconds before the time limit at which Slurm asks training to save and stop")
-    slurm.add_argument("--submit", action="store_true", help="call sbatch and print the job id")
-    slurm.add_argument("--config")
-    slurm.add_argument("overrides", nargs="*", metavar="key=value")
+    options.config_and_overrides(slurm)
+    slurm.set_defaults(run=_launch_slurm)
 
     slurm_data = launch.add_parser("slurm-data", help="render (and --submit) a Slurm job array that builds "
                                                       "shards in parts, and the merge as a dependent job")
     slurm_data.add_argument("--parts", type=int, required=True, help="array tasks (one part each)")
-    slurm_data.add_argument("--input", nargs="+", required=True, metavar="INPUT", help=INPUT_HELP)
-    slurm_data.add_argument("--tokenizer", required=True)
-    slurm_data.add_argument("--seq-len", type=int, required=True)
+    options.inputs(slurm_data)
+    options.shard_building(slurm_data, workers=16)
     slurm_data.add_argument("--out", required=True, help="the merged shards folder; parts are built under OUT/parts")
-    slurm_data.add_argument("--workers", type=int, default=16, help="tokenizing processes per task")
-    slurm_data.add_argument("--shard-samples", type=int, default=10_000)
-    slurm_data.add_argument("--text-field", default="text")
-    slurm_data.add_argument("--unit-mb", type=float, default=PACKING_UNIT_MB)
-    slurm_data.add_argument("--partition")
-    slurm_data.add_argument("--time", help="time limit per task, e.g. 12:00:00")
-    slurm_data.add_argument("--account")
-    slurm_data.add_argument("--job-name", default="pretrain-data")
-    slurm_data.add_argument("--log-dir", default="runs/slurm", help="Slurm logs (relative to here)")
-    slurm_data.add_argument("--submit", action="store_true", help="sbatch both and print the two job ids")
+    options.slurm_job(slurm_data, "pretrain-data", log_dir="runs/slurm", log_dir_help="Slurm logs (relative to "
+                      "here)", time_help="time limit per task, e.g. 12:00:00",
+                      submit_help="sbatch both and print the two job ids")
+    slurm_data.set_defaults(run=_launch_slurm_data)
 
+
+def _add_convert(commands) -> None:
     convert = commands.add_parser("convert", help="checkpoint conversion: Hugging Face, resharding").add_subparsers(
         dest="action", required=True)
     to_hf = convert.add_parser("to-hf", help="a checkpoint (any TP/PP/ZeRO layout) -> Hugging Face LlamaForCausalLM")
-    to_hf.add_argument("--checkpoint", required=True, help="checkpoint.dir of a run, or one step_* folder in it")
-    to_hf.add_argument("--step", type=int, help="which step (default: the newest complete one)")
+    options.checkpoint(to_hf)
     to_hf.add_argument("--out", required=True, help="new folder for the Hugging Face model")
     to_hf.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     to_hf.add_argument("--tokenizer", help="tokenizer folder (default: the one the checkpoint was trained with); "
                                            "'none' for no tokenizer")
     to_hf.add_argument("--max-shard-size", type=float, default=5.0, metavar="GB",
                        help="largest safetensors file; bigger models are split with an index")
+    to_hf.set_defaults(run=_to_hf)
     from_hf = convert.add_parser("from-hf", help="a Hugging Face Llama folder -> a checkpoint to continue training")
     from_hf.add_argument("--model", required=True, help="folder with config.json, safetensors weights, tokenizer")
     from_hf.add_argument("--out", required=True, help="new checkpoint.dir; a config.yaml to train from is written")
-    from_hf.add_argument("--tp", type=int, default=1, help="parallel.tp the checkpoint is checked and set up for")
-    from_hf.add_argument("--pp", type=int, default=1, help="parallel.pp the checkpoint is checked and set up for")
+    _tp_pp(from_hf, "the checkpoint is checked and set up for", default=1)
     from_hf.add_argument("--allow-pickle", action="store_true",
                          help="accept pytorch_model*.bin weights (read with torch.load(weights_only=True))")
+    from_hf.set_defaults(run=_from_hf)
     reshard = convert.add_parser("reshard", help="a checkpoint -> the same training state at another TP/PP")
-    reshard.add_argument("--checkpoint", required=True, help="checkpoint.dir of a run, or one step_* folder in it")
-    reshard.add_argument("--step", type=int, help="which step (default: the newest complete one)")
-    reshard.add_argument("--tp", type=int, required=True)
-    reshard.add_argument("--pp", type=int, required=True)
+    options.checkpoint(reshard)
+    _tp_pp(reshard, "to reshard to", default=None)
     reshard.add_argument("--out", required=True, help="new checkpoint.dir to resume from (checkpoint.dir=OUT)")
+    reshard.set_defaults(run=_reshard)
 
+
+def _tp_pp(parser: argparse.ArgumentParser, purpose: str, default: int | None) -> None:
+    """--tp and --pp of a converted checkpoint (required when there is no default)."""
+    for name in ("tp", "pp"):
+        parser.add_argument(f"--{name}", type=int, default=default, required=default is None,
+                            help=f"parallel.{name} {purpose}")
+
+
+def _add_bench(commands) -> None:
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="action", required=True)
-    bench_data = bench.add_parser("data", help="loader and tokenization throughput beside raw baselines")
-    bench_data.add_argument("--input", nargs="+", metavar="INPUT", help="corpus (default: Python's stdlib sources)")
-    bench_data.add_argument("--work", default="runs/bench-data", help="folder for the tokenizer and shards it builds")
-    bench_data.add_argument("--seq-len", type=int, default=2048)
-    bench_data.add_argument("--seconds", type=float, default=3.0, help="measuring time per figure (the best of three rounds counts)")
-    bench_data.add_argument("--out", help="write the figures as JSON here")
-    bench_train = bench.add_parser("train", help="training throughput beside Hugging Face Llama (eager, compiled)")
-    bench_train.add_argument("--shape", choices=["tiny", "cpu", "1b", "wide"], default="tiny",
-                             help="tiny (seconds) and cpu (a 7M model) run on a CPU; 1b and wide are the GPU shapes")
-    bench_train.add_argument("--work", default="runs/bench-train", help="folder for the tokenizer, shards and logs")
-    bench_train.add_argument("--warmup", type=int, default=5, help="steps before measuring (compilation included)")
-    bench_train.add_argument("--steps", type=int, default=10, help="measured steps")
-    bench_train.add_argument("--out", help="write the table as JSON here")
-    bench_generate = bench.add_parser("generate", help="decoding speed with the KV cache beside recomputing")
-    bench_generate.add_argument("--config", default="configs/llama-125m.yaml", help="the model shape")
-    bench_generate.add_argument("--new-tokens", type=int, default=256)
-    bench_generate.add_argument("--batch", type=int, default=1, help="prompts decoded together")
-    bench_generate.add_argument("--prompt-tokens", type=int, default=16)
-    bench_generate.add_argument("--device", default="auto")
-    bench_generate.add_argument("--out", help="write the figures as JSON here")
-    scaling_cli.add_parser(commands)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from pretrain.errors import UserError
-
-    try:
-        if args.command == "train":
-            return _train(args)
-        if args.command == "plan":
-            return _plan(args)
-        if args.command == "scaling":
-            return scaling_cli.run(args)
-        if args.command in ("generate", "eval"):
-            return _inference(args)
-        if args.command == "tokenizer":
-            return _tokenizer_train(args)
-        if args.command == "launch":
-            return _launch(args)
-        if args.command == "convert":
-            return _convert(args)
-        if args.command == "data" and args.action == "merge":
-            return _data_merge(args)
-        if args.command == "bench" and args.action == "data":
-            from pretrain.bench import data
-
-            return data.main(args.input, args.work, args.out, args.seq_len, args.seconds)
-        if args.command == "bench" and args.action == "generate":
-            from pretrain.bench import generate as generate_bench
-
-            return generate_bench.main(args.config, args.new_tokens, args.batch, args.prompt_tokens, args.out,
-                                       args.device)
-        if args.command == "bench":
-            from pretrain.bench import train as train_bench
-
-            return train_bench.main(args.shape, args.work, args.out, args.warmup, args.steps)
-        return _data_build(args)
-    except UserError as error:  # a mistake in what the user gave: its message, no traceback
-        print(f"pretrain: {error}", file=sys.stderr)
-        return error.exit_code
-    except FloatingPointError as error:  # training diverged: the run cannot go on
-        print(f"pretrain: {error}", file=sys.stderr)
-        return 1
+    data = bench.add_parser("data", help="loader and tokenization throughput beside raw baselines")
+    data.add_argument("--input", nargs="+", metavar="INPUT", help="corpus (default: Python's stdlib sources)")
+    data.add_argument("--work", default="runs/bench-data", help="folder for the tokenizer and shards it builds")
+    data.add_argument("--seq-len", type=int, default=2048)
+    data.add_argument("--seconds", type=float, default=3.0,
+                      help="measuring time per figure (the best of three rounds counts)")
+    data.add_argument("--out", help="write the figures as JSON here")
+    data.set_defaults(run=_bench_data)
+    train = bench.add_parser("train", help="training throughput beside Hugging Face Llama (eager, compiled)")
+    train.add_argument("--shape", choices=["tiny", "cpu", "1b", "wide"], default="tiny",
+                       help="tiny (seconds) and cpu (a 7M model) run on a CPU; 1b and wide are the GPU shapes")
+    train.add_argument("--work", default="runs/bench-train", help="folder for the tokenizer, shards and logs")
+    train.add_argument("--warmup", type=int, default=5, help="steps before measuring (compilation included)")
+    train.add_argument("--steps", type=int, default=10, help="measured steps")
+    train.add_argument("--out", help="write the table as JSON here")
+    train.set_defaults(run=_bench_train)
+    generate = bench.add_parser("generate", help="decoding speed with the KV cache beside recomputing")
+    generate.add_argument("--config", default="configs/llama-125m.yaml", help="the model shape")
+    generate.add_argument("--new-tokens", type=int, default=256)
+    generate.add_argument("--batch", type=int, default=1, help="prompts decoded together")
+    generate.add_argument("--prompt-tokens", type=int, default=16)
+    options.device(generate)
+    generate.add_argument("--out", help="write the figures as JSON here")
+    generate.set_defaults(run=_bench_generate)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -255,7 +238,7 @@ def _train(args: argparse.Namespace) -> int:
         print(to_yaml(config), end="")
         print(f"# derived: {layout}")
         return 0
-    from pretrain.checkpoint import EXIT_STOPPED
+    from pretrain.signals import EXIT_STOPPED
     from pretrain.train import train
 
     if not train(config).stopped_by_signal:
@@ -287,12 +270,8 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inference(args: argparse.Namespace) -> int:
+def _generate(args: argparse.Namespace) -> int:
     from pretrain import inference
-
-    if args.command == "eval":
-        inference.run_eval(args.checkpoint, args.step, args.data, args.batches, args.out, args.device)
-        return 0
     from pretrain.generate import Sampling
 
     prompts = args.prompt or [line for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
@@ -303,18 +282,23 @@ def _inference(args: argparse.Namespace) -> int:
     return 0
 
 
-def _launch(args: argparse.Namespace) -> int:
+def _eval(args: argparse.Namespace) -> int:
+    from pretrain import inference
+
+    inference.run_eval(args.checkpoint, args.step, args.data, args.batches, args.out, args.device,
+                       args.allow_tokenizer_mismatch)
+    return 0
+
+
+def _launch_local(args: argparse.Namespace) -> int:
     from pretrain import launch
 
-    if args.action == "local":
-        return launch.launch_local(args.nproc, args.config, args.overrides, args.max_restarts)
-    if args.action == "slurm-data":
-        job = launch.DataJob(
-            parts=args.parts, inputs=args.input, tokenizer=args.tokenizer, seq_len=args.seq_len, out=args.out,
-            workers=args.workers, shard_samples=args.shard_samples, text_field=args.text_field, unit_mb=args.unit_mb,
-            partition=args.partition, time=args.time, account=args.account, job_name=args.job_name,
-            log_dir=args.log_dir)
-        return launch.launch_slurm_data(job, submit=args.submit)
+    return launch.launch_local(args.nproc, args.config, args.overrides, args.max_restarts)
+
+
+def _launch_slurm(args: argparse.Namespace) -> int:
+    from pretrain import launch
+
     job = launch.SlurmJob(
         nodes=args.nodes, procs_per_node=args.gpus_per_node, config=args.config, overrides=args.overrides,
         cpu=args.cpu, partition=args.partition, time=args.time, account=args.account, job_name=args.job_name,
@@ -323,25 +307,40 @@ def _launch(args: argparse.Namespace) -> int:
     return launch.launch_slurm(job, submit=args.submit)
 
 
-def _convert(args: argparse.Namespace) -> int:
-    if args.action == "to-hf":
-        from pretrain.convert.hf_export import export
+def _launch_slurm_data(args: argparse.Namespace) -> int:
+    from pretrain import launch
 
-        summary = export(args.checkpoint, args.out, args.step, args.dtype, args.tokenizer,
-                         max_shard_bytes=int(args.max_shard_size * 2**30))
-        print(f"exported step {summary['step']} of {summary['checkpoint']} to {args.out}: "
-              f"{summary['parameters']:,} parameters, {summary['bytes'] / 2**20:,.1f} MiB in "
-              f"{len(summary['files'])} safetensors file(s), {summary['seconds']} s")
-        return 0
-    if args.action == "from-hf":
-        from pretrain.convert.hf_import import import_hf
+    job = launch.DataJob(
+        parts=args.parts, inputs=args.input, tokenizer=args.tokenizer, seq_len=args.seq_len, out=args.out,
+        workers=args.workers, shard_samples=args.shard_samples, text_field=args.text_field, unit_mb=args.unit_mb,
+        partition=args.partition, time=args.time, account=args.account, job_name=args.job_name,
+        log_dir=args.log_dir)
+    return launch.launch_slurm_data(job, submit=args.submit)
 
-        config_path = import_hf(args.model, args.out, args.tp, args.pp, allow_pickle=args.allow_pickle)
-        tokenizer = Path(args.out) / "tokenizer"
-        shards = f"shards built with {tokenizer}" if tokenizer.is_dir() else "shards built with the model's tokenizer"
-        print(f"imported {args.model} into {args.out}; continue training with\n"
-              f"  pretrain train --config {config_path} data.path=<{shards}>")
-        return 0
+
+def _to_hf(args: argparse.Namespace) -> int:
+    from pretrain.convert.hf_export import export
+
+    summary = export(args.checkpoint, args.out, args.step, args.dtype, args.tokenizer,
+                     max_shard_bytes=int(args.max_shard_size * 2**30))
+    print(f"exported step {summary['step']} of {summary['checkpoint']} to {args.out}: "
+          f"{summary['parameters']:,} parameters, {summary['bytes'] / 2**20:,.1f} MiB in "
+          f"{len(summary['files'])} safetensors file(s), {summary['seconds']} s")
+    return 0
+
+
+def _from_hf(args: argparse.Namespace) -> int:
+    from pretrain.convert.hf_import import import_hf
+
+    config_path = import_hf(args.model, args.out, args.tp, args.pp, allow_pickle=args.allow_pickle)
+    tokenizer = Path(args.out) / "tokenizer"
+    shards = f"shards built with {tokenizer}" if tokenizer.is_dir() else "shards built with the model's tokenizer"
+    print(f"imported {args.model} into {args.out}; continue training with\n"
+          f"  pretrain train --config {config_path} data.path=<{shards}>")
+    return 0
+
+
+def _reshard(args: argparse.Namespace) -> int:
     from pretrain.convert.reshard import reshard
 
     path = reshard(args.checkpoint, args.out, args.tp, args.pp, args.step)
@@ -386,3 +385,21 @@ def _data_merge(args: argparse.Namespace) -> int:
     manifest = merge_parts(args.parts, args.out)
     print(f"merged {len(args.parts)} parts into {args.out}: {len(manifest['shards'])} shards, {_summary(manifest)}")
     return 0
+
+
+def _bench_data(args: argparse.Namespace) -> int:
+    from pretrain.bench import data
+
+    return data.main(args.input, args.work, args.out, args.seq_len, args.seconds)
+
+
+def _bench_train(args: argparse.Namespace) -> int:
+    from pretrain.bench import train
+
+    return train.main(args.shape, args.work, args.out, args.warmup, args.steps)
+
+
+def _bench_generate(args: argparse.Namespace) -> int:
+    from pretrain.bench import generate
+
+    return generate.main(args.config, args.new_tokens, args.batch, args.prompt_tokens, args.out, args.device)

@@ -2,7 +2,10 @@
 overrides, validated before any process group exists. Values derived from several settings
 (data-parallel size, gradient accumulation, padded vocabulary) are computed once, in `Layout`."""
 
+import dataclasses
 import enum
+import hashlib
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +139,8 @@ class CheckpointConfig:
     keep_last: int = 3  # newest checkpoints kept; 0 = keep all
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0 = none
     resume: str = "auto"  # auto: newest complete checkpoint in dir, if any; none; or a checkpoint's path
+    # the run holding dir renews its lease this often / 4; a crashed holder's lease is taken over after this
+    lease_timeout_s: float = 120.0
 
 
 @dataclass
@@ -269,14 +274,24 @@ def validate(config: Config, world_size: int) -> Layout:
     need(not (config.optimizer.zero_stage == 0 and pp > 1),
          f"optimizer.zero_stage=0 cannot be combined with parallel.pp={pp}: DeepSpeed then computes the "
          "gradient-clipping norm wrongly on later pipeline stages; set optimizer.zero_stage=1")
-    need(config.optimizer.lr > 0, f"optimizer.lr={config.optimizer.lr} must be positive")
-    need(config.optimizer.grad_clip >= 0, f"optimizer.grad_clip={config.optimizer.grad_clip} must be >= 0 (0 = off)")
+    optimizer = config.optimizer
+    need(math.isfinite(optimizer.lr) and optimizer.lr > 0, f"optimizer.lr={optimizer.lr} must be a positive number")
+    for key in ("beta1", "beta2"):
+        value = getattr(optimizer, key)
+        need(0 <= value < 1, f"optimizer.{key}={value} must be in [0, 1) (typical: beta1 0.9, beta2 0.95)")
+    need(math.isfinite(optimizer.eps) and optimizer.eps > 0, f"optimizer.eps={optimizer.eps} must be > 0 (e.g. 1e-8)")
+    need(math.isfinite(optimizer.weight_decay) and optimizer.weight_decay >= 0,
+         f"optimizer.weight_decay={optimizer.weight_decay} must be >= 0 (0 = none)")
+    need(math.isfinite(optimizer.grad_clip) and optimizer.grad_clip >= 0,
+         f"optimizer.grad_clip={optimizer.grad_clip} must be >= 0 (0 = off)")
     need(config.schedule.warmup_steps >= 0, f"schedule.warmup_steps={config.schedule.warmup_steps} must be >= 0")
     need(0 <= config.schedule.min_lr_ratio <= 1, f"schedule.min_lr_ratio={config.schedule.min_lr_ratio} must be in [0, 1]")
     need(0 < config.schedule.decay_fraction <= 1,
          f"schedule.decay_fraction={config.schedule.decay_fraction} must be in (0, 1]")
     need(train.max_tokens >= 0, f"train.max_tokens={train.max_tokens} must be >= 0 (0 = no token budget)")
     need(config.checkpoint.interval >= 0, f"checkpoint.interval={config.checkpoint.interval} must be >= 0")
+    need(config.checkpoint.lease_timeout_s > 0,
+         f"checkpoint.lease_timeout_s={config.checkpoint.lease_timeout_s} must be > 0 (e.g. 120)")
     need(config.checkpoint.keep_last >= 0 and config.checkpoint.keep_every >= 0,
          "checkpoint.keep_last and checkpoint.keep_every must be >= 0")
     need(not (config.checkpoint.resume not in ("auto", "none") and not Path(config.checkpoint.resume).exists()),
@@ -326,12 +341,28 @@ def validate(config: Config, world_size: int) -> Layout:
                   global_batch_size=train.global_batch_size, grad_accumulation=train.global_batch_size // per_step)
 
 
+def validate_without_data(config: Config, world_size: int) -> Layout:
+    """validate() of what a launch of `world_size` processes needs besides its data: the model,
+    the parallel layout and the optimizer (for planning and for converting checkpoints; the data,
+    validation, samples and the checkpoint to resume are left out)."""
+    return validate(dataclasses.replace(
+        config, data=dataclasses.replace(config.data, source=DataSource.synthetic, valid_path=""),
+        train=dataclasses.replace(config.train, eval_interval=0),
+        log=dataclasses.replace(config.log, sample_interval=0),
+        checkpoint=dataclasses.replace(config.checkpoint, resume="none")), world_size)
+
+
 def total_steps(config: Config) -> int:
     """Optimizer steps of the run: train.max_steps, or fewer when the token budget ends first."""
     tokens_per_step = config.train.global_batch_size * config.model.seq_len
     if config.train.max_tokens:
         return min(config.train.max_steps, -(-config.train.max_tokens // tokens_per_step))
     return config.train.max_steps
+
+
+def run_id(config: Config) -> str:
+    """What identifies a run across its own restarts and requeues: its resolved log.dir."""
+    return hashlib.sha256(str(Path(config.log.dir).resolve()).encode()).hexdigest()[:16]
 
 
 def data_path_list(path: Any) -> list[str]:

@@ -56,15 +56,23 @@ def run_generate(checkpoint: str, step: int | None, prompts: list[str], sampling
 
 
 def run_eval(checkpoint: str, step: int | None, data: str, batches: int | None, out: str | None,
-             device: str = "auto") -> dict:
+             device: str = "auto", allow_tokenizer_mismatch: bool = False) -> dict:
     """Mean loss per predicted token and perplexity over the first `batches` global batches of
-    `data` (default: the run's train.eval_steps), as the trainer's valid/loss counts them."""
+    `data` (default: the run's train.eval_steps), as the trainer's valid/loss counts them. The
+    shards are checked against their manifest, and their tokenizer against the checkpoint's."""
     reader = CheckpointReader(checkpoint, step)
     config: Config = reader.config
     config.data.valid_path, config.train.eval_steps = data, batches or config.train.eval_steps
     config.data.path, config.data.tokenizer = data, ""
     config.parallel.tp, config.parallel.pp = 1, 1  # one process holds the whole model
     info = stream.resolve(config)
+    stream.verify_shards(info, rank=0, world_size=1, tolerate=False)
+    recorded = (reader.client_state.get("tokenizer") or {}).get("sha256")
+    if recorded and recorded != info.tokenizer_sha256 and not allow_tokenizer_mismatch:
+        raise TokenizerError(f"{data} was built with another tokenizer (sha256 {info.tokenizer_sha256[:12]}) than "
+                             f"{reader.path} was trained with ({recorded[:12]}): its loss there would mean nothing. "
+                             "Build the shards with the checkpoint's tokenizer (its copy is in the checkpoint's "
+                             "tokenizer/), or pass --allow-tokenizer-mismatch to measure it anyway")
     layout = validate(config, 1)
     target = resolve_device(device)
     precision = torch.float32 if config.train.precision == Precision.fp32 or target.type == "cpu" else torch.bfloat16

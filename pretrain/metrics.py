@@ -1,13 +1,20 @@
-"""Training metrics: throughput and MFU arithmetic, and the rank-0 writer that sends each
-record to TensorBoard, to metrics.jsonl and to the console."""
+"""Training metrics: throughput and MFU arithmetic, the rank-0 writer that sends each record to
+TensorBoard, to metrics.jsonl, to the console and to W&B, and the step log that decides when
+train/ records are written and what they hold."""
 
 import json
 import resource
+import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
+
+from pretrain.accelerators import peak_flops
+from pretrain.config import Config, Layout, run_id
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -85,6 +92,53 @@ class MetricsWriter:
             self.samples.close()
             if self.wandb is not None:
                 self.wandb.finish()
+
+
+class StepLog:
+    """train/ records every log.interval steps and at the last step: the mean loss over the steps
+    since the last record (summed over data-parallel ranks then), the learning rate and gradient
+    norm of the step, throughput, MFU where the accelerator is known, peak memory."""
+
+    def __init__(self, metrics: MetricsWriter, config: Config, layout: Layout, device: torch.device,
+                 dp_group: dist.ProcessGroup, last_step: int):
+        self.metrics, self.device, self.dp_group = metrics, device, dp_group
+        self.interval, self.last_step = config.log.interval, last_step
+        self.tokens_per_step = layout.global_batch_size * config.model.seq_len
+        self.flops_per_token, self.peak = config.model.flops_per_token(), peak_flops(device)
+        self.world_size, self.loss_divisor = layout.world_size, layout.dp * layout.grad_accumulation
+        self.window_loss = torch.zeros((), device=device)
+        self.window_steps, self.window_start = 0, time.perf_counter()
+
+    def should_log(self, step: int) -> bool:
+        return step % self.interval == 0 or step == self.last_step
+
+    def add(self, loss: torch.Tensor) -> None:
+        """A step's loss contribution of this rank (pretrain.step)."""
+        self.window_loss += loss
+        self.window_steps += 1
+
+    def write(self, step: int, lr: float, grad_norm: float, extra: dict[str, float]) -> dict[str, float]:
+        """Write the record of `step` (collective: reduces the loss over data-parallel ranks)."""
+        dist.all_reduce(self.window_loss, group=self.dp_group)
+        elapsed = time.perf_counter() - self.window_start
+        values = {"loss": self.window_loss.item() / (self.loss_divisor * self.window_steps),
+                  "lr": lr, "grad_norm": grad_norm,
+                  **throughput(self.tokens_per_step * self.window_steps, elapsed, self.flops_per_token,
+                               self.world_size, self.peak),
+                  "step_time": elapsed / self.window_steps, "mem_peak_gib": peak_memory_gib(self.device), **extra}
+        self.metrics.write(step, values)
+        self.window_loss.zero_()
+        self.window_steps, self.window_start = 0, time.perf_counter()
+        return values
+
+
+def wandb_settings(config: Config) -> dict | None:
+    """The W&B run of log.wandb=true, identified by the run id so that a resumed run continues it."""
+    log = config.log
+    if not log.wandb:
+        return None
+    return {"project": log.wandb_project, "name": log.wandb_run_name, "id": run_id(config),
+            "config": OmegaConf.to_container(OmegaConf.structured(config), resolve=True)}
 
 
 def _appender(path: Path):

@@ -10,11 +10,10 @@ is not overlapped: tensor-parallel all-reduces per layer, the pipeline bubble, p
 the data-parallel gradient reduction (and ZeRO-3's parameter gathers) over a bandwidth table."""
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 from pretrain.accelerators import Accelerator, of_device
-from pretrain.config import Config, ConfigError, DataSource, Layout, Precision, total_steps, validate
+from pretrain.config import Config, ConfigError, Layout, Precision, total_steps, validate_without_data
 from pretrain.model.args import LlamaArgs
 
 GIB = 2**30
@@ -26,6 +25,7 @@ ALLOWANCE_GIB = 1.5  # CUDA context, cuBLAS/NCCL workspaces, allocator fragmenta
 # an assumption until measured, it keeps the search from splitting work into needlessly small pieces.
 MICRO_BATCH_OVERHEAD_S = 0.002
 INDEX_BYTES = 8  # int64 token and position ids
+HOPELESS = 50  # a run predicted to need this many times the device's memory (a size typed with extra zeros) is refused
 
 
 @dataclass
@@ -224,7 +224,7 @@ def plan(config: Config, gpus: int, gpu: Accelerator, gpus_per_node: int = 8, ef
     """The plan of `config` on `gpus` GPUs (validated like a launch of that many processes)."""
     if config.model.vocab_size == 0:
         raise ConfigError("model.vocab_size=0 takes the data's tokenizer's: give model.vocab_size to plan with")
-    layout = validate(_without_data(config), gpus)
+    layout = validate_without_data(config, gpus)
     args, execution, zero_stage = config.model, config.execution, config.optimizer.zero_stage
     tp, pp, dp = layout.tp, layout.pp, layout.dp
     notes = []
@@ -287,13 +287,6 @@ def plan(config: Config, gpus: int, gpu: Accelerator, gpus_per_node: int = 8, ef
                 steps=steps, run_hours=run_hours, gpu_hours=run_hours * gpus, parameters=args.num_params(), notes=notes)
 
 
-def _without_data(config: Config) -> Config:
-    """The config as validation sees it for planning: the data are not read (nor needed)."""
-    return dataclasses.replace(config, data=dataclasses.replace(config.data, source=DataSource.synthetic),
-                               train=dataclasses.replace(config.train, eval_interval=0),
-                               log=dataclasses.replace(config.log, sample_interval=0))
-
-
 def with_layout(config: Config, tp: int, pp: int, zero_stage: int, micro_batch_size: int,
                 checkpointing: bool) -> Config:
     return dataclasses.replace(
@@ -351,19 +344,37 @@ def search_table(plans: list[Plan], top: int, gpus: int, gpu: Accelerator) -> st
     return "\n".join(rows)
 
 
+def device_memory_gib(device) -> float:
+    """What one process may use: the GPU's memory, or on a CPU the machine's memory shared by its
+    local processes."""
+    import os
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / GIB
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB / local_processes
+
+
 def memory_check(config: Config, world_size: int, device) -> str:
-    """`pretrain train`'s start-up line: the predicted memory per GPU, and a warning when it
-    exceeds the device's."""
+    """`pretrain train`'s start-up line: the predicted memory per GPU (or process), a warning when
+    it exceeds the device's, and a ConfigError, before anything is allocated, when it exceeds it
+    HOPELESS times (beyond what the prediction's error could explain)."""
     gpu = of_device(device) or Accelerator("unknown", str(device), (), float("inf"), 1.0, 1.0, 1.0)
     result = plan(config, world_size, gpu)
-    memory = result.memory_gib
-    line = (f"predicted memory per {'GPU' if device.type == 'cuda' else 'process'}: {memory['total']:.2f} GiB (weights {memory['weights']:.2f}, gradients "
+    memory, available = result.memory_gib, device_memory_gib(device)
+    where = "GPU" if device.type == "cuda" else "process"
+    line = (f"predicted memory per {where}: {memory['total']:.2f} GiB (weights {memory['weights']:.2f}, gradients "
             f"{memory['gradients']:.2f}, optimizer {memory['optimizer']:.2f}, activations {memory['activations']:.2f})")
-    if device.type == "cuda":
-        import torch
-
-        available = torch.cuda.get_device_properties(device).total_memory / GIB
-        if memory["total"] > available:
-            line += (f"\nwarning: more than this GPU's {available:.1f} GiB: expect an out-of-memory error; "
-                     f"`pretrain plan --search` lists layouts that fit")
+    if memory["total"] > HOPELESS * available:
+        raise ConfigError(
+            f"this run needs about {memory['total']:,.0f} GiB per {where} (weights {memory['weights']:,.1f}, "
+            f"activations {memory['activations']:,.1f} for model.seq_len={config.model.seq_len} x "
+            f"train.micro_batch_size={config.train.micro_batch_size}), far more than the {available:.1f} GiB this "
+            f"{where} has: lower model.seq_len or train.micro_batch_size, use more processes, or see "
+            "`pretrain plan --search`")
+    if memory["total"] > available and device.type == "cuda":
+        line += (f"\nwarning: more than this GPU's {available:.1f} GiB: expect an out-of-memory error; "
+                 f"`pretrain plan --search` lists layouts that fit")
     return line

@@ -7,7 +7,7 @@ each rank's list of such call sites (empty: no host synchronisation in those ste
 
 Not counted, because they never touch the device: the data source (it runs on the host, in
 DataLoader workers for shards) and the stop-signal flag, a CPU tensor all-reduced over a gloo
-group each step (pretrain.checkpoint.StopSignals)."""
+group each step (pretrain.signals.StopSignals)."""
 
 import json
 import sys
@@ -21,7 +21,7 @@ from pretrain.config import load
 from pretrain.train import Trainer, train
 
 SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
-HOST_ONLY = (("/pretrain/data/", None), ("/pretrain/checkpoint.py", "agreed"))
+HOST_ONLY = (("/pretrain/data/", None), ("/pretrain/signals.py", "agreed"))
 FIRST_COUNTED_STEP = 2  # step 1 compiles, builds DeepSpeed's buffers and exchanges pipeline shapes
 
 
@@ -55,9 +55,9 @@ def install(recorder: Recorder) -> None:
 
     step = Trainer._step
 
-    def counted_step(self, number, batches, log_step):
+    def counted_step(self, number, log_step):
         recorder.counting = not log_step and number >= FIRST_COUNTED_STEP  # until the next step begins
-        return step(self, number, batches, log_step)
+        return step(self, number, log_step)
 
     Trainer._step = counted_step
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, child_env, free_port
-from pretrain.checkpoint import EXIT_STOPPED, MARKER, find_checkpoint, torn_reason
+from pretrain.checkpoint import MARKER, find_checkpoint, torn_reason
+from pretrain.signals import EXIT_STOPPED
 
 STEPS, GLOBAL_BATCH = 12, 8
 BASE = [
@@ -189,14 +190,14 @@ def test_nan_updates_are_skipped_counted_and_stop_the_run(tmp_path, uninterrupte
 
 
 def test_retention_keeps_the_newest_complete_and_every_kth(tmp_path):
-    from pretrain.checkpoint import UNIVERSAL, _prune
+    from pretrain.checkpoint import UNIVERSAL, prune
 
     for step in range(1, 11):
         (tmp_path / f"step_{step:08d}").mkdir()
         (tmp_path / f"step_{step:08d}" / MARKER).write_text(json.dumps({"files": {}}))
     (tmp_path / f"step_00000001{UNIVERSAL}").mkdir()
     (tmp_path / "step_00000011").mkdir()  # torn (no marker): neither counted nor removed
-    _prune(tmp_path, keep_last=3, keep_every=4)
+    prune(tmp_path, keep_last=3, keep_every=4)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "step_00000004", "step_00000008", "step_00000009", "step_00000010", "step_00000011"]
     assert find_checkpoint(tmp_path, "auto").name == "step_00000010"
@@ -212,6 +213,7 @@ def test_checkpoints_saved_while_deepspeed_clipped_still_resume(tmp_path):
     """Checkpoints from before pretrain.update.DeviceUpdate record DeepSpeed's clip norm, which
     DeepSpeed refuses to load into a ZeRO optimizer that measures no norm of its own."""
     from pretrain import parallel
+    from pretrain.checkpointer import Progress
     from pretrain.config import load, validate
     from pretrain.data import stream
     from pretrain.train import Trainer
@@ -225,7 +227,7 @@ def test_checkpoints_saved_while_deepspeed_clipped_still_resume(tmp_path):
             if step == 2:
                 trainer.run()
                 trainer.engine.optimizer.clip_grad = 1.0  # as DeepSpeed's own clipping saved it
-                trainer.save(3, trainer.tokens)
+                trainer.checkpointer.save(trainer.engine, Progress(3, trainer.progress.tokens, trainer.progress.consumed_samples))
         finally:
             parallel.shutdown()
     assert trainer.start_step == 3

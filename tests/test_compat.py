@@ -5,7 +5,6 @@ YAML files and overrides with the old names load under the new ones."""
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 

@@ -80,8 +80,8 @@ def batches(data: Path, name: str, validation: bool) -> tuple[list[dict], object
     info = stream.resolve(config)
     if validation:
         return list(stream.validation_batches(config, info, layout, 0)), config
-    stream = stream.training_batches(config, info, layout, 0, 0, pin_memory=False)
-    return [next(stream) for _ in range(layout.grad_accumulation)], config
+    batches = stream.training_batches(config, info, layout, 0, 0, pin_memory=False)
+    return [next(batches) for _ in range(layout.grad_accumulation)], config
 
 
 def hf_check(folder: Path, loss_batches: list[dict], tmp_path: Path, texts: list[str] = ()) -> dict:

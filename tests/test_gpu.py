@@ -104,9 +104,9 @@ def test_no_host_synchronisation_inside_a_training_step(doc_mask, shards, tmp_pa
     context = parallel.initialize(tp=1, pp=1)
     original_step = Trainer._step
 
-    def checked_step(self, step, batches, log_step):
+    def checked_step(self, step, log_step):
         torch.cuda.set_sync_debug_mode("error" if not log_step and step >= 2 else 0)
-        return original_step(self, step, batches, log_step)
+        return original_step(self, step, log_step)
 
     try:
         Trainer._step = checked_step

@@ -23,14 +23,14 @@ def test_no_host_synchronisation_in_non_log_steps(tmp_path):
             "dp2_zero2_bf16": ["optimizer.zero_stage=2", *BF16],
             "tp2_zero1_bf16_compiled": [*TP2, *BF16, "model.compile=true"],
             "pp2_zero1_bf16": [*PP2, *BF16],
-            "zero0_control": ["optimizer.zero_stage=0"]}  # checks its loss on the host every step
+            "zero0_control": ["optimizer.zero_stage=0"]}  # checks its loss on the host every step (update.StopOnNonFinite)
     spec, out = tmp_path / "spec.json", tmp_path / "sites.json"
     base = BASE + ["train.max_steps=8", "log.interval=4", f"log.dir={tmp_path / 'log'}"]
     spec.write_text(json.dumps({"base": base, "runs": runs}))
     torchrun(2, str(TESTS / "sync_count.py"), str(spec), str(out))
     sites = json.loads(out.read_text())
     control = sites.pop("zero0_control")
-    assert all(any("_check_update" in site for site in rank) for rank in control)  # the count sees syncs
+    assert all(any("step_finished" in site for site in rank) for rank in control)  # the count sees syncs
     assert set(sites) == set(runs) - {"zero0_control"}
     assert all(ranks == [[], []] for ranks in sites.values()), json.dumps(sites, indent=1)
 

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import LATEST, MARKER, WEIGHTS, CheckpointError, step_dir
-from pretrain.config import Config, DataSource, to_yaml, validate
+from pretrain.checkpoint import (
+    LATEST, TOKENIZER_DIR, WEIGHTS, CheckpointError, layout_record, partial_dir, step_dir, write_marker,
+)
+from pretrain.config import Config, to_yaml, validate_without_data
 from pretrain.convert.hf_export import write_safetensors
 from pretrain.model.hf import args_from_hf_config, from_hf_tensor, hf_names
 from pretrain.model.weights import parameter_names
@@ -49,12 +51,22 @@ def hf_weights(model: Path, allow_pickle: bool) -> tuple[Callable[[str], torch.T
 
 
 def _safetensors_reader(model: Path, single: str, weight_map: dict | None):
-    from safetensors import safe_open
-
     files = sorted(set(weight_map.values())) if weight_map else [single]
-    handles = {file: safe_open(model / file, framework="pt") for file in files}
+    handles = {file: _open_safetensors(model / file) for file in files}
     where = weight_map or {name: single for name in handles[single].keys()}
     return (lambda name: handles[where[name]].get_tensor(name)), set(where)
+
+
+def _open_safetensors(path: Path):
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the model folder is incomplete (its index names it)")
+    try:
+        return safe_open(path, framework="pt")
+    except SafetensorError as error:
+        raise CheckpointError(f"{path} cannot be read ({error}): the file is damaged or incomplete; download it "
+                              "again") from None
 
 
 def _pickle_reader(model: Path, single: str, weight_map: dict | None):
@@ -71,13 +83,16 @@ def import_hf(model: str | Path, out: str | Path, tp: int = 1, pp: int = 1, allo
         raise CheckpointError(f"{model} has no config.json: not a Hugging Face model folder")
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out} exists and is not empty: choose a new --out folder")
-    args = args_from_hf_config(json.loads((model / "config.json").read_text()))
+    try:
+        hf_config = json.loads((model / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{model / 'config.json'} is not valid JSON ({error}): not a Hugging Face model folder, "
+                              "or a damaged one") from None
+    args = args_from_hf_config(hf_config)
     config = Config(model=args)
     config.parallel.tp, config.parallel.pp = tp, pp
     config.train.global_batch_size = config.train.micro_batch_size
-    config.data.source = DataSource.synthetic  # for the layout check only: the data comes later
-    validate(config, tp * pp)
-    config.data.source = DataSource.shards
+    validate_without_data(config, tp * pp)  # the data comes later
 
     tensor, available = hf_weights(model, allow_pickle)
     names = parameter_names(args.num_layers, args.tie_embeddings)
@@ -88,15 +103,15 @@ def import_hf(model: str | Path, out: str | Path, tp: int = 1, pp: int = 1, allo
         raise CheckpointError(f"{model}'s weights do not match its config.json: missing {missing[:5]}, "
                               f"unexpected {unknown[:5]}")
 
-    partial = out.with_name(out.name + ".partial")
+    partial = partial_dir(out)
     shutil.rmtree(partial, ignore_errors=True)
     step = step_dir(partial, 0)
     step.mkdir(parents=True)
     write_safetensors(((name, from_hf_tensor(name, tensor, args)) for name in names), step,
                       max_shard_bytes=5 * 2**30, always_index=True)
     if (model / MODEL_FILE).is_file():
-        card = describe_model(model / MODEL_FILE, partial / "tokenizer", source=str(model))
-        config.data.tokenizer = str((out / "tokenizer").resolve())
+        card = describe_model(model / MODEL_FILE, partial / TOKENIZER_DIR, source=str(model))
+        config.data.tokenizer = str((out / TOKENIZER_DIR).resolve())
         if card["vocab_size"] > args.vocab_size:
             raise CheckpointError(f"{model}/{MODEL_FILE} has {card['vocab_size']} tokens, the model only "
                                   f"{args.vocab_size}")
@@ -105,9 +120,7 @@ def import_hf(model: str | Path, out: str | Path, tp: int = 1, pp: int = 1, allo
     client_state = {"step": 0, "tokens": 0, "data": {"consumed_samples": 0}, "config": to_yaml(config),
                     "tokenizer": {"path": config.data.tokenizer, "sha256": card["sha256"] if config.data.tokenizer
                                   else None}, "converted_from": str(model.resolve())}
-    files = {p.name: p.stat().st_size for p in sorted(step.iterdir())}
-    (step / MARKER).write_text(json.dumps({"format": WEIGHTS, "step": 0, "layout": {"tp": tp, "pp": pp, "dp": None},
-                                           "client_state": client_state, "files": files}, indent=1))
+    write_marker(step, WEIGHTS, 0, layout_record(tp, pp, None), client_state=client_state)
     (partial / LATEST).write_text(step.name + "\n")
     (partial / "config.yaml").write_text(to_yaml(config))
     if out.exists():

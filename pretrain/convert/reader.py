@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from pretrain.checkpoint import (
-    DEEPSPEED, MARKER, UNIVERSAL_FORMAT, WEIGHTS, CheckpointError, find_checkpoint, step_dir, torn_reason,
+    DEEPSPEED, MARKER, UNIVERSAL_FORMAT, WEIGHTS, CheckpointError, find_checkpoint, read_marker, safe_load,
+    step_dir, tokenizer_dir, torn_reason,
 )
 from pretrain.config import Config, from_yaml
-from pretrain.data.shards import TOKENIZER_DIR
 from pretrain.model.args import LlamaArgs
 from pretrain.model.pipeline import pipeline_name
 from pretrain.model.weights import VOCAB_PARAMETERS, parameter_names, partition_dim
@@ -49,18 +49,12 @@ def resolve_step(path: str | Path, step: int | None = None) -> Path:
     return path
 
 
-def _load(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-
-
 class CheckpointReader:
     """Full tensors of one complete checkpoint step (see the module docstring)."""
 
     def __init__(self, path: str | Path, step: int | None = None):
         self.path = resolve_step(path, step)
-        self.marker = json.loads((self.path / MARKER).read_text())
+        self.marker = read_marker(self.path)
         self.format = self.marker.get("format", DEEPSPEED)
         self._files: dict[Path, dict] = {}
 
@@ -72,7 +66,7 @@ class CheckpointReader:
         candidates = sorted(self.path.glob("*mp_rank_00_model_states.pt"))
         if not candidates:
             raise CheckpointError(f"{self.path} has no mp_rank_00_model_states.pt: not a checkpoint of this framework")
-        return _load(candidates[0])
+        return safe_load(candidates[0], mmap=True)
 
     @cached_property
     def config(self) -> Config:
@@ -99,7 +93,7 @@ class CheckpointReader:
             full = self._safetensors(name)
         elif self.format == UNIVERSAL_FORMAT:
             stored = name if self.layout["pp"] == 1 else pipeline_name(name, self.args)
-            full = _load(self.path / "zero" / stored / "fp32.pt")["param"]
+            full = safe_load(self.path / "zero" / stored / "fp32.pt", mmap=True)["param"]
         else:
             dim = partition_dim(name)
             shards = [self._shard(name, tp_rank) for tp_rank in range(self.layout["tp"] if dim is not None else 1)]
@@ -111,7 +105,7 @@ class CheckpointReader:
     def _file(self, name: str) -> dict:
         path = self.path / name
         if path not in self._files:
-            self._files[path] = _load(path)
+            self._files[path] = safe_load(path, mmap=True)
         return self._files[path]
 
     @property
@@ -185,7 +179,7 @@ def checkpoint_tokenizer(reader: CheckpointReader, override: str | None) -> Toke
     if override == "none":
         return None
     recorded = reader.client_state.get("tokenizer") or {}
-    own = reader.path / TOKENIZER_DIR
+    own = tokenizer_dir(reader.path)
     if override is None and own.is_dir():
         path = own
     elif override is None and not recorded.get("path"):

@@ -2,10 +2,12 @@
 tokenizer, vocabulary), shard verification, and the per-rank training/validation streams."""
 
 import hashlib
+import itertools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,6 +19,10 @@ from pretrain.data.raw import RawSpec, RawState, raw_batches, raw_shard_files
 from pretrain.data.shards import Manifest, ShardError, file_sha256, index_path, is_url
 from pretrain.data.synthetic import synthetic_batches
 from pretrain.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from pretrain.metrics import MetricsWriter
+    from pretrain.parallel import ParallelContext
 
 log = logging.getLogger(__name__)
 
@@ -186,3 +192,43 @@ def check_batch_agreement(tokens: torch.Tensor, dp_rank: int, group=None) -> Non
                 f"ranks {seen[0]} and {rank} belong to data-parallel rank {replica} but received different "
                 "batches: the data must be split by data-parallel rank, not by global rank"
             )
+
+
+class TrainingStream:
+    """This rank's endless training micro-batches from the job's `start_sample` (data.source=raw:
+    from this rank's `raw_state`), checked at the start to agree within each model replica. It
+    keeps the raw stream position after the last batch (checkpointed per rank) and counts damaged
+    samples, reported at log steps."""
+
+    def __init__(self, config: Config, info: DataInfo | None, layout: Layout, context: "ParallelContext",
+                 start_sample: int, raw_state: RawState | None):
+        self.config, self.info, self.device = config, info, context.device
+        self.raw_state = raw_state
+        # each damaged sample is counted once per replica: by its first-stage, TP-rank-0 process
+        self.counts_damage = context.is_first_stage and context.tp_rank == 0
+        self.window_damaged, self.skipped_corrupt = 0, 0
+        batches = training_batches(config, info, layout, context.dp_rank, start_sample,
+                                   pin_memory=self.device.type == "cuda", raw_state=raw_state)
+        first = next(batches)
+        check_batch_agreement(first["tokens"], context.dp_rank)
+        self.batches = itertools.chain([first], batches)
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.batches:
+            if self.counts_damage:
+                self.window_damaged += batch.get("corrupt", 0)
+            self.raw_state = batch.get("state", self.raw_state)
+            yield batch
+
+    def report_damage(self, step: int, metrics: "MetricsWriter") -> None:
+        """At a log step (collective): damaged samples skipped so far, written as
+        data/skipped_corrupt; stop once they exceed data.skip_corrupt."""
+        damaged = torch.tensor(self.window_damaged, device=self.device)
+        dist.all_reduce(damaged)
+        self.skipped_corrupt += int(damaged)
+        self.window_damaged = 0
+        if self.info is not None:
+            metrics.write(step, {"skipped_corrupt": self.skipped_corrupt}, group="data", console=False)
+        if self.skipped_corrupt > self.config.data.skip_corrupt:
+            raise ShardError(f"{self.skipped_corrupt} damaged samples so far, more than data.skip_corrupt="
+                             f"{self.config.data.skip_corrupt}: see the warnings above for the shards")

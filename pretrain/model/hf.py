@@ -24,6 +24,7 @@ MODEL_NAMES = {
     "output.weight": "lm_head.weight",
 }
 QKV = "attention.qkv_proj.weight"
+REQUIRED_CONFIG = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 HF_QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
 
 
@@ -122,6 +123,9 @@ def args_from_hf_config(config: dict) -> LlamaArgs:
     for rope_type in {rope.get("rope_type", rope.get("type", "default")) for rope in ropes} - {"default"}:
         problems.append(f"rope scaling type {rope_type!r} is not implemented (only plain RoPE)")
     rope = ropes[0] or ropes[1]
+    missing = [key for key in REQUIRED_CONFIG if not isinstance(config.get(key), int)]
+    if missing:
+        raise UnsupportedModelError(f"config.json gives no integer {', '.join(missing)}: not a complete Llama config")
     for key, supported in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if config.get(key, supported) != supported:
             problems.append(f"{key}={config[key]!r} is not implemented (only {supported!r})")

@@ -2,9 +2,9 @@
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from pretrain import options
 from pretrain.scaling import ScalingError
 
 EPILOG = """\
@@ -41,6 +41,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     plan.add_argument("--warmup-fraction", type=float,
                       help="share of each point's steps spent warming up (default: the base config's share)")
     plan.add_argument("overrides", nargs="*", metavar="key=value", help="applied to the base config")
+    plan.set_defaults(run=_plan)
 
     launch = actions.add_parser("launch", help="train a sweep's unfinished points: here, or as a Slurm job array")
     launch.add_argument("sweep", help="the sweep folder")
@@ -52,16 +53,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     launch.add_argument("--parallel", type=int, help="points at once (--local: default 1; --slurm: array throttle)")
     launch.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per point; more than 1 runs torchrun")
     launch.add_argument("--cpu", action="store_true", help="--slurm: CPU tasks (no GPUs requested)")
-    launch.add_argument("--partition")
-    launch.add_argument("--time", help="--slurm: time limit per task, e.g. 12:00:00")
-    launch.add_argument("--account")
-    launch.add_argument("--job-name", default="pretrain-scaling")
-    launch.add_argument("--log-dir", help="--slurm: scripts and logs (default: SWEEP/slurm)")
-    launch.add_argument("--cpus-per-task", type=int, help="--slurm: default 8 per GPU, or --nproc with --cpu")
-    launch.add_argument("--max-requeues", type=int, default=3, help="--slurm: requeues of a task after a stop signal")
-    launch.add_argument("--signal-seconds", type=int, default=120,
-                        help="--slurm: seconds before the time limit at which a point saves and stops")
-    launch.add_argument("--submit", action="store_true", help="--slurm: call sbatch and print the job id")
+    options.slurm_job(launch, "pretrain-scaling", log_dir=None, log_dir_help="--slurm: scripts and logs (default: "
+                      "SWEEP/slurm)", time_help="--slurm: time limit per task, e.g. 12:00:00",
+                      submit_help="--slurm: call sbatch and print the job id")
+    options.slurm_training(launch)
+    launch.set_defaults(run=_launch)
 
     fit = actions.add_parser("fit", help="fit L(N, D), the isoFLOP minima and the compute-optimal model")
     fit.add_argument("sweep", nargs="?", help="a sweep folder whose points have all finished")
@@ -75,18 +71,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                      help="a sweep's N: all or non-embedding parameters (default: the sweep's --count)")
     fit.add_argument("--bootstrap", type=int, default=200, help="resamples for the 95%% intervals")
     fit.add_argument("--seed", type=int, default=0, help="of the bootstrap resampling")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        if args.action == "plan":
-            return _plan(args)
-        if args.action == "launch":
-            return _launch(args)
-        return _fit(args)
-    except ScalingError as error:
-        print(f"pretrain: {error}", file=sys.stderr)
-        return 2
+    fit.set_defaults(run=_fit)
 
 
 def _plan(args: argparse.Namespace) -> int:

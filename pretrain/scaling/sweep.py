@@ -17,7 +17,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain.checkpoint import EXIT_STOPPED
+from pretrain.signals import EXIT_STOPPED
 from pretrain.config import load
 from pretrain.launch import (RESTART_SAFE_ENV, SLURM_DIR, _directives, _fill, _sbatch, _write_scripts,
                              local_command)

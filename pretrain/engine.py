@@ -1,0 +1,88 @@
+"""The model a rank trains and the DeepSpeed engine around it, both built from the config: the
+whole Llama (parallel.pp=1) or this rank's pipeline stage, its initial weights, its execution
+settings, the optimizer and schedule, and DeepSpeed's settings, all derived (never edited by
+hand)."""
+
+import warnings
+
+import deepspeed
+import torch
+from torch import nn
+
+from pretrain import parallel
+from pretrain.checkpoint import universal_checkpoint_info
+from pretrain.config import Config, Layout, Precision
+from pretrain.model.execution import apply_execution
+from pretrain.model.llama import Llama
+from pretrain.model.pipeline import build_pipeline, canonical_name
+from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.update import DEVICE_UPDATE_STAGES
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> Precision:
+    if precision == Precision.auto:
+        return Precision.bf16 if device.type == "cuda" else Precision.fp32
+    return precision
+
+
+def resolve_compile(config: Config, device: torch.device) -> bool:
+    """execution.compile=auto: compiled blocks on GPU, except under ZeRO-3 (its hooks break the graphs)."""
+    if config.execution.compile == "auto":
+        return device.type == "cuda" and config.optimizer.zero_stage != 3
+    return config.execution.compile
+
+
+def build_model(config: Config, layout: Layout, context: parallel.ParallelContext) -> nn.Module:
+    """This rank's part of the model with its seeded initial weights and execution settings."""
+    if layout.pp > 1:
+        if layout.grad_accumulation < layout.pp and context.rank == 0:
+            warnings.warn(f"{layout.grad_accumulation} micro-batches per step for {layout.pp} pipeline stages: "
+                          "most of each step is pipeline bubble; raise train.global_batch_size or lower "
+                          "train.micro_batch_size")
+        model = build_pipeline(config.model, context.tp_group, context.topology, config.parallel.pp_partition.value,
+                               config.train.seed)
+    else:
+        model = Llama(config.model, context.tp_group)
+        model.init_weights(config.train.seed)
+    apply_execution(model, config.execution, resolve_compile(config, context.device))
+    return model
+
+
+def single_stage_names(config: Config, layout: Layout):
+    """Maps the model's own parameter names to the single-stage model's (checkpoints use those)."""
+    if layout.pp > 1:
+        return lambda name: canonical_name(name, config.model.num_layers)
+    return lambda name: name
+
+
+def deepspeed_config(config: Config, layout: Layout, precision: Precision) -> dict:
+    """The DeepSpeed engine settings. At DEVICE_UPDATE_STAGES, pretrain.update.DeviceUpdate
+    measures, clips and skips instead of DeepSpeed."""
+    stage = config.optimizer.zero_stage
+    device_update = stage in DEVICE_UPDATE_STAGES
+    zero = {"stage": stage, "compute_grad_norm": not device_update}
+    if stage == 3:
+        zero["stage3_param_persistence_threshold"] = config.optimizer.zero3_param_persistence_threshold
+    return {
+        "train_batch_size": layout.global_batch_size,
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+        "gradient_accumulation_steps": layout.grad_accumulation,
+        "gradient_clipping": 0.0 if device_update else config.optimizer.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == Precision.bf16, "check_grad_overflow": not device_update},
+        "timers": {"throughput": {"enabled": False}},  # it synchronises the device twice a step
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(model: nn.Module, config: Config, layout: Layout, precision: Precision, total_steps: int):
+    """The DeepSpeed engine training `model` (its pipeline engine for a pipeline stage)."""
+    model.universal_checkpoint_info = universal_checkpoint_info(config.model.vocab_size)
+    optimizer = build_optimizer(model, config.optimizer)
+    scheduler = build_scheduler(optimizer, config.schedule, total_steps)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, layout, precision),
+        mpu=None if layout.pp > 1 else parallel.MegatronMpu(),  # the pipeline module brings its own grid
+    )
+    return engine
