@@ -176,10 +176,9 @@ def save(engine, root: Path, step: int, client_state: dict, rank_state: dict, la
          keep_every: int, tokenizer: Path | None, run_id: str) -> Path:
     """Every rank calls this. `layout`: the parallel sizes, recorded to check resumes against;
     `tokenizer`: the run's tokenizer folder, copied into the checkpoint; retention removes only
-    checkpoints of run `run_id`. Returns the final
-    directory once it is complete on all ranks. A write error on any rank (a full disk, EIO)
-    removes the partial directory and raises CheckpointError on every rank; the checkpoints
-    saved before are left as they were."""
+    checkpoints of run `run_id`. Returns the final directory once it is complete on all ranks.
+    A write error on any rank (a full disk, EIO) removes the partial directory and raises
+    CheckpointError on every rank; the checkpoints saved before are left as they were."""
     rank = dist.get_rank()
     final = step_dir(root, step)
     partial = partial_dir(final)
@@ -262,10 +261,9 @@ def universal_copy(path: Path) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
         started = time.perf_counter()
         to_universal(path, partial)
-        marker = read_marker(path)
-        write_marker(partial, UNIVERSAL_FORMAT, marker["step"], layout_record(marker["layout"]["tp"],
-                                                                              marker["layout"]["pp"], None),
-                     converted_from=path.name)
+        saved = read_marker(path)
+        layout = layout_record(saved["layout"]["tp"], saved["layout"]["pp"], None)
+        write_marker(partial, UNIVERSAL_FORMAT, saved["step"], layout, converted_from=path.name)
         shutil.rmtree(universal, ignore_errors=True)
         os.replace(partial, universal)
         print(f"converted {path} for another data-parallel size in {time.perf_counter() - started:.1f} s", flush=True)
