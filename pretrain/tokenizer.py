@@ -22,8 +22,10 @@ import sentencepiece as spm
 from pretrain.data.documents import DocumentStats, describe, iter_documents, resolve_inputs
 from pretrain.data.shards import file_sha256
 from pretrain.errors import UserError
+from pretrain.outputs import fresh
 
 MODEL_FILE, VOCAB_FILE, CARD_FILE = "tokenizer.model", "tokenizer.vocab", "card.json"
+TOKENIZER_FILES = (MODEL_FILE, VOCAB_FILE, CARD_FILE)
 SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
 SPECIAL_PIECES = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 # sentencepiece drops training sentences above this many bytes: documents are cut at line breaks.
@@ -54,36 +56,42 @@ def _chunks(documents: Iterator[str], max_chars: int) -> Iterator[str]:
 def train_tokenizer(inputs: list[str | Path], vocab_size: int, out: Path, model_type: str = "bpe",
                     text_field: str = "text", max_chars: int = 0, user_symbols: tuple[str, ...] = (),
                     threads: int = 2) -> dict:
-    """Train a sentencepiece model on the documents of `inputs`; returns the card."""
+    """Train a sentencepiece model on the documents of `inputs` into the new folder `out`; returns
+    the card."""
     paths = resolve_inputs(inputs)
     if model_type not in ("bpe", "unigram"):
         raise TokenizerError(f"--model-type {model_type} is not supported: choose bpe or unigram")
     _check_specials(user_symbols)
-    stats = DocumentStats()
-    model = io.BytesIO()
-    try:
-        _train_sentencepiece(paths, stats, model, vocab_size, model_type, text_field, max_chars, user_symbols, threads)
-    except RuntimeError as error:
-        raise _explain(error, vocab_size, paths) from None
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MODEL_FILE).write_bytes(model.getvalue())
-    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    return _describe(out, {
-        "model_type": model_type,
-        "special_ids": {**SPECIAL_IDS, **{s: processor.piece_to_id(s) for s in user_symbols}},
-        "special_pieces": {**SPECIAL_PIECES, **{s: s for s in user_symbols}},
-        "inputs": [str(p) for p in paths],
-        "documents": stats.documents,
-        "characters": stats.characters,
-        "empty_documents_skipped": stats.empty_skipped,
-        "invalid_utf8_replaced": stats.invalid_utf8_replaced,
-    })
+    out = Path(out)
+    if (out / CARD_FILE).exists():
+        raise TokenizerError(f"{out} already holds a tokenizer ({CARD_FILE}): choose another --out or delete it first")
+    with fresh(out, "tokenizer train") as output:
+        output.claim(*TOKENIZER_FILES)
+        stats = DocumentStats()
+        model = io.BytesIO()
+        try:
+            _train_sentencepiece(paths, stats, model, vocab_size, model_type, text_field, max_chars, user_symbols,
+                                 threads)
+        except RuntimeError as error:
+            raise _explain(error, vocab_size, paths) from None
+        (out / MODEL_FILE).write_bytes(model.getvalue())
+        processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+        return _describe(out, {
+            "model_type": model_type,
+            "special_ids": {**SPECIAL_IDS, **{s: processor.piece_to_id(s) for s in user_symbols}},
+            "special_pieces": {**SPECIAL_PIECES, **{s: s for s in user_symbols}},
+            "inputs": [str(p) for p in paths],
+            "documents": stats.documents,
+            "characters": stats.characters,
+            "empty_documents_skipped": stats.empty_skipped,
+            "invalid_utf8_replaced": stats.invalid_utf8_replaced,
+        })
 
 
 def copy_tokenizer(source: Path, target: Path) -> None:
     """The files of tokenizer folder `source` into `target` (a copy beside shards or checkpoints)."""
     target.mkdir(parents=True, exist_ok=True)
-    for name in (MODEL_FILE, CARD_FILE, VOCAB_FILE):
+    for name in TOKENIZER_FILES:
         shutil.copyfile(source / name, target / name)
 
 

@@ -46,9 +46,14 @@ class ShardWriter:
 
     def __init__(self, path: Path, key_prefix: str):
         self.path, self.key_prefix = path, key_prefix
-        self.partial = path.with_name(path.name + ".partial")
+        _, self.partial, _ = self.files(path)
         self.tar = tarfile.open(self.partial, "w", format=tarfile.USTAR_FORMAT)
         self.offsets: list[int] = []
+
+    @staticmethod
+    def files(path: Path) -> tuple[Path, Path, Path]:
+        """What a writer of shard `path` creates: the shard, the shard while written, its index."""
+        return path, path.with_name(path.name + ".partial"), index_path(path)
 
     def _member(self, name: str, payload: bytes) -> None:
         info = tarfile.TarInfo(name)

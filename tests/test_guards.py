@@ -1,0 +1,189 @@
+"""Bad input gets one message that names it and what to do (exit 2), never a traceback, lost data or
+a command run: guarded output folders (pretrain.outputs), the Slurm scripts' quoting, input files
+and `pretrain generate`'s settings."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+from pretrain.cli import main
+from pretrain.data.build import build_shards
+from pretrain.data.documents import DocumentStats, InputError, iter_documents
+from pretrain.data.shards import FORMAT, MANIFEST, VERSION, Manifest, ShardError
+from pretrain.launch import DataJob, SlurmJob, render_data_sbatch, render_sbatch
+from pretrain.outputs import MARKER, Output, OutputError, staged
+from pretrain.scaling.sweep import Sweep, SweepJob
+from pretrain.scaling.sweep import render_sbatch as render_sweep_sbatch
+from pretrain.tokenizer import CARD_FILE, MODEL_FILE, Tokenizer, TokenizerError, copy_tokenizer, train_tokenizer
+
+SEQ_LEN = 16
+
+
+def documents(count: int, seed: int) -> str:
+    return "".join(json.dumps({"text": f"text {seed} {i * 7919} lorem ipsum dolor " + "word " * (i % 13)}) + "\n"
+                   for i in range(count))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("guards")
+    for index in range(2):
+        (root / f"docs-{index}.jsonl").write_text(documents(60, index))
+    train_tokenizer([root / "docs-0.jsonl"], vocab_size=300, out=root / "tok")
+    return root
+
+
+def cli(capsys, *argv: str | Path) -> tuple[int, str]:
+    """`pretrain ARGV` in this process: its exit status and what it wrote to stderr."""
+    code = main([str(arg) for arg in argv])
+    return code, capsys.readouterr().err
+
+
+def build_args(corpus: Path, out: Path, *extra: str) -> list:
+    return ["data", "build", "--input", corpus / "docs-0.jsonl", corpus / "docs-1.jsonl", "--tokenizer",
+            corpus / "tok", "--seq-len", SEQ_LEN, "--out", out, "--workers", 1, "--shard-samples", 20, *extra]
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---- guarded output folders ----
+
+def test_data_build_refuses_a_folder_it_did_not_make(corpus, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    code, err = cli(capsys, *build_args(corpus, out))
+    assert code == 2 and f"{out} is not empty (notes.txt) and was not made by `pretrain data build`: choose a " \
+                          "new or empty --out, or move those files away" in err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
+    code, err = cli(capsys, *build_args(corpus, corpus / "tok"))
+    assert code == 2 and "holds the output of `pretrain tokenizer train`, not of `pretrain data build`" in err
+
+
+def test_a_build_that_died_halfway_is_built_again_keeping_other_files(corpus, tmp_path, capsys):
+    """The Slurm array flow: a requeued task finds its part folder half written and starts over."""
+    part = tmp_path / "parts" / "part-00000"
+    assert cli(capsys, *build_args(corpus, part))[0] == 0
+    complete = files(part)
+    (part / MANIFEST).unlink()  # killed before the manifest: unfinished
+    (part / "shard-000000-00000.tar").write_bytes(b"half written")
+    (part / "shard-000000-00001.tar.partial").write_bytes(b"left by the killed run")
+    (part / "notes.txt").write_text("not the build's")
+    code, err = cli(capsys, *build_args(corpus, part))
+    assert code == 0, err
+    assert files(part) == {**complete, "notes.txt": b"not the build's"}
+
+
+def test_a_failed_build_leaves_the_folder_as_it_found_it(corpus, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(documents(30, 5) + '{"body": "no text"}\n')
+    new, empty = tmp_path / "new", tmp_path / "empty"
+    empty.mkdir()
+    for out in (new, empty):
+        code, err = cli(capsys, "data", "build", "--input", bad, "--tokenizer", corpus / "tok", "--seq-len", 8,
+                        "--out", out, "--workers", 1)
+        assert code == 2 and f"{bad}:31: no field 'text' (choose it with --text-field)" in err
+    assert not new.exists() and empty.is_dir() and not any(empty.iterdir())
+
+
+def test_merge_removes_only_what_the_build_made(corpus, tmp_path, capsys):
+    out = tmp_path / "shards"
+    parts = [out / "parts" / f"part-{index:05d}" for index in range(2)]
+    for index, part in enumerate(parts):
+        code, err = cli(capsys, *build_args(corpus, part, "--num-parts", 2, "--part", index, "--unit-mb", 0.001))
+        assert code == 0, err
+    (parts[1] / "notes.txt").write_text("mine")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "results.csv").write_text("1,2")
+    code, err = cli(capsys, "data", "merge", *parts, "--out", elsewhere)
+    assert code == 2 and f"{elsewhere} is not empty (results.csv) and was not made by `pretrain data merge`" in err
+    assert all((part / MANIFEST).is_file() for part in parts) and (elsewhere / "results.csv").exists()
+
+    code, err = cli(capsys, "data", "merge", *parts, "--out", out)
+    assert code == 0
+    assert f"left {parts[1]} with notes.txt in it: not made by `pretrain data build`" in err
+    assert not parts[0].exists() and sorted(p.name for p in parts[1].iterdir()) == [MARKER, "notes.txt"]
+    merged = Manifest.load(out)
+    one = build_shards([corpus / "docs-0.jsonl", corpus / "docs-1.jsonl"], corpus / "tok", SEQ_LEN, tmp_path / "one",
+                       shard_samples=20, progress=False, unit_bytes=int(0.001 * 2**20))
+    assert merged.shards == one["shards"]
+
+
+def test_tokenizer_train_refuses_and_cleans_up(corpus, tmp_path, capsys):
+    docs = corpus / "docs-0.jsonl"
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "model.bin").write_bytes(b"x")
+    code, err = cli(capsys, "tokenizer", "train", "--input", docs, "--vocab-size", 300, "--out", foreign)
+    assert code == 2 and "was not made by `pretrain tokenizer train`" in err and (foreign / "model.bin").exists()
+    code, err = cli(capsys, "tokenizer", "train", "--input", docs, "--vocab-size", 300, "--out", corpus / "tok")
+    assert code == 2 and f"{corpus / 'tok'} already holds a tokenizer (card.json)" in err
+    code, err = cli(capsys, "tokenizer", "train", "--input", docs, "--vocab-size", 90000, "--out", tmp_path / "big")
+    assert code == 2 and "--vocab-size 90000 is more than this corpus yields" in err
+    assert not (tmp_path / "big").exists()
+
+
+def test_a_command_never_overwrites_a_file_it_did_not_make(tmp_path):
+    output = Output.open(tmp_path / "out", "data build")
+    (tmp_path / "out" / MANIFEST).write_text("someone's")
+    with pytest.raises(OutputError, match=r"manifest\.json exists and was not made by `pretrain data build`: move it "
+                                          "away or choose another --out"):
+        output.claim(MANIFEST)
+    with pytest.raises(OutputError, match=r"\.\./shard\.tar is not a file name inside"):
+        output.claim("../shard.tar")  # e.g. a shard name from a part's manifest
+    assert output.remove() == [tmp_path / "out" / MANIFEST]
+
+
+def test_a_forged_ledger_deletes_nothing_outside_its_folder(corpus, tmp_path, capsys):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    header = json.dumps({"format": "pretrain-output", "version": 1, "command": "data build", "created": True})
+    (shared / MARKER).write_text(f"{header}\n{json.dumps('../victim.txt')}\n")
+    code, err = cli(capsys, *build_args(corpus, shared))
+    assert code == 2 and f"{shared / MARKER} is damaged or not pretrain's" in err
+    (shared / "link").symlink_to(tmp_path)
+    (shared / MARKER).write_text(f"{header}\n{json.dumps('link/victim.txt')}\n")
+    assert cli(capsys, *build_args(corpus, shared))[0] == 0
+    assert victim.read_text() == "precious" and (shared / MANIFEST).is_file()
+
+
+def test_staged_outputs_for_convert_commands(tmp_path):
+    out = tmp_path / "hf"
+    with staged(out, "convert to-hf") as folder:
+        assert folder == tmp_path / "hf.partial"
+        (folder / "config.json").write_text("{}")
+    assert files(out) == {"config.json": b"{}"} and not folder.exists()
+
+    with pytest.raises(OutputError, match=f"{out} exists and is not empty: choose a new --out folder"):
+        with staged(out, "convert to-hf"):
+            pass
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        with staged(tmp_path / "failed", "convert to-hf") as folder:
+            (folder / "model.safetensors").write_bytes(b"half")
+            raise RuntimeError("conversion failed")
+    assert not folder.exists() and not (tmp_path / "failed").exists()
+
+    left = Output.open(tmp_path / "again.partial", "convert to-hf", whole=True)  # a run killed halfway
+    (left.root / "model.safetensors").write_bytes(b"half")
+    with staged(tmp_path / "again", "convert to-hf") as folder:
+        assert not any(p.name != MARKER for p in folder.iterdir())
+    theirs = tmp_path / "theirs.partial"
+    theirs.mkdir()
+    (theirs / "weights.bin").write_bytes(b"theirs")
+    with pytest.raises(OutputError, match=r"theirs\.partial is not empty \(weights\.bin\) and was not made by "
+                                          "`pretrain convert to-hf`"):
+        with staged(tmp_path / "theirs", "convert to-hf"):
+            pass
+    assert (theirs / "weights.bin").read_bytes() == b"theirs"
