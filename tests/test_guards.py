@@ -187,3 +187,23 @@ def test_staged_outputs_for_convert_commands(tmp_path):
         with staged(tmp_path / "theirs", "convert to-hf"):
             pass
     assert (theirs / "weights.bin").read_bytes() == b"theirs"
+
+
+def test_demo_writes_only_its_own_folder(tmp_path):
+    def demo(folder: Path) -> subprocess.CompletedProcess:
+        env = {**os.environ, "DEMO_DIR": str(folder), "PY": "false", "DATA": str(tmp_path / "x.txt")}
+        return subprocess.run(["bash", ROOT / "launch" / "demo.sh"], env=env, capture_output=True, text=True,
+                              timeout=30)
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "thesis.tex").write_text("years of work")
+    proc = demo(theirs)
+    assert proc.returncode == 2 and f"demo: {theirs} is not empty and was not made by the demo" in proc.stderr
+    assert (theirs / "thesis.tex").read_text() == "years of work"
+    made = tmp_path / "made"
+    (made / "shards").mkdir(parents=True)
+    (made / ".demo").touch()
+    (made / "notes.txt").write_text("kept")
+    demo(made)  # stops at its first command (PY=false), after removing its old outputs
+    assert not (made / "shards").exists() and (made / "notes.txt").read_text() == "kept"
