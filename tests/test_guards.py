@@ -207,3 +207,112 @@ def test_demo_writes_only_its_own_folder(tmp_path):
     (made / "notes.txt").write_text("kept")
     demo(made)  # stops at its first command (PY=false), after removing its old outputs
     assert not (made / "shards").exists() and (made / "notes.txt").read_text() == "kept"
+
+
+# ---- Slurm scripts ----
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--job-name", "run\ntouch PWNED", "--job-name 'run\\ntouch PWNED' cannot go into an sbatch script: use a job "
+                                       "name of letters, digits and . _ - + @ : ="),
+    ("--partition", "gpu$(touch PWNED)", "--partition 'gpu$(touch PWNED)' cannot go into an sbatch script: use "
+                                         "partition names"),
+    ("--account", "lab`touch PWNED`", "--account 'lab`touch PWNED`' cannot go into an sbatch script"),
+    ("--time", "1:00:00 --wrap=x", "--time '1:00:00 --wrap=x' cannot go into an sbatch script: use a time limit"),
+    ("--job-name", "../../x", "--job-name '../../x' cannot go into an sbatch script"),
+    ("--log-dir", "logs\nrm -rf ~", "holds a line break or control character, which an sbatch script cannot hold"),
+])
+def test_slurm_settings_sbatch_cannot_take_are_refused(capsys, option, value, message):
+    code, err = cli(capsys, "launch", "slurm", "--nodes", 1, "--gpus-per-node", 1, "--max-restarts", 1, option, value)
+    assert code == 2 and message in err
+    code, err = cli(capsys, "launch", "slurm-data", "--parts", 2, "--input", "a", "--tokenizer", "t", "--seq-len", 8,
+                    "--out", "o", option, value)
+    assert code == 2 and message in err
+
+
+def sbatch_options(script: str) -> list[str]:
+    """The options sbatch reads from a script's #SBATCH lines, as Slurm's own parser does: up to the
+    first command; double or single quotes, backslash escapes, `#` outside quotes ends the line."""
+    options = []
+    for line in script.splitlines()[1:]:
+        if not line.startswith("#"):
+            if line.strip():
+                break
+            continue
+        if not line.startswith("#SBATCH"):
+            continue
+        word, quote, escaped = "", None, False
+        for char in line[len("#SBATCH"):] + " ":
+            if escaped:
+                word, escaped = word + char, False
+            elif char == "\\":
+                escaped = True
+            elif quote:
+                quote, word = (None, word) if char == quote else (quote, word + char)
+            elif char in "\"'":
+                quote = char
+            elif char == "#":
+                break
+            elif char.isspace():
+                if word:
+                    options.append(word)
+                word = ""
+            else:
+                word += char
+        assert quote is None, line
+    return options
+
+
+HOSTILE = "a b'c\"d$(touch PWNED)`touch PWNED2`;#e%j"
+
+
+def test_rendered_scripts_quote_every_path_and_run_nothing_injected(tmp_path, monkeypatch):
+    stubs, calls, run = tmp_path / "bin", tmp_path / "calls", tmp_path / "run"
+    for folder in (stubs, calls, run):
+        folder.mkdir()
+    record = '#!/bin/bash\nprintf "%s\\0" "$(basename "$0")" "$@" > "$CALLS/$(basename "$0")-$$-$RANDOM"\n'
+    stub_bodies = {"sbatch": record + "echo 1", "scancel": record, "python": record,
+                   "scontrol": record + '[ "$1" = show ] && echo node1\nexit 0',
+                   "srun": record + 'while [[ "$1" == --* ]]; do shift; done\nexec "$@"'}
+    for name, body in stub_bodies.items():
+        (stubs / name).write_text(body + "\n")
+        (stubs / name).chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(stubs / "python"))
+    workdir, log_dir = tmp_path / f"work {HOSTILE}", tmp_path / f"logs {HOSTILE}"
+    config, override = f"conf {HOSTILE}.yaml", f"log.dir={HOSTILE}"
+    out = tmp_path / f"out {HOSTILE}"
+    scripts = {
+        "train": render_sbatch(SlurmJob(nodes=1, procs_per_node=2, config=config, overrides=[override], cpu=True,
+                                        partition="gpu,debug", time="1-00:00:00", account="lab", log_dir=str(log_dir),
+                                        max_restarts=1), workdir),
+        **dict(zip(("build", "merge"), render_data_sbatch(DataJob(
+            parts=2, inputs=[str(tmp_path / f"in {HOSTILE}.jsonl")], tokenizer=str(tmp_path / f"tok {HOSTILE}"),
+            seq_len=8, out=str(out), text_field=HOSTILE, log_dir=str(log_dir)), workdir))),
+        "scaling": render_sweep_sbatch(Sweep(tmp_path / f"sweep {HOSTILE}", {"points": []}), SweepJob(cpu=True),
+                                       [0], workdir),
+    }
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "CALLS": str(calls), "SLURM_JOB_ID": "7",
+           "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_ARRAY_JOB_ID": "7",
+           "SLURM_ARRAY_TASK_ID": "0", "SLURM_CPUS_PER_TASK": "1"}
+    sweep_logs = tmp_path / f"sweep {HOSTILE}" / "slurm"
+    python_calls = {}
+    for name, script in scripts.items():
+        path = tmp_path / f"{name}.sbatch"
+        path.write_text(script)
+        assert subprocess.run(["bash", "-n", path]).returncode == 0, name
+        options = sbatch_options(script)
+        assert f"--chdir={workdir}" in options, (name, options)
+        logs = str(sweep_logs if name == "scaling" else log_dir).replace("%", "%%")  # sbatch's %% is a %
+        assert any(option.startswith(f"--output={logs}/slurm-%") for option in options), (name, options)
+        proc = subprocess.run(["bash", path], cwd=run, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, (name, proc.stdout, proc.stderr)
+        [python] = [p for p in calls.iterdir() if p.name.startswith("python-")]
+        python_calls[name] = python.read_bytes().decode().split("\0")[1:-1]
+        python.unlink()
+    assert not [p for p in [*tmp_path.rglob("PWNED*"), *ROOT.glob("PWNED*")]]
+    assert python_calls["train"][-3:] == ["--config", config, override]
+    assert f"{log_dir}/torchrun-7-0/node-0" in python_calls["train"]
+    build = python_calls["build"]
+    assert build[build.index("--input") + 1] == str(tmp_path / f"in {HOSTILE}.jsonl")
+    assert build[build.index("--text-field") + 1] == HOSTILE and build[-1] == f"{out}/parts/part-00000"
+    assert python_calls["merge"][-2:] == ["--out", str(out)]
+    assert python_calls["scaling"][3:5] == ["launch", str(tmp_path / f"sweep {HOSTILE}")]
