@@ -130,7 +130,7 @@ def describe_model(model: Path, out: Path, source: str) -> dict:
     one that came with a Hugging Face model; returns the card."""
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model, out / MODEL_FILE)
-    processor = spm.SentencePieceProcessor(model_file=str(out / MODEL_FILE))
+    processor = _load_processor(out / MODEL_FILE)
     ids = {"unk": processor.unk_id(), "bos": processor.bos_id(), "eos": processor.eos_id(), "pad": processor.pad_id()}
     if ids["pad"] < 0:  # many Llama tokenizers have no pad piece: padding positions are masked anyway
         ids["pad"] = ids["eos"]
@@ -141,9 +141,34 @@ def describe_model(model: Path, out: Path, source: str) -> dict:
                            "inputs": [source]})
 
 
+def _load_processor(model: Path) -> spm.SentencePieceProcessor:
+    """The sentencepiece model in file `model`, or a TokenizerError naming it."""
+    try:
+        return spm.SentencePieceProcessor(model_file=str(model))
+    except (RuntimeError, OSError) as error:
+        raise TokenizerError(f"{model} is not a sentencepiece model that loads ({error}): the file is damaged or of "
+                             "another kind; train a tokenizer with `pretrain tokenizer train` or restore the "
+                             "file") from None
+
+
+def _read_card(path: Path) -> dict:
+    """card.json, checked to hold what loading needs."""
+    remedy = "train the tokenizer again with `pretrain tokenizer train` or restore the file"
+    try:
+        card = json.loads(path.read_text())
+    except ValueError as error:
+        raise TokenizerError(f"{path} is not valid JSON ({error}): {remedy}") from None
+    card = card if isinstance(card, dict) else {}
+    missing = [key for key in ("sha256", "vocab_size", "special_ids") if key not in card]
+    missing += [f"special_ids.{role}" for role in SPECIAL_IDS if role not in card.get("special_ids", SPECIAL_IDS)]
+    if missing:
+        raise TokenizerError(f"{path} has no {', '.join(missing)}: not a tokenizer card; {remedy}")
+    return card
+
+
 def _describe(out: Path, card: dict) -> dict:
     """Write tokenizer.vocab and card.json (vocab size and sha256 added) beside tokenizer.model."""
-    processor = spm.SentencePieceProcessor(model_file=str(out / MODEL_FILE))
+    processor = _load_processor(out / MODEL_FILE)
     with open(out / VOCAB_FILE, "w", encoding="utf-8") as listing:
         for piece_id in range(processor.get_piece_size()):
             piece = json.dumps(processor.id_to_piece(piece_id), ensure_ascii=False)[1:-1]  # control chars escaped
@@ -314,11 +339,11 @@ class Tokenizer:
             if not required.is_file():
                 raise TokenizerError(f"tokenizer folder {path} has no {required.name}: "
                                      "train one with `pretrain tokenizer train`")
-        card = json.loads(card_path.read_text())
+        card = _read_card(card_path)
         if file_sha256(model) != card["sha256"]:
             raise TokenizerError(f"{model} does not match the sha256 in {card_path}: the model file was replaced "
                                  "or damaged; retrain it or restore the original")
-        processor = spm.SentencePieceProcessor(model_file=str(model))
+        processor = _load_processor(model)
         return cls(path, card, processor, WordCache.for_model(model.read_bytes(), processor))
 
     @property

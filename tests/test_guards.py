@@ -316,3 +316,66 @@ def test_rendered_scripts_quote_every_path_and_run_nothing_injected(tmp_path, mo
     assert build[build.index("--text-field") + 1] == HOSTILE and build[-1] == f"{out}/parts/part-00000"
     assert python_calls["merge"][-2:] == ["--out", str(out)]
     assert python_calls["scaling"][3:5] == ["launch", str(tmp_path / f"sweep {HOSTILE}")]
+
+
+# ---- input files ----
+
+def test_null_text_is_an_empty_document_and_other_non_strings_are_refused(tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"text": "one"}\n{"text": null}\n{"text": "two"}\n')
+    stats = DocumentStats()
+    assert list(iter_documents([docs], stats=stats)) == ["one", "two"] and stats.empty_skipped == 1
+    for value, kind in (("5", "a number"), ("1.5", "a number"), ("true", "a boolean"), ('["a"]', "an array"),
+                        ('{"a": "b"}', "an object")):
+        docs.write_text('{"text": "one"}\n{"text": ' + value + "}\n")
+        with pytest.raises(InputError, match=re.escape(f"{docs}:2: field 'text' holds {kind}, not a string: fix that "
+                                                       "line, or name the text field with --text-field")):
+            list(iter_documents([docs]))
+
+
+def test_a_parquet_column_that_is_not_text_is_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as parquet
+
+    path = tmp_path / "numbers.parquet"
+    parquet.write_table(pa.table({"text": [1, 2]}), path)
+    with pytest.raises(InputError, match=f"{path}: column 'text' holds int64, not strings"):
+        list(iter_documents([path]))
+
+
+def test_manifest_without_tokenizer(tmp_path, capsys):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    manifest = {"format": FORMAT, "version": VERSION, "seq_len": 8, "sample_tokens": 9, "dtype": "uint16",
+                "eos_id": 2, "pad_id": 3, "shards": []}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    message = (f"{folder / MANIFEST} has no tokenizer: it was not written by `pretrain data build` or was edited "
+               "since; rebuild the shards")
+    with pytest.raises(ShardError, match=re.escape(message)):
+        Manifest.load(folder)
+    code, err = cli(capsys, "data", "merge", folder, "--out", tmp_path / "merged")
+    assert code == 2 and message in err
+    (folder / MANIFEST).write_text(json.dumps({**manifest, "tokenizer": {"path": "tokenizer"}}))
+    with pytest.raises(ShardError, match="has no tokenizer.sha256, tokenizer.vocab_size"):
+        Manifest.load(folder)
+
+
+def test_a_damaged_tokenizer_is_named(corpus, tmp_path, capsys):
+    import hashlib
+
+    broken = tmp_path / "broken"
+    copy_tokenizer(corpus / "tok", broken)
+    garbage = b"\x00not a sentencepiece model"
+    (broken / MODEL_FILE).write_bytes(garbage)
+    card = json.loads((broken / CARD_FILE).read_text())
+    (broken / CARD_FILE).write_text(json.dumps({**card, "sha256": hashlib.sha256(garbage).hexdigest()}))
+    code, err = cli(capsys, "data", "build", "--input", corpus / "docs-0.jsonl", "--tokenizer", broken, "--seq-len", 8,
+                    "--out", tmp_path / "out")
+    assert code == 2 and f"{broken / MODEL_FILE} is not a sentencepiece model that loads" in err
+    assert "train a tokenizer with `pretrain tokenizer train` or restore the file" in err
+    (broken / CARD_FILE).write_text("{not json")
+    with pytest.raises(TokenizerError, match=f"{broken / CARD_FILE} is not valid JSON"):
+        Tokenizer.load(broken)
+    (broken / CARD_FILE).write_text("{}")
+    with pytest.raises(TokenizerError, match="card.json has no sha256, vocab_size, special_ids: not a tokenizer card"):
+        Tokenizer.load(broken)
