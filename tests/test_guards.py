@@ -379,3 +379,34 @@ def test_a_damaged_tokenizer_is_named(corpus, tmp_path, capsys):
     (broken / CARD_FILE).write_text("{}")
     with pytest.raises(TokenizerError, match="card.json has no sha256, vocab_size, special_ids: not a tokenizer card"):
         Tokenizer.load(broken)
+
+
+# ---- pretrain generate ----
+
+@pytest.mark.parametrize("extra, message", [
+    (["--prompt", "def f(", ""], '--prompt "": prompt 2 of 2 is empty; give every prompt some text'),
+    (["--prompt", "x", "--top-p", "0"], "--top-p 0.0 must be in (0, 1] (1: no top-p cut; e.g. 0.95)"),
+    (["--prompt", "x", "--top-p", "1.5"], "--top-p 1.5 must be in (0, 1]"),
+    (["--prompt", "x", "--temperature", "nan"], "--temperature nan must be a number >= 0 (0: greedy; e.g. 0.8"),
+    (["--prompt", "x", "--temperature", "-1"], "--temperature -1.0 must be a number >= 0"),
+    (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens 0 must be at least 1"),
+    (["--prompt", "x", "--top-k", "-5"], "--top-k -5 must be >= 0 (0: no top-k cut)"),
+    (["--prompt", "x", "--device", "mps"], "--device mps is not a device here: choose auto, cpu, cuda or cuda:N"),
+    (["--prompts-file", "/nonexistent/prompts.txt"], "--prompts-file /nonexistent/prompts.txt: No such file or "
+                                                     "directory"),
+])
+def test_generate_settings_are_checked_before_the_checkpoint_is_read(tmp_path, capsys, extra, message):
+    code, err = cli(capsys, "generate", "--checkpoint", tmp_path / "no-checkpoint", *extra)
+    assert code == 2 and message in err
+
+
+def test_generate_prompts_file_without_prompts_and_a_missing_gpu(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n   \n")
+    code, err = cli(capsys, "generate", "--checkpoint", tmp_path, "--prompts-file", prompts)
+    assert code == 2 and f"--prompts-file {prompts} holds no prompt: write one prompt per line" in err
+    if not torch.cuda.is_available():
+        code, err = cli(capsys, "generate", "--checkpoint", tmp_path, "--prompt", "x", "--device", "cuda")
+        assert code == 2 and "--device cuda: there is no CUDA GPU here" in err and "use --device cpu or auto" in err
+        code, err = cli(capsys, "eval", "--checkpoint", tmp_path, "--data", tmp_path, "--device", "cuda:1")
+        assert code == 2 and "--device cuda:1: there is no CUDA GPU here" in err
