@@ -185,13 +185,15 @@ def fresh(root: str | Path, command: str, option: str = "--out", whole: bool = F
 
 
 @contextmanager
-def staged(out: str | Path, command: str, option: str = "--out") -> Iterator[Path]:
+def staged(out: str | Path, command: str, option: str = "--out",
+           refusal: type[UserError] = OutputError) -> Iterator[Path]:
     """A folder written whole: the body writes into OUT.partial, which becomes `out` once the body
-    has succeeded. `out` must be new or empty; an OUT.partial that an unfinished run of the same
-    command left is replaced, any other refused; if the body fails, OUT.partial is deleted."""
+    has succeeded. `out` must be new or empty (else `refusal` is raised); an OUT.partial that an
+    unfinished run of the same command left is replaced, any other refused; if the body fails,
+    OUT.partial is deleted."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OutputError(f"{out} exists and is not empty: choose a new {option} folder")
+        raise refusal(f"{out} exists and is not empty: choose a new {option} folder")
     with fresh(out.with_name(out.name + PARTIAL), command, option, whole=True) as staging:
         yield staging.root
     (staging.root / MARKER).unlink()
