@@ -7,6 +7,7 @@ import enum
 import hashlib
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -46,6 +47,11 @@ class PipelinePartition(str, enum.Enum):
     uniform = "uniform"  # equal numbers of pipeline layers (embedding and head count as one each)
 
 
+class OptimizerName(str, enum.Enum):
+    adamw = "adamw"
+    muon = "muon"  # Muon on the attention and MLP matrices, AdamW on embeddings, head and norms
+
+
 class DataSource(str, enum.Enum):
     shards = "shards"  # tokenized shards from `pretrain data build`
     raw = "raw"  # tar shards of raw text documents, tokenized and packed while training
@@ -63,6 +69,7 @@ class ParallelConfig:
 
 @dataclass
 class OptimizerConfig:
+    name: OptimizerName = OptimizerName.adamw
     lr: float = 3e-4
     weight_decay: float = 0.1  # applied to matrices only, never to norms or biases
     beta1: float = 0.9
@@ -71,6 +78,15 @@ class OptimizerConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3 (2 and 3 only with parallel.pp = 1)
     zero3_param_persistence_threshold: int = 100_000  # ZeRO-3 keeps parameters smaller than this whole
+    # name=muon: Muon's settings (the other parameters take AdamW's above)
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5  # Newton-Schulz iterations
+    muon_ns_coefficients: list[float] = field(default_factory=lambda: [3.4445, -4.7750, 2.0315])
+    # updates scaled to this RMS, i.e. by muon_update_rms x sqrt(max(rows, columns)) (Moonlight), so that
+    # AdamW's lr and weight decay carry over
+    muon_update_rms: float = 0.2
+    muon_ns_dtype: Precision = Precision.auto  # Newton-Schulz matmuls: auto = bf16 on GPU, fp32 on CPU
 
 
 @dataclass
@@ -284,6 +300,10 @@ def validate(config: Config, world_size: int) -> Layout:
          f"optimizer.weight_decay={optimizer.weight_decay} must be >= 0 (0 = none)")
     need(math.isfinite(optimizer.grad_clip) and optimizer.grad_clip >= 0,
          f"optimizer.grad_clip={optimizer.grad_clip} must be >= 0 (0 = off)")
+    if optimizer.name == OptimizerName.muon:
+        _check_muon(optimizer, train.precision, need)
+    need(math.isfinite(model.z_loss) and model.z_loss >= 0,
+         f"model.z_loss={model.z_loss} must be >= 0 (0 = off; PaLM: 1e-4)")
     need(config.schedule.warmup_steps >= 0, f"schedule.warmup_steps={config.schedule.warmup_steps} must be >= 0")
     need(0 <= config.schedule.min_lr_ratio <= 1, f"schedule.min_lr_ratio={config.schedule.min_lr_ratio} must be in [0, 1]")
     need(0 < config.schedule.decay_fraction <= 1,
@@ -339,6 +359,25 @@ def validate(config: Config, world_size: int) -> Layout:
         raise ConfigError(_report(problems))
     return Layout(world_size=world_size, tp=tp, pp=pp, dp=dp, micro_batch_size=train.micro_batch_size,
                   global_batch_size=train.global_batch_size, grad_accumulation=train.global_batch_size // per_step)
+
+
+def _check_muon(optimizer: OptimizerConfig, precision: Precision, need: Callable[[bool, str], None]) -> None:
+    need(optimizer.zero_stage in (0, 1, 2),
+         f"optimizer.name=muon cannot be combined with optimizer.zero_stage={optimizer.zero_stage}: ZeRO-3 cuts every "
+         "matrix across the data-parallel ranks, and Muon orthogonalises whole matrices; use optimizer.zero_stage=1 or 2")
+    need(optimizer.zero_stage != 0 or precision == Precision.fp32,
+         f"optimizer.name=muon with optimizer.zero_stage=0 needs train.precision=fp32 (not {precision.value}; auto is "
+         "bf16 on GPUs): DeepSpeed's bf16 optimizer at ZeRO-0 partitions the master weights in a layout Muon does "
+         "not read; use optimizer.zero_stage=1")
+    need(0 <= optimizer.muon_momentum < 1,
+         f"optimizer.muon_momentum={optimizer.muon_momentum} must be in [0, 1) (typical: 0.95)")
+    need(optimizer.muon_ns_steps >= 1,
+         f"optimizer.muon_ns_steps={optimizer.muon_ns_steps} must be at least 1 (typical: 5)")
+    need(len(optimizer.muon_ns_coefficients) == 3 and all(map(math.isfinite, optimizer.muon_ns_coefficients)),
+         f"optimizer.muon_ns_coefficients={list(optimizer.muon_ns_coefficients)} must be three finite numbers "
+         "(a, b, c of the quintic; typical: [3.4445, -4.7750, 2.0315])")
+    need(math.isfinite(optimizer.muon_update_rms) and optimizer.muon_update_rms > 0,
+         f"optimizer.muon_update_rms={optimizer.muon_update_rms} must be positive (typical: 0.2)")
 
 
 def validate_without_data(config: Config, world_size: int) -> Layout:

@@ -11,10 +11,11 @@ from torch import nn
 
 from pretrain import parallel
 from pretrain.checkpoint import universal_checkpoint_info
-from pretrain.config import Config, Layout, Precision
+from pretrain.config import Config, Layout, OptimizerName, Precision
 from pretrain.model.execution import apply_execution
 from pretrain.model.llama import Llama
 from pretrain.model.pipeline import build_pipeline, canonical_name
+from pretrain.muon import Muon
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.update import DEVICE_UPDATE_STAGES
 
@@ -57,7 +58,8 @@ def single_stage_names(config: Config, layout: Layout):
 
 def deepspeed_config(config: Config, layout: Layout, precision: Precision) -> dict:
     """The DeepSpeed engine settings. At DEVICE_UPDATE_STAGES, pretrain.update.DeviceUpdate
-    measures, clips and skips instead of DeepSpeed."""
+    measures, clips and skips instead of DeepSpeed. DeepSpeed calls optimizers other than the
+    ones it lists (pretrain.muon.Muon) untested and wants that allowed."""
     stage = config.optimizer.zero_stage
     device_update = stage in DEVICE_UPDATE_STAGES
     zero = {"stage": stage, "compute_grad_norm": not device_update}
@@ -73,16 +75,22 @@ def deepspeed_config(config: Config, layout: Layout, precision: Precision) -> di
         "timers": {"throughput": {"enabled": False}},  # it synchronises the device twice a step
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": config.optimizer.name == OptimizerName.muon,
     }
 
 
-def build_engine(model: nn.Module, config: Config, layout: Layout, precision: Precision, total_steps: int):
+def build_engine(model: nn.Module, config: Config, layout: Layout, context: parallel.ParallelContext,
+                 precision: Precision, total_steps: int):
     """The DeepSpeed engine training `model` (its pipeline engine for a pipeline stage)."""
     model.universal_checkpoint_info = universal_checkpoint_info(config.model.vocab_size)
-    optimizer = build_optimizer(model, config.optimizer)
+    ns_dtype = torch.bfloat16 if resolve_precision(config.optimizer.muon_ns_dtype, context.device) == Precision.bf16 \
+        else torch.float32
+    optimizer = build_optimizer(model, config.optimizer, config.model, context.tp_group, ns_dtype)
     scheduler = build_scheduler(optimizer, config.schedule, total_steps)
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, layout, precision),
         mpu=None if layout.pp > 1 else parallel.MegatronMpu(),  # the pipeline module brings its own grid
     )
+    if isinstance(optimizer, Muon) and config.optimizer.zero_stage in (1, 2):
+        optimizer.use_zero_partitions(engine.optimizer)
     return engine

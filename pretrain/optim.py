@@ -1,28 +1,60 @@
-"""AdamW parameter groups and learning-rate schedules."""
+"""The optimizer (AdamW, or Muon on the hidden matrices), its parameter groups, and learning-rate
+schedules."""
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from functools import partial
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from pretrain.config import OptimizerConfig, Schedule, ScheduleConfig
+from pretrain.config import OptimizerConfig, OptimizerName, Schedule, ScheduleConfig
+from pretrain.model.args import LlamaArgs
+from pretrain.model.hf import QKV, merge_qkv, split_qkv
+from pretrain.model.weights import VOCAB_PARAMETERS
+from pretrain.muon import Matrix, Muon, MuonSettings
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (projections, embeddings) only, never on norms or biases."""
-    decay, no_decay = [], []
+def parameter_groups(model: nn.Module, weight_decay: float,
+                     muon: Mapping[nn.Parameter, Matrix] | None = None) -> list[dict]:
+    """Weight decay on matrices (projections, embeddings) only, never on norms or biases. The
+    matrices in `muon` form a first group of their own, marked for Muon; with them, groups left
+    empty (a pipeline stage without embedding or head) are dropped."""
+    own, decay, no_decay = [], [], []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (own if muon is not None and param in muon else decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if muon is None:
+        return groups
+    groups = [{"params": own, "weight_decay": weight_decay, "muon": True}] + [{**g, "muon": False} for g in groups]
+    return [group for group in groups if group["params"]]
 
 
-def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(
-        parameter_groups(model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2),
-        eps=config.eps, fused=True,  # one kernel; pretrain.update relies on its grad_scale/found_inf inputs
-    )
+def muon_matrices(model: nn.Module, args: LlamaArgs) -> dict[nn.Parameter, Matrix]:
+    """The matrices Muon trains: every 2-D parameter but the vocabulary's (embedding, output
+    head), the fused qkv projection orthogonalised as q, k and v."""
+    qkv = Matrix(0, split=partial(split_qkv, args=args), merge=partial(merge_qkv, args=args))
+    return {param: qkv if name.endswith(QKV) else Matrix(param.partition_dim)
+            for name, param in model.named_parameters()
+            if param.requires_grad and param.ndim == 2 and not name.endswith(VOCAB_PARAMETERS)}
+
+
+def build_optimizer(model: nn.Module, config: OptimizerConfig, args: LlamaArgs, tp_group: dist.ProcessGroup,
+                    ns_dtype: torch.dtype) -> torch.optim.AdamW:
+    """torch's fused AdamW (one kernel; pretrain.update relies on its grad_scale/found_inf inputs),
+    or Muon, which takes both too, on the hidden matrices with that AdamW on the rest."""
+    betas = (config.beta1, config.beta2)
+    if config.name == OptimizerName.adamw:
+        return torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=betas,
+                                 eps=config.eps, fused=True)
+    matrices = muon_matrices(model, args)
+    settings = MuonSettings(momentum=config.muon_momentum, nesterov=config.muon_nesterov, ns_steps=config.muon_ns_steps,
+                            ns_coefficients=tuple(config.muon_ns_coefficients), update_rms=config.muon_update_rms,
+                            ns_dtype=ns_dtype)
+    return Muon(parameter_groups(model, config.weight_decay, matrices), matrices, settings, tp_group, lr=config.lr,
+                betas=betas, eps=config.eps)
 
 
 def lr_multiplier(schedule: ScheduleConfig, total_steps: int) -> Callable[[int], float]:

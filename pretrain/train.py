@@ -86,7 +86,7 @@ class Trainer:
         if starts_from_weights(resume_from):  # before DeepSpeed copies the weights into its optimizer
             self.checkpointer.load_weights(self.model, resume_from, context.tp_rank, single_stage_names(config, layout))
         precision = resolve_precision(config.train.precision, context.device)
-        self.engine = build_engine(self.model, config, layout, precision, self.last_step)
+        self.engine = build_engine(self.model, config, layout, context, precision, self.last_step)
         self.progress = Progress()
         if resume_from is not None and not starts_from_weights(resume_from):
             with loading_checkpoint(self.engine, config.optimizer.zero_stage):

@@ -21,6 +21,7 @@ class LlamaArgs:
     tie_embeddings: bool = False  # tie_word_embeddings
     init_std: float = 0.02  # initializer_range
     vocab_pad_multiple: int = 128  # embedding rows are padded to a multiple of this times TP
+    z_loss: float = 0.0  # PaLM's z-loss: z_loss x log(Z)^2 per token added to the training loss (PaLM: 1e-4)
 
     @property
     def head_dim(self) -> int:
