@@ -21,7 +21,7 @@ from pretrain.checkpoint import (
     find_checkpoint, fsync, layout_record, partial_dir, prune, publish, read_marker, safe_load, step_dir,
     store_tokenizer, to_universal, verify_files, write_marker,
 )
-from pretrain.config import CheckpointConfig, Config, DataSource, Layout, run_id, to_yaml
+from pretrain.config import CheckpointConfig, Config, DataSource, Layout, OptimizerConfig, OptimizerName, run_id, to_yaml
 from pretrain.lease import FolderLease
 
 # Model settings a checkpoint's weights must agree with (the others may change when resuming).
@@ -107,6 +107,12 @@ class Checkpointer:
         if differences:
             raise CheckpointError(f"{path} holds another model than this run's config:\n  " + "\n  ".join(differences)
                                   + "\nResume with the checkpoint's model settings, or start a new checkpoint.dir")
+        saved, current = reader.config.optimizer.name, self.config.optimizer.name
+        if reader.format != WEIGHTS and saved != current:
+            raise CheckpointError(
+                f"{path} was trained with optimizer.name={saved.value}; this run has optimizer.name={current.value}, "
+                "whose state the checkpoint does not hold. Resume with the checkpoint's optimizer, or start from its "
+                "weights alone: `pretrain convert to-hf`, then `pretrain convert from-hf`")
         recorded = (reader.client_state.get("tokenizer") or {}).get("sha256")
         if recorded and self.tokenizer_sha256 and recorded != self.tokenizer_sha256:
             raise CheckpointError(
@@ -144,7 +150,7 @@ class Checkpointer:
     def resume(self, engine, path: Path) -> Progress:
         """Restore the engine from a training checkpoint; returns the progress it recorded."""
         started = time.perf_counter()
-        client, rank_state = load(engine, path, self.layout, self.config.optimizer.zero_stage)
+        client, rank_state = load(engine, path, self.layout, self.config.optimizer)
         if rank_state is None and self.config.data.source == DataSource.raw:
             raise CheckpointError(
                 f"{path} was written by another number of processes: data.source=raw resumes only at the "
@@ -237,7 +243,7 @@ def _agree_written(error: Exception | None, root: Path, partial: Path) -> None:
         + ": free space (or point checkpoint.dir elsewhere) and restart")
 
 
-def check_layout(path: Path, saved: dict, current: dict, zero_stage: int) -> None:
+def check_layout(path: Path, saved: dict, current: dict, optimizer: OptimizerConfig) -> None:
     """Refuse, with what to do, the layout changes a resume cannot handle yet."""
     if (saved["tp"], saved["pp"]) != (current["tp"], current["pp"]):
         raise CheckpointError(
@@ -245,10 +251,16 @@ def check_layout(path: Path, saved: dict, current: dict, zero_stage: int) -> Non
             f"parallel.tp={current['tp']} parallel.pp={current['pp']}. Resume with the saved sizes, or reshard it: "
             f"`pretrain convert reshard --checkpoint {path} --tp {current['tp']} --pp {current['pp']} --out NEW_DIR`, "
             "then checkpoint.dir=NEW_DIR")
-    if saved["dp"] != current["dp"] and zero_stage == 3:
+    processes = saved["dp"] * saved["tp"] * saved["pp"]
+    if saved["dp"] != current["dp"] and optimizer.zero_stage == 3:
         raise CheckpointError(
             f"{path} was saved with {saved['dp']} data-parallel ranks and ZeRO-3; this run has {current['dp']}. "
-            f"Resume with {saved['dp'] * saved['tp'] * saved['pp']} processes (ZeRO-3 resumes only at the same size)")
+            f"Resume with {processes} processes (ZeRO-3 resumes only at the same size)")
+    if saved["dp"] != current["dp"] and optimizer.name == OptimizerName.muon:
+        raise CheckpointError(
+            f"{path} was saved with {saved['dp']} data-parallel ranks and optimizer.name=muon; this run has "
+            f"{current['dp']}. Resume with {processes} processes: DeepSpeed's universal checkpoint, which moves ZeRO "
+            "state to another data-parallel size, carries Adam's moments but not Muon's momentum")
 
 
 def universal_copy(path: Path) -> Path:
@@ -270,16 +282,16 @@ def universal_copy(path: Path) -> Path:
     return universal
 
 
-def load(engine, path: Path, layout: dict, zero_stage: int) -> tuple[dict, dict | None]:
+def load(engine, path: Path, layout: dict, optimizer: OptimizerConfig) -> tuple[dict, dict | None]:
     """Load a complete checkpoint into the engine: returns (client state, this rank's own state
     when the checkpoint was written by the same number of ranks, else None). A ZeRO-1/2
     checkpoint of another data-parallel size is loaded through its universal form."""
     marker = read_marker(path)
-    resharded = marker.get("format") == UNIVERSAL_FORMAT
+    resharded, zero_stage = marker.get("format") == UNIVERSAL_FORMAT, optimizer.zero_stage
     if resharded and zero_stage not in (1, 2):
         raise CheckpointError(f"{path} was resharded (DeepSpeed's universal format), which resumes with "
                               f"optimizer.zero_stage 1 or 2, not {zero_stage}")
-    check_layout(path, marker["layout"], layout, zero_stage)
+    check_layout(path, marker["layout"], layout, optimizer)
     universal = path if resharded else None
     if not resharded and marker["layout"]["dp"] != layout["dp"] and zero_stage in (1, 2):
         universal = universal_copy(path)

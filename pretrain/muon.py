@@ -89,7 +89,7 @@ def _overlap(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
 class Partition:
     """The flat tensor an optimizer parameter is: data-parallel rank r's slice [r x size, (r+1) x size)
     of a buffer holding `placed` matrices (ZeRO-1/2), or one whole matrix (no `dp_group`). It
-    knows the matrices its slice touches and where the rest of them lies."""
+    knows the matrices its slice touches and which of their elements other ranks hold."""
 
     def __init__(self, placed: list[Placed], size: int, dp_group: dist.ProcessGroup | None):
         ranks, rank = (1, 0) if dp_group is None else (dp_group.size(), dp_group.rank())
@@ -98,23 +98,38 @@ class Partition:
         windows = [self._window(placed, slice_) for slice_ in slices]
         self.touched = [p for p in placed if p.offset < self.end and p.end > self.start]
         self.window = windows[rank]  # [first, end) of the matrices this slice touches
-        self.sends = [_overlap((self.start, self.end), window) for window in windows]
-        self.receives = [end - start for start, end in (_overlap(slice_, self.window) for slice_ in slices)]
+        self.sends = [(self.start, self.start) if r == rank else _overlap(slices[rank], windows[r])
+                      for r in range(ranks)]
+        overlaps = [_overlap(slice_, self.window) for slice_ in slices]
+        self.receives = [0 if r == rank else end - start for r, (start, end) in enumerate(overlaps)]
 
     @staticmethod
     def _window(placed: list[Placed], slice_: tuple[int, int]) -> tuple[int, int]:
         touched = [p for p in placed if p.offset < slice_[1] and p.end > slice_[0]]
         return (touched[0].offset, touched[-1].end) if touched else (slice_[0], slice_[0])
 
-    def fetch(self, values: torch.Tensor) -> torch.Tensor:
-        """The buffer's elements over `window`, given this rank's slice of it (collective over dp_group)."""
-        first, end = self.window
+    def exchange(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Given this rank's slice of the buffer, the window's elements before and after it, from
+        the ranks that hold them (collective over dp_group)."""
         if self.dp_group is None or self.dp_group.size() == 1:
-            return values[first - self.start:end - self.start]
+            return values[:0], values[:0]
         send = torch.cat([values[a - self.start:b - self.start] for a, b in self.sends])
-        window = values.new_empty(end - first)
-        dist.all_to_all_single(window, send, self.receives, [b - a for a, b in self.sends], group=self.dp_group)
-        return window
+        received = values.new_empty(sum(self.receives))
+        dist.all_to_all_single(received, send, self.receives, [b - a for a, b in self.sends], group=self.dp_group)
+        before = max(self.start - self.window[0], 0)
+        return received[:before], received[before:]
+
+    def shard(self, values: torch.Tensor, before: torch.Tensor, after: torch.Tensor, placed: Placed) -> torch.Tensor:
+        """This TP rank's shard of `placed`, flat: from before, this rank's slice and after."""
+        pieces = []
+        if placed.offset < self.start:
+            pieces.append(before[placed.offset - self.window[0]:min(placed.end, self.start) - self.window[0]])
+        own = _overlap((placed.offset, placed.end), (self.start, self.end))
+        if own[1] > own[0]:
+            pieces.append(values[own[0] - self.start:own[1] - self.start])
+        if placed.end > self.end:
+            pieces.append(after[max(placed.offset, self.end) - self.end:placed.end - self.end])
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 class Muon(torch.optim.AdamW):
@@ -159,45 +174,46 @@ class Muon(torch.optim.AdamW):
                 self._muon_step(group)
 
     def _muon_step(self, group: dict) -> None:
-        momentum, lr, decay = self.settings.momentum, group["lr"], group["weight_decay"]
+        """The gradients are consumed in place: scaled, then turned into the update's direction."""
         found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
-        bad = None if found_inf is None else found_inf > 0
-        if bad is not None:  # a skipped update changes nothing: decided on the device, without a host sync
-            momentum, lr = torch.where(bad, 1.0, momentum), torch.where(bad, 0.0, lr)
         for param in group["params"]:
             if param.grad is None:
                 continue
-            grad = param.grad if grad_scale is None else param.grad / grad_scale
-            if bad is not None:
-                grad = torch.where(bad, 0.0, grad)
+            grad = param.grad
+            momentum = torch.full((), self.settings.momentum, device=grad.device)
+            lr = torch.full((), group["lr"], device=grad.device)
+            if grad_scale is not None:
+                grad.div_(grad_scale)
+            if found_inf is not None:  # a skipped update changes nothing: decided on the device, without a host sync
+                bad = found_inf > 0
+                grad.masked_fill_(bad, 0.0)
+                momentum, lr = torch.where(bad, 1.0, momentum), torch.where(bad, 0.0, lr)
             state = self.state[param]
             if not state:
                 state["momentum_buffer"] = torch.zeros_like(param)
             buffer = state["momentum_buffer"]
             buffer.mul_(momentum).add_(grad)
-            direction = grad + momentum * buffer if self.settings.nesterov else buffer
-            update = self._orthogonalised(direction.flatten(), self.partitions[id(param)])
-            param.mul_(1 - lr * decay).sub_(update.view_as(param) * lr)
+            direction = grad.addcmul_(buffer, momentum) if self.settings.nesterov else buffer
+            self._update(param, direction.view(-1), self.partitions[id(param)], lr, group["weight_decay"])
 
-    def _orthogonalised(self, direction: torch.Tensor, partition: Partition) -> torch.Tensor:
-        """Muon's update of the flat `direction` (this rank's slice of `partition`): every matrix the
-        slice touches made whole, orthogonalised per logical part, and this rank's piece kept."""
-        window = partition.fetch(direction)
-        tp, tp_rank, first = self.tp_group.size(), self.tp_group.rank(), partition.window[0]
-        shards = window.view(1, -1)
-        if tp > 1 and partition.touched:
-            shards = window.new_empty(tp * window.numel())
-            dist.all_gather_single(shards, window, group=self.tp_group)
-            shards = shards.view(tp, -1)
-        update = torch.zeros_like(direction)
+    def _update(self, param: torch.Tensor, direction: torch.Tensor, partition: Partition, lr: torch.Tensor,
+                decay: float) -> None:
+        """Muon's update of `param` (this rank's slice of `partition`): every matrix the slice touches
+        made whole, orthogonalised per logical part, and this rank's piece applied, one at a time."""
+        before, after = partition.exchange(direction)
+        tp, tp_rank, flat = self.tp_group.size(), self.tp_group.rank(), param.view(-1)
         for placed in partition.touched:
-            pieces = shards[:, placed.offset - first:placed.end - first].unflatten(1, placed.shape).unbind(0)
+            shard = partition.shard(direction, before, after, placed)
+            if tp > 1:
+                gathered = shard.new_empty(tp * shard.numel())
+                dist.all_gather_single(gathered, shard, group=self.tp_group)
+                shard = gathered
             dim = placed.matrix.partition_dim
-            mine = self._orthogonalise(torch.cat(pieces, dim=dim), placed.matrix).chunk(tp, dim=dim)[tp_rank]
+            whole = torch.cat(shard.view(tp, *placed.shape).unbind(0), dim=dim)
+            mine = self._orthogonalise(whole, placed.matrix).chunk(tp, dim=dim)[tp_rank].flatten()
             start, end = _overlap((placed.offset, placed.end), (partition.start, partition.end))
-            update[start - partition.start:end - partition.start] = \
-                mine.flatten()[start - placed.offset:end - placed.offset]
-        return update
+            target = flat[start - partition.start:end - partition.start]
+            target.mul_(1 - lr * decay).sub_(mine[start - placed.offset:end - placed.offset] * lr)
 
     def _orthogonalise(self, whole: torch.Tensor, matrix: Matrix) -> torch.Tensor:
         s = self.settings

@@ -9,11 +9,14 @@ and the allocator. Step time is compute at a measured efficiency plus the commun
 is not overlapped: tensor-parallel all-reduces per layer, the pipeline bubble, pipeline sends and
 the data-parallel gradient reduction (and ZeRO-3's parameter gathers) over a bandwidth table."""
 
+import bisect
 import dataclasses
 from dataclasses import dataclass, field
 
 from pretrain.accelerators import Accelerator, of_device
-from pretrain.config import Config, ConfigError, Layout, Precision, total_steps, validate_without_data
+from pretrain.config import (
+    Config, ConfigError, Layout, OptimizerName, Precision, total_steps, validate_without_data,
+)
 from pretrain.model.args import LlamaArgs
 
 GIB = 2**30
@@ -136,10 +139,25 @@ NCCL_ALIGNMENT = 2  # ZeRO-1/2 flat groups are padded to a multiple of this time
 PREFETCH_BUCKET = 50_000_000  # ZeRO-3 elements gathered ahead
 
 
-def _groups(tensors: list[Tensor]) -> list[list[int]]:
-    """The optimizer's parameter groups (pretrain.optim): matrices (decay), then vectors."""
-    groups = [[t.numel for t in tensors if t.ndim >= 2], [t.numel for t in tensors if t.ndim < 2]]
-    return [group for group in groups if group]
+ADAM_MOMENTS, MUON_MOMENTS = 2, 1  # fp32 state tensors per element besides the master weights
+
+
+def _muon_trains(tensor: Tensor) -> bool:
+    """What pretrain.optim.muon_matrices gives Muon: the blocks' matrices."""
+    return tensor.ndim == 2 and tensor.name.startswith("layers.")
+
+
+def _groups(tensors: list[Tensor], muon: bool = False) -> list[tuple[list[int], int]]:
+    """The optimizer's parameter groups (pretrain.optim), each with its state tensors per element:
+    matrices (decay), then vectors; with Muon, its matrices first."""
+    if not muon:
+        groups = [([t.numel for t in tensors if t.ndim >= 2], ADAM_MOMENTS),
+                  ([t.numel for t in tensors if t.ndim < 2], ADAM_MOMENTS)]
+    else:
+        groups = [([t.numel for t in tensors if _muon_trains(t)], MUON_MOMENTS),
+                  ([t.numel for t in tensors if t.ndim >= 2 and not _muon_trains(t)], ADAM_MOMENTS),
+                  ([t.numel for t in tensors if t.ndim < 2], ADAM_MOMENTS)]
+    return [(numels, moments) for numels, moments in groups if numels]
 
 
 def _zero12_partition(group: list[int], dp: int, rank: int) -> tuple[int, int, int]:
@@ -156,29 +174,31 @@ def _zero12_partition(group: list[int], dp: int, rank: int) -> tuple[int, int, i
 
 
 def state_bytes(tensors: list[Tensor], zero_stage: int, dp: int, bf16: bool, persistence_threshold: int = 100_000,
-                dp_rank: int | None = None) -> dict[str, float]:
+                dp_rank: int | None = None, muon: bool = False) -> dict[str, float]:
     """Weights, gradients (as the optimizer step finds them), optimizer state (fp32 masters, Adam
-    moments, step counters) and DeepSpeed's lasting buffers on data-parallel rank `dp_rank` (None:
-    the worst), as DeepSpeed 0.19 lays them out for torch's fused AdamW (tests check them against
-    the tensors a real engine holds)."""
+    moments and step counters, Muon's momentum) and DeepSpeed's lasting buffers on data-parallel
+    rank `dp_rank` (None: the worst), as DeepSpeed 0.19 lays them out for torch's fused AdamW and
+    pretrain.muon (tests check them against the tensors a real engine holds)."""
     ranks = range(dp) if dp_rank is None else [dp_rank]
-    per_rank = [_state_on_rank(tensors, zero_stage, dp, rank, bf16, persistence_threshold) for rank in ranks]
+    per_rank = [_state_on_rank(tensors, zero_stage, dp, rank, bf16, persistence_threshold, muon) for rank in ranks]
     return {key: max(values) for key, values in zip(("weights", "gradients", "optimizer", "buffers"), zip(*per_rank))}
 
 
 def _state_on_rank(tensors: list[Tensor], zero_stage: int, dp: int, rank: int, bf16: bool,
-                   persistence_threshold: int) -> tuple[int, int, int, int]:
+                   persistence_threshold: int, muon: bool) -> tuple[int, int, int, int]:
     e = 2 if bf16 else 4
-    groups = _groups(tensors)
-    numels = [n for group in groups for n in group]
+    groups = _groups(tensors, muon)
+    numels = [n for group, _ in groups for n in group]
     total = sum(numels)
+    adam = [group for group, moments in groups if moments == ADAM_MOMENTS]  # they count their steps, 4 bytes
     if zero_stage == 0:  # nothing partitioned; bf16: DeepSpeed's unfused wrapper keeps an fp32 copy
-        return e * total, e * total, (12 if bf16 else 8) * total + 4 * len(numels), 0
+        state = sum(4 * (moments + bf16) * sum(group) for group, moments in groups)
+        return e * total, e * total, state + 4 * sum(map(len, adam)), 0
     if zero_stage in (1, 2):  # the weights are views of flat groups; fp32 master partitions
-        parts = [_zero12_partition(group, dp, rank) for group in groups]
-        master = sum(part for _, part, _ in parts)
+        parts = [_zero12_partition(group, dp, rank) for group, _ in groups]
+        state = sum(4 * (1 + moments) * part for (_, part, _), (_, moments) in zip(parts, groups))
         return (e * sum(flat for flat, _, _ in parts), e * sum(kept for _, _, kept in parts),
-                12 * master + 4 * len(groups), 0)
+                state + 4 * len(adam), 0)
     partitions = [-(-n // dp) for n in numels]  # ZeRO-3: every tensor split; small ones also kept whole
     persistent = sum(n for n in numels if n <= persistence_threshold) if dp > 1 else 0
     return e * (sum(partitions) + persistent), e * sum(partitions), 12 * sum(partitions) + 4 * len(groups), \
@@ -186,12 +206,12 @@ def _state_on_rank(tensors: list[Tensor], zero_stage: int, dp: int, rank: int, b
 
 
 def deepspeed_transient_bytes(tensors: list[Tensor], zero_stage: int, dp: int, bf16: bool, pipelined: bool,
-                              persistence_threshold: int = 100_000) -> float:
+                              persistence_threshold: int = 100_000, muon: bool = False) -> float:
     """DeepSpeed's largest short-lived allocation: ZeRO-1 keeps full gradients and a reduction
     bucket through the accumulation (two buckets while a pipeline reduces), ZeRO-2 a bucket per
     backward; the step turns the largest gradient partition into fp32; ZeRO-3 gathers weights."""
     e = 2 if bf16 else 4
-    groups = _groups(tensors)
+    groups = [group for group, _ in _groups(tensors, muon)]
     total = sum(map(sum, groups))
     if zero_stage == 0:
         return max(4 * total if bf16 else 0, e * min(total, REDUCE_BUCKET) if dp > 1 else 0)
@@ -204,6 +224,68 @@ def deepspeed_transient_bytes(tensors: list[Tensor], zero_stage: int, dp: int, b
     step = (4 + (e if bf16 else 0)) * largest
     buckets = e * REDUCE_BUCKET * (2 if pipelined else 1)
     return max(step, buckets + (e * total if zero_stage == 1 else 0))
+
+
+def muon_parts(args: LlamaArgs) -> dict[str, list[tuple[int, int]]]:
+    """The whole logical matrices Muon orthogonalises in each block parameter (qkv: q, k and v)."""
+    h, ffn = args.hidden_size, args.ffn_hidden_size
+    q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    return {"attention.qkv_proj.weight": [(q, h), (kv, h), (kv, h)], "attention.o_proj.weight": [(h, q)],
+            "mlp.gate_proj.weight": [(ffn, h)], "mlp.up_proj.weight": [(ffn, h)], "mlp.down_proj.weight": [(h, ffn)]}
+
+
+def newton_schulz_flops(rows: int, columns: int, steps: int) -> float:
+    """One orthogonalisation: per iteration the Gram matrix, its square and their product with X."""
+    m, n = sorted((rows, columns))
+    return steps * (4 * m * m * n + 2 * m**3)
+
+
+@dataclass(frozen=True)
+class MuonWork:
+    """The Muon step of a stage's busiest data-parallel rank (pretrain.muon)."""
+
+    flops: float  # Newton-Schulz FLOPs of the whole matrices it orthogonalises
+    partition: int  # elements of its slice of Muon's flat group (this TP rank's shards)
+    window: int  # elements of the matrices that slice touches, fetched partly from its neighbours
+    largest: tuple[int, int]  # shape of the largest whole parameter it orthogonalises
+
+
+def muon_work(tensors: list[Tensor], args: LlamaArgs, dp: int, zero_stage: int, steps: int) -> MuonWork:
+    """At ZeRO-1/2 a rank orthogonalises the matrices its partition touches; at ZeRO-0 all of them."""
+    parts = muon_parts(args)
+    matrices = [t for t in tensors if _muon_trains(t)]
+    if not matrices:
+        return MuonWork(0.0, 0, 0, (0, 0))
+    kinds = [parts[t.name.split(".", 2)[2]] for t in matrices]
+    flops = [sum(newton_schulz_flops(r, c, steps) for r, c in kind) for kind in kinds]
+    shapes = [(sum(r for r, _ in kind), kind[0][1]) if len(kind) > 1 else kind[0] for kind in kinds]
+    numels = [t.numel for t in matrices]
+    if zero_stage == 0:
+        return MuonWork(sum(flops), max(numels), max(numels), max(shapes, key=lambda shape: shape[0] * shape[1]))
+    offsets = [0]
+    for numel in numels:
+        offsets.append(offsets[-1] + numel)
+    busiest = None
+    for rank in range(dp):
+        _, part, _ = _zero12_partition(numels, dp, rank)
+        first = max(bisect.bisect_right(offsets, part * rank) - 1, 0)
+        end = bisect.bisect_left(offsets, part * (rank + 1))
+        touched = range(first, min(end, len(matrices)))
+        work = MuonWork(sum(flops[i] for i in touched), part,
+                        offsets[touched[-1] + 1] - offsets[touched[0]] if touched else 0,
+                        max((shapes[i] for i in touched), key=lambda shape: shape[0] * shape[1], default=(0, 0)))
+        if busiest is None or work.flops > busiest.flops:
+            busiest = work
+    return busiest
+
+
+def muon_working_bytes(work: MuonWork, tp: int, ns_bytes: int) -> float:
+    """The Muon step's transient memory (fp32 unless said): gradient, direction and update of the
+    partition and what it sends, the fetched window and its TP all-gather, and one whole matrix
+    with its update and the iteration's operands in the Newton-Schulz dtype."""
+    rows, columns = work.largest
+    whole = 8 * rows * columns + ns_bytes * (2 * rows * columns + 3 * min(rows, columns) ** 2)
+    return 4 * (4 * work.partition + (1 + tp) * work.window) + whole
 
 
 def head_working_bytes(args: LlamaArgs, tp: int, micro_batch_size: int, dtype_bytes: int, chunk_tokens: int) -> float:
@@ -235,15 +317,25 @@ def plan(config: Config, gpus: int, gpu: Accelerator, gpus_per_node: int = 8, ef
     micro, accumulation = layout.micro_batch_size, layout.grad_accumulation
     threshold = config.optimizer.zero3_param_persistence_threshold
 
-    worst = None
+    optimizer = config.optimizer
+    muon = optimizer.name == OptimizerName.muon
+    ns_bytes = 4 if optimizer.muon_ns_dtype == Precision.fp32 else 2  # auto: bf16 on GPUs
+    if muon and ns_bytes == 4:
+        notes.append("optimizer.muon_ns_dtype=fp32: Newton-Schulz time is counted at the bf16 rate; fp32 matmuls "
+                     "run several times slower")
+    worst, busiest = None, MuonWork(0.0, 0, 0, (0, 0))
     for stage, tensors in enumerate(stage_tensors(args, tp, pp)):
-        state = state_bytes(tensors, zero_stage, dp, bf16, threshold)
+        state = state_bytes(tensors, zero_stage, dp, bf16, threshold, muon=muon)
         in_flight = min(pp - stage, accumulation) if pp > 1 else 1
         saved = activation_bytes(args, tp, pp, stage, micro, e, execution.activation_checkpointing)
         activations = in_flight * saved
         if pp > 1:  # the pipeline engine's input and output buffers of each micro-batch in flight
             activations += in_flight * micro * args.seq_len * (2 * e * args.hidden_size + 2 * INDEX_BYTES)
-        working = [deepspeed_transient_bytes(tensors, zero_stage, dp, bf16, pp > 1, threshold)]
+        working = [deepspeed_transient_bytes(tensors, zero_stage, dp, bf16, pp > 1, threshold, muon)]
+        if muon:
+            work = muon_work(tensors, args, dp, zero_stage, optimizer.muon_ns_steps)
+            working.append(muon_working_bytes(work, tp, ns_bytes))
+            busiest = max(busiest, work, key=lambda w: w.flops)
         if stage == pp - 1:
             working.append(head_working_bytes(args, tp, micro, e, execution.loss_chunk_tokens))
         if execution.activation_checkpointing:  # one block recomputed in backward at a time
@@ -271,7 +363,11 @@ def plan(config: Config, gpus: int, gpu: Accelerator, gpus_per_node: int = 8, ef
     dp_bandwidth = gpu.intra_node_gbps if tp * dp <= gpus_per_node else gpu.inter_node_gbps
     passes = {0: 2, 1: 2, 2: 2, 3: 3}[zero_stage]  # ZeRO-3 also gathers the weights for backward
     dp_time = ring_seconds(local * e, dp, dp_bandwidth, passes)
-    step = pipeline + dp_time
+    # Muon: Newton-Schulz on the busiest rank, its TP all-gather and the pieces fetched from its neighbours
+    muon_time = busiest.flops / (gpu.peak_tflops * 1e12 * efficiency) \
+        + ring_seconds(4 * tp * busiest.window, tp, tp_bandwidth, 1) \
+        + (4 * (busiest.window - busiest.partition) / (dp_bandwidth * 1e9) if dp > 1 else 0.0)
+    step = pipeline + dp_time + muon_time
     tokens_per_step = config.train.global_batch_size * args.seq_len
     tokens_per_sec = tokens_per_step / step
     steps = total_steps(config)
@@ -282,7 +378,7 @@ def plan(config: Config, gpus: int, gpu: Accelerator, gpus_per_node: int = 8, ef
                 time_s={"compute": accumulation * compute, "tensor_parallel": accumulation * tp_time,
                         "overhead": accumulation * MICRO_BATCH_OVERHEAD_S,
                         "pipeline_bubble": (pp - 1) * per_micro, "pipeline_sends": accumulation * send,
-                        "data_parallel": dp_time},
+                        "data_parallel": dp_time, **({"muon": muon_time} if muon else {})},
                 tokens_per_sec=tokens_per_sec, mfu=args.flops_per_token() * tokens_per_sec / (gpus * gpu.peak_tflops * 1e12),
                 steps=steps, run_hours=run_hours, gpu_hours=run_hours * gpus, parameters=args.num_params(), notes=notes)
 

@@ -16,7 +16,7 @@ from pretrain.checkpoint import (
     UNIVERSAL_FORMAT, WEIGHTS, CheckpointError, layout_record, partial_dir, publish, step_dir, store_tokenizer,
     to_universal, tokenizer_dir, verify_files, write_marker,
 )
-from pretrain.config import validate_without_data
+from pretrain.config import OptimizerName, validate_without_data
 from pretrain.convert.reader import CheckpointReader
 from pretrain.model.pipeline import pipeline_name
 from pretrain.outputs import staged
@@ -37,6 +37,11 @@ def reshard(checkpoint: str | Path, out: str | Path, tp: int, pp: int, step: int
             "only for ZeRO-1/2 checkpoints. For the weights alone: `pretrain convert to-hf` then `pretrain convert "
             "from-hf --tp N --pp M`")
     config = reader.config
+    if config.optimizer.name == OptimizerName.muon:
+        raise CheckpointError(
+            f"{reader.path} was trained with optimizer.name=muon: DeepSpeed's universal format, which resharding goes "
+            "through, carries Adam's moments but not Muon's momentum. For the weights alone: `pretrain convert to-hf` "
+            "then `pretrain convert from-hf --tp N --pp M`")
     validate_without_data(dataclasses.replace(  # the new layout fits the model and the optimizer stage
         config, parallel=dataclasses.replace(config.parallel, tp=tp, pp=pp),
         train=dataclasses.replace(config.train, global_batch_size=config.train.micro_batch_size)), tp * pp)
