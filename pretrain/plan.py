@@ -280,12 +280,13 @@ def muon_work(tensors: list[Tensor], args: LlamaArgs, dp: int, zero_stage: int, 
 
 
 def muon_working_bytes(work: MuonWork, tp: int, ns_bytes: int) -> float:
-    """The Muon step's transient memory (fp32 unless said): gradient, direction and update of the
-    partition and what it sends, the fetched window and its TP all-gather, and one whole matrix
-    with its update and the iteration's operands in the Newton-Schulz dtype."""
+    """The Muon step's transient memory, one matrix at a time: the pieces exchanged with the
+    neighbouring partitions, the largest whole matrix gathered from its TP shards, joined and
+    updated in fp32, and the iteration's operands in the Newton-Schulz dtype."""
     rows, columns = work.largest
-    whole = 8 * rows * columns + ns_bytes * (2 * rows * columns + 3 * min(rows, columns) ** 2)
-    return 4 * (4 * work.partition + (1 + tp) * work.window) + whole
+    whole = rows * columns
+    return 8 * (work.window - work.partition) + 4 * (3 + 3 / tp) * whole \
+        + ns_bytes * (3 * whole + 3 * min(rows, columns) ** 2)
 
 
 def head_working_bytes(args: LlamaArgs, tp: int, micro_batch_size: int, dtype_bytes: int, chunk_tokens: int) -> float:
