@@ -97,7 +97,8 @@ class MetricsWriter:
 class StepLog:
     """train/ records every log.interval steps and at the last step: the mean loss over the steps
     since the last record (summed over data-parallel ranks then), the learning rate and gradient
-    norm of the step, throughput, MFU where the accelerator is known, peak memory."""
+    norm of the step, throughput, MFU where the accelerator is known, peak memory. With
+    model.z_loss, `loss` is the cross-entropy and `z_loss` the z-loss added to it in training."""
 
     def __init__(self, metrics: MetricsWriter, config: Config, layout: Layout, device: torch.device,
                  dp_group: dist.ProcessGroup, last_step: int):
@@ -106,22 +107,26 @@ class StepLog:
         self.tokens_per_step = layout.global_batch_size * config.model.seq_len
         self.flops_per_token, self.peak = config.model.flops_per_token(), peak_flops(device)
         self.world_size, self.loss_divisor = layout.world_size, layout.dp * layout.grad_accumulation
-        self.window_loss = torch.zeros((), device=device)
+        self.logs_z_loss = config.model.z_loss > 0
+        self.window_loss = torch.zeros(2, device=device)  # the loss, its z-loss part
         self.window_steps, self.window_start = 0, time.perf_counter()
 
     def should_log(self, step: int) -> bool:
         return step % self.interval == 0 or step == self.last_step
 
-    def add(self, loss: torch.Tensor) -> None:
-        """A step's loss contribution of this rank (pretrain.step)."""
-        self.window_loss += loss
+    def add(self, loss: torch.Tensor, z_loss: torch.Tensor) -> None:
+        """A step's contributions of this rank to the loss and its z-loss part (pretrain.step)."""
+        self.window_loss[0] += loss
+        self.window_loss[1] += z_loss
         self.window_steps += 1
 
     def write(self, step: int, lr: float, grad_norm: float, extra: dict[str, float]) -> dict[str, float]:
         """Write the record of `step` (collective: reduces the loss over data-parallel ranks)."""
         dist.all_reduce(self.window_loss, group=self.dp_group)
         elapsed = time.perf_counter() - self.window_start
-        values = {"loss": self.window_loss.item() / (self.loss_divisor * self.window_steps),
+        loss, z_loss = self.window_loss.tolist()
+        steps = self.loss_divisor * self.window_steps
+        values = {"loss": (loss - z_loss) / steps, **({"z_loss": z_loss / steps} if self.logs_z_loss else {}),
                   "lr": lr, "grad_norm": grad_norm,
                   **throughput(self.tokens_per_step * self.window_steps, elapsed, self.flops_per_token,
                                self.world_size, self.peak),
@@ -159,7 +164,7 @@ def _wandb_run(log_dir: Path, settings: dict):
                       config=settings["config"], id=settings["id"], resume="allow")
 
 
-_CONSOLE_FIELDS = [("ppl", "ppl {:.2f}"), ("lr", "lr {:.2e}"), ("grad_norm", "grad {:.3f}"),
+_CONSOLE_FIELDS = [("ppl", "ppl {:.2f}"), ("z_loss", "z-loss {:.2e}"), ("lr", "lr {:.2e}"), ("grad_norm", "grad {:.3f}"),
                    ("tokens_per_sec", "{:,.0f} tok/s"), ("mfu", "mfu {:.1%}"), ("step_time", "{:.3f} s/step"),
                    ("mem_peak_gib", "mem {:.1f} GiB")]
 

@@ -7,6 +7,7 @@ from functools import partial
 
 import torch
 
+from pretrain.model.pipeline import Z_LOSS
 from pretrain.update import UpdateGuard
 
 
@@ -33,10 +34,10 @@ class ModelSteps:
         loss = self.engine(_on(self.device, batch["tokens"]), position_ids, document_ids, labels)
         return loss, (labels != -100).sum()
 
-    def train(self, batches: Iterator[dict], step: int, log_step: bool) -> torch.Tensor:
-        """One optimizer step; returns this rank's loss contribution (summed over DP ranks and
-        divided by dp x accumulation it is the step's mean loss)."""
-        total = torch.zeros((), device=self.device)
+    def train(self, batches: Iterator[dict], step: int, log_step: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step; returns this rank's contributions to the loss and to the z-loss part
+        of it (summed over DP ranks and divided by dp x accumulation: the step's means)."""
+        total, z_total = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         for micro in range(self.accumulation):
             loss, _ = self._loss(next(batches))
             if step in self.nan_steps:
@@ -46,7 +47,8 @@ class ModelSteps:
                 self.guard.gradients_ready(log_step)
             self.engine.step()
             total += loss.detach()
-        return total
+            z_total += self.engine.module.last_z_loss
+        return total, z_total
 
     def loss_sum(self, batches: list[dict]) -> torch.Tensor:
         """Sum of the loss over every predicted token of `batches` (this rank's share)."""
@@ -80,9 +82,11 @@ class PipelineSteps:
     def input(self, batches: Iterator[dict]) -> Iterator[tuple] | None:
         return self._feed(batches) if self.reads_data else None
 
-    def train(self, batches: Iterator[tuple] | None, step: int, log_step: bool) -> torch.Tensor:
+    def train(self, batches: Iterator[tuple] | None, step: int,
+              log_step: bool) -> tuple[torch.Tensor, torch.Tensor]:
         loss = self.engine.train_batch(data_iter=batches)  # already averaged over micro-batches and DP
-        return loss.detach() * self.accumulation
+        z_loss = (self.engine.agg_additional_losses or {}).get(Z_LOSS, torch.zeros((), device=self.device))
+        return loss.detach() * self.accumulation, z_loss * self.accumulation
 
     def loss_sum(self, batches: list[dict]) -> torch.Tensor:
         mean_loss = self.model.loss_fn  # None but on the last stage

@@ -138,9 +138,9 @@ class Trainer:
         self.metrics.advance(self.start_step)
         for step in range(self.start_step + 1, self.last_step + 1):
             log_step = self.step_log.should_log(step)
-            loss, lr = self._step(step, log_step)
+            loss, z_loss, lr = self._step(step, log_step)
             self.watchdog.progress(f"step {step}")
-            self.step_log.add(loss)
+            self.step_log.add(loss, z_loss)
             self._advance(progress, step)
             if log_step:
                 self._log(step, lr, result)
@@ -163,12 +163,13 @@ class Trainer:
         self.stop_signals.restore()
         return result
 
-    def _step(self, step: int, log_step: bool) -> tuple[torch.Tensor, float]:
-        """One optimizer step: this rank's loss contribution and the learning rate it used."""
+    def _step(self, step: int, log_step: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One optimizer step: this rank's contributions to the loss and its z-loss part, and the
+        learning rate it used."""
         lr = self.engine.get_lr()[0]
-        loss = self.steps.train(self.batches, step, log_step)
+        loss, z_loss = self.steps.train(self.batches, step, log_step)
         self.guard.step_finished(step, loss)
-        return loss, lr
+        return loss, z_loss, lr
 
     def _advance(self, progress: Progress, step: int) -> None:
         progress.step = step

@@ -233,8 +233,9 @@ def output_projection(args: LlamaArgs, layer_config: ModelParallelConfig, tp_gro
 class Llama(nn.Module):
     """Decoder-only Llama. forward(tokens) returns vocab-parallel logits [batch, seq, vocab/tp]:
     each TP rank holds its slice of the (padded) vocabulary. forward(tokens, labels=labels)
-    returns the mean next-token loss instead, computed with the output head chunk by chunk
-    (pretrain.model.loss) so that the logits of the whole batch never exist.
+    returns the mean next-token loss instead (in training with model.z_loss, the z-loss included
+    and kept in `last_z_loss`), computed with the output head chunk by chunk (pretrain.model.loss)
+    so that the logits of the whole batch never exist.
     (pretrain.model.pipeline cuts the same modules into pipeline stages.)"""
 
     def __init__(self, args: LlamaArgs, tp_group):
@@ -247,6 +248,7 @@ class Llama(nn.Module):
         self.final_norm = RMSNorm(args.hidden_size, args.norm_eps)
         self.output = output_projection(args, layer_config, tp_group, tied=args.tie_embeddings)
         self.loss_chunk_tokens = ExecutionArgs.loss_chunk_tokens  # set by pretrain.model.execution
+        self.last_z_loss = torch.zeros(())  # the z-loss part of the last loss (detached), for the logs
         mark_tensor_parallel(self)
         drop_empty_extra_state(self)
 
@@ -269,7 +271,8 @@ class Llama(nn.Module):
             x = block(x, position_ids, document_ids)
         x = self.final_norm(x)
         if labels is not None:
-            return linear_cross_entropy(x, labels, self.output_weight(), self.args.vocab_size, self.tp_group,
-                                        self.loss_chunk_tokens)
+            loss, self.last_z_loss = linear_cross_entropy(x, labels, self.output_weight(), self.args.vocab_size,
+                                                          self.tp_group, self.loss_chunk_tokens, z_loss=self.args.z_loss)
+            return loss
         logits, _ = self.output(x, weight=self.output_weight() if self.args.tie_embeddings else None)
         return logits

@@ -10,6 +10,10 @@ backward merely scales them by the incoming gradient, so no matmul is repeated.
 Under tensor parallelism each rank holds a contiguous slice of the (padded) vocabulary; the
 softmax is completed with two all-reduces per chunk over `tp_group`, as in megatron-core's
 vocab_parallel_cross_entropy. Vocabulary padding rows never enter the softmax.
+
+PaLM's z-loss, z_loss x log(Z)^2 per token (Z the softmax normaliser, log Z = the logits'
+logsumexp), comes out of the same chunks: log Z is what the softmax already completes, and its
+gradient, 2 z_loss log Z x softmax, scales the probabilities the gradient is made of.
 """
 
 import torch
@@ -25,17 +29,20 @@ def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGrou
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """hidden [tokens, h] x weight [local vocab, h] -> summed loss over labels != IGNORE_INDEX."""
+    """hidden [tokens, h] x weight [local vocab, h] -> (summed loss over labels != IGNORE_INDEX, the
+    z-loss part of it, not differentiable)."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,
-                tp_group: dist.ProcessGroup, chunk_tokens: int, wants_grad: bool) -> torch.Tensor:
+                tp_group: dist.ProcessGroup, chunk_tokens: int, wants_grad: bool,
+                z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
         local_vocab = weight.shape[0]
         first_column = tp_group.rank() * local_vocab
         padding = torch.arange(first_column, first_column + local_vocab, device=weight.device) >= vocab_size
         grad_hidden = torch.empty_like(hidden) if wants_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wants_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        z_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
             chunk = hidden[start:start + chunk_tokens]
             targets = labels[start:start + chunk_tokens]
@@ -52,8 +59,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             _all_reduce(sums, dist.ReduceOp.SUM, tp_group)
             valid = targets != IGNORE_INDEX
             total += torch.where(valid, sums[0].log() - sums[1], 0.0).sum()
+            if z_loss:
+                log_z = sums[0].log() + row_max
+                z_total += torch.where(valid, log_z.square(), 0.0).sum()
             if wants_grad:
                 probabilities = logits.div_(sums[0][:, None])
+                if z_loss:
+                    probabilities *= (1 + 2 * z_loss * log_z)[:, None]
                 probabilities[rows, local] -= mine.to(probabilities.dtype)
                 probabilities *= valid[:, None]
                 grad_logits = probabilities.to(weight.dtype)
@@ -61,26 +73,34 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_weight += (grad_logits.t() @ chunk).float()
         if wants_grad:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
-        return total
+        z_total *= z_loss
+        ctx.mark_non_differentiable(z_total)
+        return total + z_total, z_total
 
     @staticmethod
-    def backward(ctx, grad_total: torch.Tensor):
+    def backward(ctx, grad_total: torch.Tensor, _grad_z: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight * grad_total.to(grad_weight.dtype),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, vocab_size: int,
-                         tp_group: dist.ProcessGroup, chunk_tokens: int, reduction: str = "mean") -> torch.Tensor:
+                         tp_group: dist.ProcessGroup, chunk_tokens: int, reduction: str = "mean",
+                         z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token loss of `hidden` [..., h] (identical on every TP rank) projected by this rank's
-    vocabulary slice `weight` [vocab/tp, h], against `labels` [...] (IGNORE_INDEX = no loss).
+    vocabulary slice `weight` [vocab/tp, h], against `labels` [...] (IGNORE_INDEX = no loss), and
+    the z-loss part of it (detached).
 
     Mean over the predicted tokens (or with reduction="sum", their sum); equals
-    cross_entropy(logits, labels) of the full logits, whose fp32 copy is never materialised."""
+    cross_entropy(logits, labels) of the full logits, whose fp32 copy is never materialised, plus,
+    when gradients are wanted (training), z_loss x logsumexp(logits)^2 per token; a pass without
+    gradients (evaluation) gives the cross-entropy alone."""
     flat_hidden = copy_to_tensor_model_parallel_region(hidden.reshape(-1, hidden.shape[-1]), group=tp_group)
     flat_labels = labels.reshape(-1)
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    total = _LinearCrossEntropy.apply(flat_hidden, weight, flat_labels, vocab_size, tp_group, chunk_tokens, wants_grad)
+    total, z_part = _LinearCrossEntropy.apply(flat_hidden, weight, flat_labels, vocab_size, tp_group, chunk_tokens,
+                                              wants_grad, z_loss if wants_grad else 0.0)
     if reduction == "sum":
-        return total
-    return total / (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
+        return total, z_part
+    count = (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
+    return total / count, z_part / count

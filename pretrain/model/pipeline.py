@@ -24,6 +24,7 @@ from pretrain.model.loss import linear_cross_entropy
 from pretrain.model.weights import drop_empty_extra_state, initialize, mark_tensor_parallel
 
 TIED_KEY = "embedding"
+Z_LOSS = "z_loss"  # the name the pipeline engine reports the z-loss under
 
 
 class EmbeddingStage(nn.Module):
@@ -63,15 +64,32 @@ class HeadStage(FinalNormStage):
 
 class HeadLoss:
     """The last stage's loss_fn: the output head and the next-token loss of the final norm's
-    output, `chunk_tokens` tokens at a time (pretrain.model.loss)."""
+    output, `chunk_tokens` tokens at a time (pretrain.model.loss), the z-loss part of the last
+    loss kept in `last_z_loss`."""
 
-    def __init__(self, weight: nn.Parameter, vocab_size: int, tp_group):
-        self.weight, self.vocab_size, self.tp_group = weight, vocab_size, tp_group
+    def __init__(self, weight: nn.Parameter, vocab_size: int, tp_group, z_loss: float):
+        self.weight, self.vocab_size, self.tp_group, self.z_loss = weight, vocab_size, tp_group, z_loss
         self.chunk_tokens = ExecutionArgs.loss_chunk_tokens  # set by pretrain.model.execution
+        self.last_z_loss = torch.zeros(())
 
     def __call__(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        return linear_cross_entropy(hidden, labels, self.weight, self.vocab_size, self.tp_group, self.chunk_tokens,
-                                    reduction)
+        loss, self.last_z_loss = linear_cross_entropy(hidden, labels, self.weight, self.vocab_size, self.tp_group,
+                                                      self.chunk_tokens, reduction, self.z_loss)
+        return loss
+
+
+class Pipeline(PipelineModule):
+    """DeepSpeed's PipelineModule that reports the last stage's z-loss (with model.z_loss): the
+    pipeline engine averages it like the loss and sends it to every stage."""
+
+    def __init__(self, *args, reports_z_loss: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reports_z_loss = reports_z_loss
+
+    def get_additional_losses(self) -> dict[str, torch.Tensor] | None:
+        if not self.reports_z_loss:
+            return None
+        return {Z_LOSS: self.loss_fn.last_z_loss if self.loss_fn is not None else torch.zeros(())}
 
 
 def _pass_hidden(_module: EmbeddingStage, hidden: torch.Tensor) -> torch.Tensor:
@@ -115,14 +133,14 @@ def build_pipeline(args: LlamaArgs, tp_group, topology: ProcessTopology, partiti
     """This rank's stage of the pipeline, with the same initial weights as Llama(args).init_weights(seed).
     On the last stage `loss_fn(hidden, labels[, reduction="sum"])` is the output head and the mean
     loss (HeadLoss); other stages have none."""
-    module = PipelineModule(layers=layer_specs(args, tp_group), topology=topology,
-                            partition_method=PARTITION_METHODS[partition])
+    module = Pipeline(layers=layer_specs(args, tp_group), topology=topology,
+                      partition_method=PARTITION_METHODS[partition], reports_z_loss=args.z_loss > 0)
     mark_tensor_parallel(module)
     drop_empty_extra_state(module)
     initialize(module, seed, args.init_std, args.num_layers, tp_group.rank(), tp_group.size(),
                canonical=lambda name: canonical_name(name, args.num_layers))
     if module.stage_id == module.num_stages - 1:
-        module.loss_fn = HeadLoss(head_weight(module, args), args.vocab_size, tp_group)
+        module.loss_fn = HeadLoss(head_weight(module, args), args.vocab_size, tp_group, args.z_loss)
     return module
 
 
