@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from engine_memory import measure
 from pretrain import parallel, plan
-from pretrain.config import Precision, load, validate
+from pretrain.config import OptimizerName, Precision, load, validate
 from pretrain.data import stream
 from pretrain.train import Trainer
 
@@ -26,7 +26,8 @@ def check(config) -> dict:
         tensors = plan.stage_tensors(config.model, layout.tp, layout.pp)[context.pp_rank]
         predicted = plan.state_bytes(tensors, config.optimizer.zero_stage, layout.dp,
                                      config.train.precision == Precision.bf16,
-                                     config.optimizer.zero3_param_persistence_threshold, dp_rank=context.dp_rank)
+                                     config.optimizer.zero3_param_persistence_threshold, dp_rank=context.dp_rank,
+                                     muon=config.optimizer.name == OptimizerName.muon)
         measured, steps, step = {}, [0], trainer.engine.optimizer.step
 
         def measured_step(*args, **kwargs):
