@@ -4,9 +4,9 @@ with the update of every matrix equal to the one the whole, unsharded matrix wou
 Orthogonalisation is defined on a whole matrix, so a tensor-parallel shard or a ZeRO partition
 is not enough: the step makes each matrix whole, orthogonalises it and keeps this rank's piece.
 - Tensor parallelism: gather, orthogonalise, slice. The TP ranks of a matrix all-gather their
-  shards (one collective per parameter group and step), every one of them orthogonalises the
-  whole matrix, and each keeps its own chunk. TP groups are small and inside a node, the math is
-  the same on every rank with no result to send back, and identical inputs give identical bits.
+  shards, every one of them orthogonalises the whole matrix, and each keeps its own chunk. TP
+  groups are small and inside a node, the math is the same on every rank with no result to send
+  back, and identical inputs give identical bits.
 - ZeRO-1/2: DeepSpeed's optimizer steps flat 1-D partitions of each parameter group, one per
   data-parallel rank, cut without regard to matrix boundaries. The partition decides the work:
   a rank orthogonalises the matrices its partition touches (a matrix straddling two partitions
@@ -18,7 +18,8 @@ is not enough: the step makes each matrix whole, orthogonalises it and keeps thi
   an orthogonal matrix then has the RMS of a typical AdamW update, so one lr and one weight decay
   serve both.
 
-The momentum buffer lives beside the fp32 master weights (partitioned at ZeRO-1/2). Clipping and
+The momentum buffer lives beside the fp32 master weights (partitioned at ZeRO-1/2); the step holds
+one matrix at a time besides it and consumes the gradients in place. Clipping and
 skipping come from pretrain.update.DeviceUpdate as torch's fused AdamW takes them (`grad_scale`
 divides the gradients, `found_inf` leaves weights and state untouched, with no host sync).
 """
