@@ -28,9 +28,12 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import deepspeed
 import torch
 import torch.distributed as dist
 from torch import nn
+
+DEEPSPEED_LAYOUT = "0.19."  # the ZeRO-1/2 layout use_zero_partitions reads; tests/test_muon.py holds us to it
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,9 @@ class Muon(torch.optim.AdamW):
         """Step the flat partitions of DeepSpeed's ZeRO-1/2 optimizer `zero` instead of the model's
         parameters (DeepSpeed 0.19's layout: parameter group i is flattened in the order and at the
         offsets of round_robin_bit16_groups/offsets[i], padded at the end, and cut into equal partitions)."""
+        if not deepspeed.__version__.startswith(DEEPSPEED_LAYOUT):
+            raise RuntimeError(f"Muon with ZeRO-1/2 reads the flat-partition layout of DeepSpeed {DEEPSPEED_LAYOUT}x, "
+                               f"not {deepspeed.__version__}: install deepspeed=={DEEPSPEED_LAYOUT}* or use ZeRO-0")
         self.partitions = {}
         for index, group in enumerate(self.param_groups):
             if group["muon"]:

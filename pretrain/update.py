@@ -13,7 +13,7 @@ DEVICE_UPDATE_STAGES its ZeRO optimizer (configured by pretrain.engine) neither 
 nor skips, and `DeviceUpdate` does all three in front of it: the norm of the reduced gradient
 partitions (selected as DeepSpeed's get_grad_norm_direct does), clipping as torch's fused AdamW
 `grad_scale`, skipping as its `found_inf` (the fused kernel then leaves weights, moments and step
-count untouched). Counters are read at log steps only.
+count untouched; pretrain.muon.Muon takes both alike). Counters are read at log steps only.
 
 A skipped update does not hold the learning-rate schedule back: the schedule follows the step.
 """
