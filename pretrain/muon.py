@@ -38,6 +38,8 @@ DEEPSPEED_LAYOUT = "0.19."  # the ZeRO-1/2 layout use_zero_partitions reads; tes
 
 @dataclass(frozen=True)
 class MuonSettings:
+    """optimizer.muon_* (pretrain.config), the Newton-Schulz dtype resolved for the device."""
+
     momentum: float = 0.95
     nesterov: bool = True
     ns_steps: int = 5
