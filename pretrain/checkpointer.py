@@ -251,16 +251,15 @@ def check_layout(path: Path, saved: dict, current: dict, optimizer: OptimizerCon
             f"parallel.tp={current['tp']} parallel.pp={current['pp']}. Resume with the saved sizes, or reshard it: "
             f"`pretrain convert reshard --checkpoint {path} --tp {current['tp']} --pp {current['pp']} --out NEW_DIR`, "
             "then checkpoint.dir=NEW_DIR")
-    processes = saved["dp"] * saved["tp"] * saved["pp"]
     if saved["dp"] != current["dp"] and optimizer.zero_stage == 3:
         raise CheckpointError(
             f"{path} was saved with {saved['dp']} data-parallel ranks and ZeRO-3; this run has {current['dp']}. "
-            f"Resume with {processes} processes (ZeRO-3 resumes only at the same size)")
+            f"Resume with {saved['dp'] * saved['tp'] * saved['pp']} processes (ZeRO-3 resumes only at the same size)")
     if saved["dp"] != current["dp"] and optimizer.name == OptimizerName.muon:
         raise CheckpointError(
             f"{path} was saved with {saved['dp']} data-parallel ranks and optimizer.name=muon; this run has "
-            f"{current['dp']}. Resume with {processes} processes: DeepSpeed's universal checkpoint, which moves ZeRO "
-            "state to another data-parallel size, carries Adam's moments but not Muon's momentum")
+            f"{current['dp']}. Resume with {saved['dp']} data-parallel ranks: DeepSpeed's universal checkpoint, which "
+            "moves ZeRO state to another data-parallel size, carries Adam's moments but not Muon's momentum")
 
 
 def universal_copy(path: Path) -> Path:
