@@ -41,9 +41,10 @@ class TaskResult:
 def encode_requests(task: Task, tokenizer: Tokenizer, max_length: int) -> list[list[tuple[list[int], list[int]]]]:
     """Per example, per request: (input ids, continuation ids); the input ends one token before
     the continuation does and holds at most max_length tokens."""
-    pairs = []
+    pairs, sources = [], []
     for example in task.examples:
         for request in example.requests:
+            sources.append(example.where)
             context, continuation = request.context, request.continuation
             spaces = len(context) - len(context.rstrip())
             if spaces:
@@ -54,15 +55,15 @@ def encode_requests(task: Task, tokenizer: Tokenizer, max_length: int) -> list[l
     wholes = tokenizer.encode([context + continuation if context else continuation for context, continuation in pairs])
     bos = tokenizer.card["special_ids"]["bos"]
     encoded = []
-    for (context, _), whole in zip(pairs, wholes):
+    for (context, _), whole, where in zip(pairs, wholes, sources):
         if context:
             prefix = context_ids[context]
             continuation_ids = whole[len(prefix):]
         else:
             prefix, continuation_ids = ([bos], whole) if whole[:1] != [bos] else (whole[:1], whole[1:])
         if not continuation_ids or len(continuation_ids) > max_length:
-            raise TaskError(f"{task.source}: a continuation of task {task.name} has {len(continuation_ids)} tokens: "
-                            f"it needs 1 to model.seq_len ({max_length})")
+            raise TaskError(f"{where}: a continuation of task {task.name} has {len(continuation_ids)} tokens: it "
+                            f"needs 1 to model.seq_len ({max_length})")
         encoded.append(((prefix + continuation_ids)[-(max_length + 1):][:-1], continuation_ids))
     per_example, start = [], 0
     for example in task.examples:

@@ -56,6 +56,7 @@ class Request:
 @dataclass(frozen=True)
 class Example:
     index: int
+    where: str  # its file and line
     requests: tuple[Request, ...]  # one per choice (multiple choice) or one (cloze)
     choices: tuple[str, ...]  # the texts acc_norm and acc_bytes divide by (multiple choice)
     gold: int  # index of the right request (0 for cloze)
@@ -66,7 +67,6 @@ class Task:
     name: str
     kind: str  # multiple_choice, partial or cloze: what METRICS it reports
     examples: list[Example]
-    source: str  # the data it was read from
 
 
 @dataclass(frozen=True)
@@ -115,10 +115,11 @@ def read_spec(reference: str) -> Spec:
     if unknown:
         raise TaskError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}; a spec takes "
                         f"{', '.join(sorted(SPEC_KEYS))}")
+    for key in ("path", "fewshot_path"):  # relative to the spec
+        if isinstance(raw.get(key), str) and name not in ready:
+            raw[key] = str(file.parent / raw[key])
     if data:
         raw["path"] = data
-    elif raw.get("path") and name not in ready:
-        raw["path"] = str(file.parent / raw["path"])
     raw.setdefault("name", file.stem)
     spec = Spec(where=where, **raw)
     _check_spec(spec, name in ready)
@@ -131,10 +132,15 @@ def _check_spec(spec: Spec, ready: bool) -> None:
             raise TaskError(f"{spec.where}: {message}")
 
     need(spec.kind in KINDS, f"kind {spec.kind!r} must be one of {', '.join(KINDS)}")
+    for key in ("context", "gold", "continuation", "target_delimiter", "fewshot_delimiter"):
+        value = getattr(spec, key)
+        need(value is None or isinstance(value, str), f"{key} must be text (quote it), not {value!r}")
+    for key in ("choices", "labels"):
+        value = getattr(spec, key)
+        need(value is None or isinstance(value, (str, list)), f"{key} must be a field name or a list, not {value!r}")
     need(bool(spec.path) or spec.generate is not None,
          f"no data: give the task's file as {spec.name}=FILE" if ready else "path: the task's JSON-lines or parquet "
          "file (relative to the spec), or give it as SPEC=FILE")
-    need(isinstance(spec.context, str), "context must be a template such as 'Question: {question}'")
     need(spec.scoring in ("full", "partial"), f"scoring {spec.scoring!r} must be full or partial")
     if spec.kind == "multiple_choice":
         need(spec.choices is not None, "choices: a field holding the list of choices, or a list of templates")
@@ -244,7 +250,8 @@ def _solve(spec: Spec, record: dict, where: str) -> _Solved:
             raise TaskError(f"{where}: field '{spec.choices}' (the spec's choices) must be a list of texts")
     choices = [clean(choice) for choice in choices]
     if len(choices) < 2 or any(not choice for choice in choices):
-        raise TaskError(f"{where}: field '{spec.choices}' (the spec's choices) needs two or more non-empty choices")
+        named = f"field '{spec.choices}' (the spec's choices)" if isinstance(spec.choices, str) else "the choices"
+        raise TaskError(f"{where}: {named} must be two or more non-empty texts")
     gold = _gold(spec, record, where, len(choices))
     if spec.scoring == "partial":
         return _Solved(tuple(choices), tuple(choices), continuation, gold)
@@ -267,7 +274,7 @@ def _gold(spec: Spec, record: dict, where: str, count: int) -> int:
     return value
 
 
-def _example(spec: Spec, index: int, solved: _Solved, shots: list[_Solved]) -> Example:
+def _example(spec: Spec, index: int, where: str, solved: _Solved, shots: list[_Solved]) -> Example:
     """The requests of `solved`, each context behind the few-shot prefix of `shots`."""
     prefix = "".join(_answered(spec, shot) + spec.fewshot_delimiter for shot in shots)
     if spec.kind == "cloze":
@@ -278,7 +285,7 @@ def _example(spec: Spec, index: int, solved: _Solved, shots: list[_Solved]) -> E
     else:
         requests = tuple(Request(prefix + solved.contexts[0], spec.target_delimiter + choice)
                          for choice in solved.choices)
-    return Example(index, requests, solved.choices, solved.gold)
+    return Example(index, where, requests, solved.choices, solved.gold)
 
 
 def _answered(spec: Spec, solved: _Solved) -> str:
@@ -314,9 +321,9 @@ def load_task(reference: str, examples: int = 0, fewshot: int | None = None, see
                         f"{len(pool) - own_pool}")
     chosen = solved[:examples] if examples else solved
     task_examples = []
-    for index, item in enumerate(chosen):
+    for index, (item, (where, _)) in enumerate(zip(chosen, records)):
         drawn = random.Random(f"{seed}/{index}").sample(range(len(pool)), shots + own_pool) if shots else []
         drawn = [k for k in drawn if not (own_pool and k == index)][:shots]
-        task_examples.append(_example(spec, index, item, [pool[k] for k in drawn]))
+        task_examples.append(_example(spec, index, where, item, [pool[k] for k in drawn]))
     kind = "partial" if spec.kind == "multiple_choice" and spec.scoring == "partial" else spec.kind
-    return Task(spec.name, kind, task_examples, spec.path or spec.generate)
+    return Task(spec.name, kind, task_examples)
