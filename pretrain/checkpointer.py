@@ -22,7 +22,6 @@ from pretrain.checkpoint import (
     store_tokenizer, to_universal, verify_files, write_marker,
 )
 from pretrain.config import CheckpointConfig, Config, DataSource, Layout, run_id, to_yaml
-from pretrain.errors import UserError
 from pretrain.lease import FolderLease
 
 # Model settings a checkpoint's weights must agree with (the others may change when resuming).
@@ -88,10 +87,10 @@ class Checkpointer:
                 if found is not None:
                     self._check_compatible(found)
                 outcome = [found]
-            except UserError as error:
+            except Exception as error:  # every rank raises it, rather than waiting for rank 0
                 outcome = [error]
         dist.broadcast_object_list(outcome, src=0)
-        if isinstance(outcome[0], UserError):
+        if isinstance(outcome[0], Exception):
             raise outcome[0]
         return outcome[0]
 
