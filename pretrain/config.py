@@ -14,6 +14,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pretrain.downstream.tasks import TaskError, read_spec
 from pretrain.errors import UserError
 from pretrain.model.args import ExecutionArgs, LlamaArgs
 
@@ -341,6 +342,11 @@ def validate(config: Config, world_size: int) -> Layout:
          "`pretrain eval --tasks` on the checkpoints)")
     need(not (downstream.interval and config.data.source == DataSource.synthetic),
          "downstream.interval needs a tokenizer: not with data.source=synthetic")
+    for reference in downstream.tasks if downstream.interval else ():
+        try:
+            read_spec(reference)
+        except TaskError as error:
+            problems.append(f"downstream.tasks: {error}")
     need(not (train.eval_interval and not config.data.valid_path),
          f"train.eval_interval={train.eval_interval} needs data.valid_path (held-out shards), or set train.eval_interval=0")
     need(config.data.num_workers >= 0, f"data.num_workers={config.data.num_workers} must be >= 0")

@@ -267,6 +267,8 @@ def test_malformed_specs_and_settings_are_refused(tmp_path, capsys):
                                (["downstream.interval=10", "downstream.tasks=[python_next_line]",
                                  "optimizer.zero_stage=3"], "not with optimizer.zero_stage=3"),
                                (["downstream.interval=10", "downstream.tasks=[python_next_line]"],
-                                "needs a tokenizer: not with data.source=synthetic")):
+                                "needs a tokenizer: not with data.source=synthetic"),
+                               (["downstream.interval=10", "downstream.tasks=[nope]"],
+                                "downstream.tasks: task 'nope' is neither a ready spec")):
         with pytest.raises(ConfigError, match=message):
             validate(load(None, ["data.source=synthetic", "model.vocab_size=64", *overrides]), 1)
