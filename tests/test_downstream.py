@@ -220,12 +220,16 @@ def test_the_built_in_task_is_the_true_next_line_of_a_function_among_four():
     task = load_task("python_next_line", examples=40)
     assert len(task.examples) == 40 and task.kind == "multiple_choice"
     assert task.examples == load_task("python_next_line", examples=40).examples  # the same in every run
-    golds = [example.gold for example in task.examples]
-    assert all(len(example.requests) == 4 for example in task.examples) and len(set(golds)) == 4
+    assert len({example.gold for example in task.examples}) == 4
     for example in task.examples:
-        context = example.requests[0].context
-        assert context.lstrip().startswith(("def ", "async def ")) and context.endswith("\n")
-        assert len({choice.strip() for choice in example.choices}) == 4
+        file, line = example.where.rsplit(" line ", 1)
+        source = Path(file).read_text(encoding="utf-8").splitlines()[int(line) - 1:]
+        context = example.requests[0].context.splitlines()
+        assert [row.rstrip() for row in source[:len(context)]] == context and context[0].lstrip().startswith(
+            ("def ", "async def "))
+        true = source[len(context)]
+        assert example.choices[example.gold] == true[:len(true) - len(true.lstrip())] + " ".join(true.split())
+        assert len(set(example.choices)) == 4 and len({tuple(sorted(c.split())) for c in example.choices}) == 1
 
 
 MC_SPEC = "kind: multiple_choice\npath: {path}\ncontext: 'Q: {{question}}'\nchoices: answers\ngold: right\n"
