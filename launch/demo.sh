@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: a corpus -> sentencepiece tokenizer -> tokenized shards -> training of the tiny
-# model on them, with a held-out validation split and samples every 100 steps -> export to
+# model on them, with a held-out validation split, samples every 100 steps and the downstream task
+# python_next_line (made from the held-out files of the default corpus) every 50 steps -> export to
 # Hugging Face -> a completion by `transformers` from the export. Needs no download: by default the corpus is
 # this Python's own standard library sources. DATA="files..." uses your files instead (any input
 # `pretrain data build` takes: JSON lines plain or compressed, parquet, folders, globs, text).
@@ -47,7 +48,8 @@ echo "demo: ${#train[@]} training files, ${#valid[@]} validation files -> $DEMO_
   model.vocab_size=0 model.seq_len=256 model.hidden_size=128 model.ffn_hidden_size=352 \
   train.max_steps="$STEPS" train.eval_interval=100 train.eval_steps=4 schedule.warmup_steps=30 \
   optimizer.lr=2e-3 log.dir="$DEMO_DIR/log" log.interval=25 checkpoint.dir="$DEMO_DIR/checkpoints" \
-  log.sample_interval=100 'log.sample_prompts=["def main(","import "]' log.sample_tokens=24
+  log.sample_interval=100 'log.sample_prompts=["def main(","import "]' log.sample_tokens=24 \
+  'downstream.tasks=[python_next_line]' downstream.interval=50 downstream.examples=500
 "$PY" -m pretrain convert to-hf --checkpoint "$DEMO_DIR/checkpoints" --out "$DEMO_DIR/hf" --dtype fp32
 echo "demo: transformers completes 'def main(' with the exported model in $DEMO_DIR/hf:"
 "$PY" - "$DEMO_DIR/hf" <<'EOF'

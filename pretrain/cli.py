@@ -16,7 +16,7 @@ from pretrain.scaling import cli as scaling_cli
 TRAIN_EPILOG = """\
 overrides are `section.key=value` pairs applied on top of the YAML file, e.g.
   pretrain train --config configs/tiny.yaml parallel.tp=2 train.max_steps=50
-sections: model, execution, parallel, optimizer, schedule, train, data, log, checkpoint
+sections: model, execution, parallel, optimizer, schedule, train, data, log, downstream, checkpoint
 (see --print-config for every key and its value). Several processes: run under torchrun,
 e.g. torchrun --nproc_per_node 2 -m pretrain train --config configs/tiny.yaml parallel.tp=2
 """
@@ -92,13 +92,24 @@ def _add_generate(commands) -> None:
 
 
 def _add_eval(commands) -> None:
-    evaluate = commands.add_parser("eval", help="loss and perplexity of a checkpoint on held-out shards")
+    evaluate = commands.add_parser("eval", help="a checkpoint's loss and perplexity on held-out shards, or its "
+                                                "scores on downstream tasks")
     options.checkpoint(evaluate)
-    evaluate.add_argument("--data", required=True, help="a shards folder from `pretrain data build`")
-    evaluate.add_argument("--batches", type=int, help="global batches (default: the run's train.eval_steps)")
-    evaluate.add_argument("--out", help="write the result as JSON here")
+    what = evaluate.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", help="a shards folder from `pretrain data build`")
+    what.add_argument("--tasks", nargs="+", metavar="TASK", help="downstream tasks: YAML spec files, ready specs "
+                      "given their data (hellaswag=FILE, arc_easy=, arc_challenge=, piqa=, winogrande=, lambada=), "
+                      "python_next_line[=PY_FILES]")
+    evaluate.add_argument("--batches", type=int, help="--data: global batches (default: the run's train.eval_steps)")
     evaluate.add_argument("--allow-tokenizer-mismatch", action="store_true",
-                          help="evaluate on shards of another tokenizer than the checkpoint's")
+                          help="--data: evaluate on shards of another tokenizer than the checkpoint's")
+    evaluate.add_argument("--examples", type=int, default=0, help="--tasks: the first N examples of each (0: all)")
+    evaluate.add_argument("--fewshot", type=int, help="--tasks: solved examples before each prompt (default: each "
+                                                      "spec's own)")
+    evaluate.add_argument("--seed", type=int, default=1234, help="--tasks: seed of the few-shot draws")
+    evaluate.add_argument("--log-examples", action="store_true", help="--tasks: every example's results in --out")
+    evaluate.add_argument("--tokenizer", help="--tasks: tokenizer folder (default: the checkpoint's)")
+    evaluate.add_argument("--out", help="write the result as JSON here")
     options.device(evaluate)
     evaluate.set_defaults(run=_eval)
 
@@ -307,8 +318,12 @@ def _eval(args: argparse.Namespace) -> int:
     from pretrain import inference
 
     inference.resolve_device(args.device)
-    inference.run_eval(args.checkpoint, args.step, args.data, args.batches, args.out, args.device,
-                       args.allow_tokenizer_mismatch)
+    if args.tasks:
+        inference.run_downstream(args.checkpoint, args.step, args.tasks, args.examples, args.fewshot, args.seed,
+                                 args.out, args.device, args.tokenizer, args.log_examples)
+    else:
+        inference.run_eval(args.checkpoint, args.step, args.data, args.batches, args.out, args.device,
+                           args.allow_tokenizer_mismatch)
     return 0
 
 

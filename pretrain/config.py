@@ -15,6 +15,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pretrain.downstream.tasks import TaskError, read_spec
 from pretrain.errors import UserError
 from pretrain.model.args import ExecutionArgs, LlamaArgs
 
@@ -149,6 +150,20 @@ class LogConfig:
 
 
 @dataclass
+class DownstreamConfig:
+    """Downstream tasks scored during training (pretrain.downstream); `pretrain eval --tasks` scores a checkpoint."""
+
+    # task specs: a YAML file, a ready spec given its data (hellaswag=FILE, arc_easy=, arc_challenge=, piqa=,
+    # winogrande=, lambada=) or the built-in python_next_line; SPEC=FILE replaces a spec's path
+    tasks: list[str] = field(default_factory=list)
+    interval: int = 0  # steps between evaluations (and the last step); 0 = none
+    examples: int = 0  # the first N examples of each task; 0 = all
+    fewshot: Optional[int] = None  # solved examples before each prompt; unset: each spec's own (0 unless it says)
+    seed: int = 1234  # draws the few-shot examples (the same for an example in every run and on every rank)
+    log_examples: bool = False  # each example's results to <log.dir>/downstream/<task>.jsonl
+
+
+@dataclass
 class CheckpointConfig:
     dir: Optional[str] = None  # unset or empty: no checkpoints
     interval: int = 0  # steps between saves; 0 = only at the end (and on a stop signal)
@@ -169,6 +184,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
@@ -333,6 +349,24 @@ def validate(config: Config, world_size: int) -> Layout:
          "log.sample_interval needs whole weights on each rank: not with optimizer.zero_stage=3 (use 0-2)")
     need(not (log.sample_interval and config.data.source == DataSource.synthetic),
          "log.sample_interval needs a tokenizer: not with data.source=synthetic")
+    downstream = config.downstream
+    need(downstream.interval >= 0, f"downstream.interval={downstream.interval} must be >= 0 (0 = no evaluation)")
+    need(downstream.examples >= 0, f"downstream.examples={downstream.examples} must be >= 0 (0 = all)")
+    need(downstream.fewshot is None or downstream.fewshot >= 0,
+         f"downstream.fewshot={downstream.fewshot} must be >= 0 (or unset: each task spec's own)")
+    need(not downstream.interval or bool(downstream.tasks),
+         f"downstream.interval={downstream.interval} needs downstream.tasks, e.g. "
+         "'downstream.tasks=[python_next_line]'")
+    need(not (downstream.interval and config.optimizer.zero_stage == 3),
+         "downstream.interval needs whole weights on each rank: not with optimizer.zero_stage=3 (use 0-2, or "
+         "`pretrain eval --tasks` on the checkpoints)")
+    need(not (downstream.interval and config.data.source == DataSource.synthetic),
+         "downstream.interval needs a tokenizer: not with data.source=synthetic")
+    for reference in downstream.tasks if downstream.interval else ():
+        try:
+            read_spec(reference)
+        except TaskError as error:
+            problems.append(f"downstream.tasks: {error}")
     need(not (train.eval_interval and not config.data.valid_path),
          f"train.eval_interval={train.eval_interval} needs data.valid_path (held-out shards), or set train.eval_interval=0")
     need(config.data.num_workers >= 0, f"data.num_workers={config.data.num_workers} must be >= 0")
@@ -383,11 +417,12 @@ def _check_muon(optimizer: OptimizerConfig, precision: Precision, need: Callable
 def validate_without_data(config: Config, world_size: int) -> Layout:
     """validate() of what a launch of `world_size` processes needs besides its data: the model,
     the parallel layout and the optimizer (for planning and for converting checkpoints; the data,
-    validation, samples and the checkpoint to resume are left out)."""
+    validation, samples, downstream tasks and the checkpoint to resume are left out)."""
     return validate(dataclasses.replace(
         config, data=dataclasses.replace(config.data, source=DataSource.synthetic, valid_path=""),
         train=dataclasses.replace(config.train, eval_interval=0),
         log=dataclasses.replace(config.log, sample_interval=0),
+        downstream=dataclasses.replace(config.downstream, interval=0),
         checkpoint=dataclasses.replace(config.checkpoint, resume="none")), world_size)
 
 

@@ -46,21 +46,38 @@ class Sampling:
                 raise GenerateError(f"{option} {value} {rule}")
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, tp_group, vocab_size: int) -> torch.Tensor:
-    """The last position's logits over the whole (unpadded) vocabulary, in fp32, on every TP rank."""
-    local = (hidden[:, -1] @ weight.t()).float()
-    if tp_group.size() > 1:  # megatron's gather assumes CUDA
-        slices = [torch.empty_like(local) for _ in range(tp_group.size())]
-        dist.all_gather(slices, local, group=tp_group)
-        local = torch.cat(slices, dim=-1)
-    return local[:, :vocab_size]
+class _Decoder:
+    """What both decoders share: logits from final hidden states, and a step of decoding."""
+
+    tp_group: dist.ProcessGroup
+    vocab_size: int
+    head_weight: torch.Tensor | None  # this TP rank's vocabulary slice of the output head (last stage)
+
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """Final-norm hidden states of every position (None on a pipeline stage other than the last)."""
+        raise NotImplementedError
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the whole (unpadded) vocabulary of `hidden` [..., h], in fp32, on every TP rank."""
+        local = (hidden @ self.head_weight.t()).float()
+        if self.tp_group.size() > 1:  # megatron's gather assumes CUDA
+            slices = [torch.empty_like(local) for _ in range(self.tp_group.size())]
+            dist.all_gather(slices, local, group=self.tp_group)
+            local = torch.cat(slices, dim=-1)
+        return local[..., :self.vocab_size]
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """The last position's logits (None on a pipeline stage other than the last)."""
+        hidden = self.hidden(tokens, positions, mask)
+        return None if hidden is None else self.logits(hidden[:, -1])
 
 
-class ModelDecoder:
+class ModelDecoder(_Decoder):
     """Decoding with a whole Llama (at any TP size)."""
 
     def __init__(self, model: Llama):
         self.model, self.caches = model, None
+        self.tp_group, self.vocab_size, self.head_weight = model.tp_group, model.args.vocab_size, model.output_weight()
 
     @property
     def device(self) -> torch.device:
@@ -72,31 +89,31 @@ class ModelDecoder:
         self.caches = None if capacity is None else [
             block.new_cache(batch, capacity, weight.dtype, weight.device) for block in self.model.layers]
 
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.model.embedding(tokens)
         for index, block in enumerate(self.model.layers):
             x = block.decode(x, positions, mask, self.caches[index] if self.caches else None)
-        hidden = self.model.final_norm(x)
-        return _logits(hidden, self.model.output_weight(), self.model.tp_group, self.model.args.vocab_size)
+        return self.model.final_norm(x)
 
     def share(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens  # every TP rank sampled the same tokens from the same logits and seed
 
 
-class PipelineDecoder:
+class PipelineDecoder(_Decoder):
     """Decoding with this rank's stage of a pipeline (pretrain.model.pipeline): its ranks of one
-    data-parallel replica call step() and share() together."""
+    data-parallel replica call hidden()/step() and share() together."""
 
-    def __init__(self, stage: nn.Module, args: LlamaArgs, tp_group, head_weight: torch.Tensor | None):
-        from pretrain.model.pipeline import EmbeddingStage, FinalNormStage
+    def __init__(self, stage: nn.Module, args: LlamaArgs, tp_group):
+        from pretrain.model.pipeline import EmbeddingStage, FinalNormStage, head_weight
 
-        self.args, self.tp_group, self.head_weight = args, tp_group, head_weight
+        self.args, self.tp_group, self.vocab_size = args, tp_group, args.vocab_size
         functions = stage.forward_funcs
         self.embedding = next((f.embedding for f in functions if isinstance(f, EmbeddingStage)), None)
         self.blocks = [f for f in functions if isinstance(f, Block)]
         self.final_norm = next((f.final_norm for f in functions if isinstance(f, FinalNormStage)), None)
         self.first = parallel_state.is_pipeline_first_stage()
         self.last = parallel_state.is_pipeline_last_stage()
+        self.head_weight = head_weight(stage, args) if self.last else None
         self.dtype = next(stage.parameters()).dtype
         self.device = next(stage.parameters()).device
         self.caches = None
@@ -105,7 +122,7 @@ class PipelineDecoder:
         self.caches = None if capacity is None else [
             block.new_cache(batch, capacity, self.dtype, self.device) for block in self.blocks]
 
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
         if self.first:
             x = self.embedding(tokens)
         else:
@@ -116,12 +133,17 @@ class PipelineDecoder:
         if not self.last:
             dist.send(x.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
             return None
-        return _logits(self.final_norm(x), self.head_weight, self.tp_group, self.args.vocab_size)
+        return self.final_norm(x)
 
     def share(self, tokens: torch.Tensor) -> torch.Tensor:
         dist.broadcast(tokens, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())
         return tokens
+
+
+def training_decoder(model: nn.Module, args: LlamaArgs, tp_group, pipeline: bool) -> ModelDecoder | PipelineDecoder:
+    """The decoder of the model a training rank holds: its pipeline stage, or the whole Llama."""
+    return PipelineDecoder(model, args, tp_group) if pipeline else ModelDecoder(model)
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""`pretrain generate` and `pretrain eval`: a checkpoint of any layout (TP, PP, ZeRO, resharded, or
-from `pretrain convert from-hf`) loaded whole into one process, on CPU or one GPU."""
+"""`pretrain generate` and `pretrain eval` (validation loss on shards, or downstream tasks): a
+checkpoint of any layout (TP, PP, ZeRO, resharded, or from `pretrain convert from-hf`) loaded whole
+into one process, on CPU or one GPU."""
 
 import json
 import math
@@ -12,10 +13,12 @@ from pretrain import parallel
 from pretrain.config import Config, Precision, validate
 from pretrain.convert.reader import CheckpointReader, LazyTensors, checkpoint_tokenizer
 from pretrain.data import stream
+from pretrain.downstream.scoring import encode_requests, results_table, score_task
+from pretrain.downstream.tasks import load_task
 from pretrain.generate import GenerateError, ModelDecoder, Sampling, generate
 from pretrain.model.llama import Llama
 from pretrain.model.weights import load_full_state_dict
-from pretrain.tokenizer import TokenizerError
+from pretrain.tokenizer import Tokenizer, TokenizerError
 
 
 def load_model(reader: CheckpointReader, device: torch.device, dtype: torch.dtype) -> Llama:
@@ -47,13 +50,24 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _tokenizer(reader: CheckpointReader, override: str | None) -> Tokenizer:
+    """The checkpoint's tokenizer, or the folder `override` names."""
+    spm = checkpoint_tokenizer(reader, override)
+    if spm is None:
+        raise TokenizerError(f"{reader.path} records no tokenizer: pass --tokenizer DIR")
+    return spm
+
+
+def _dtype(config: Config, device: torch.device) -> torch.dtype:
+    """fp32 on a CPU or for a run trained in fp32, else bf16."""
+    return torch.float32 if config.train.precision == Precision.fp32 or device.type == "cpu" else torch.bfloat16
+
+
 def run_generate(checkpoint: str, step: int | None, prompts: list[str], sampling: Sampling, tokenizer: str | None,
                  device: str = "auto", use_cache: bool = True) -> list[list[int]]:
     """Print each prompt's completion and the decoding speed; returns the new token ids."""
     reader = CheckpointReader(checkpoint, step)
-    spm = checkpoint_tokenizer(reader, tokenizer)
-    if spm is None:
-        raise TokenizerError(f"{reader.path} records no tokenizer: pass --tokenizer DIR")
+    spm = _tokenizer(reader, tokenizer)
     target = resolve_device(device)
     try:
         model = load_model(reader, target, torch.bfloat16 if target.type == "cuda" else torch.float32)
@@ -91,9 +105,8 @@ def run_eval(checkpoint: str, step: int | None, data: str, batches: int | None, 
                              "tokenizer/), or pass --allow-tokenizer-mismatch to measure it anyway")
     layout = validate(config, 1)
     target = resolve_device(device)
-    precision = torch.float32 if config.train.precision == Precision.fp32 or target.type == "cpu" else torch.bfloat16
     try:
-        model = load_model(reader, target, precision)
+        model = load_model(reader, target, _dtype(config, target))
         total, count = 0.0, 0
         with torch.no_grad():
             for batch in stream.validation_batches(config, info, layout, dp_rank=0):
@@ -110,3 +123,33 @@ def run_eval(checkpoint: str, step: int | None, data: str, batches: int | None, 
     if out:
         Path(out).write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def run_downstream(checkpoint: str, step: int | None, tasks: list[str], examples: int = 0, fewshot: int | None = None,
+                   seed: int = 1234, out: str | None = None, device: str = "auto", tokenizer: str | None = None,
+                   log_examples: bool = False) -> dict:
+    """Score downstream tasks (see pretrain.downstream.tasks.read_spec) on a checkpoint as training
+    scores them; prints a table, and writes the metrics (with `log_examples` every example's
+    results) as JSON to `out`."""
+    loaded = [load_task(reference, examples, fewshot, seed) for reference in tasks]
+    reader = CheckpointReader(checkpoint, step)
+    spm = _tokenizer(reader, tokenizer)
+    requests = [encode_requests(task, spm, reader.args.seq_len) for task in loaded]
+    target = resolve_device(device)
+    config: Config = reader.config
+    batch_tokens = config.train.micro_batch_size * config.model.seq_len
+    try:
+        decoder = ModelDecoder(load_model(reader, target, _dtype(config, target)))
+        results = [score_task(task, task_requests, decoder, batch_tokens, config.execution.loss_chunk_tokens,
+                              device=target) for task, task_requests in zip(loaded, requests)]
+    finally:
+        parallel.shutdown()
+    table = results_table([(reader.step, task.name, result) for task, result in zip(loaded, results)])
+    print(f"{reader.path}, {target}:\n{table}")
+    summary = {"checkpoint": str(reader.path), "step": reader.step, "tasks": {
+        task.name: {**result.metrics, "examples": len(task.examples), "seconds": result.seconds,
+                    **({"samples": result.examples(task)} if log_examples else {})}
+        for task, result in zip(loaded, results)}}
+    if out:
+        Path(out).write_text(json.dumps(summary, indent=1) + "\n")
+    return summary

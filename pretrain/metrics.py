@@ -164,9 +164,11 @@ def _wandb_run(log_dir: Path, settings: dict):
                       config=settings["config"], id=settings["id"], resume="allow")
 
 
-_CONSOLE_FIELDS = [("ppl", "ppl {:.2f}"), ("z_loss", "z-loss {:.2e}"), ("lr", "lr {:.2e}"), ("grad_norm", "grad {:.3f}"),
-                   ("tokens_per_sec", "{:,.0f} tok/s"), ("mfu", "mfu {:.1%}"), ("step_time", "{:.3f} s/step"),
-                   ("mem_peak_gib", "mem {:.1f} GiB")]
+_CONSOLE_FIELDS = [("loss", "loss {:.4f}"), ("acc", "acc {:.4f}"), ("acc_norm", "acc_norm {:.4f}"),
+                   ("acc_bytes", "acc_bytes {:.4f}"), ("ppl", "ppl {:.2f}"), ("z_loss", "z-loss {:.2e}"),
+                   ("lr", "lr {:.2e}"), ("grad_norm", "grad {:.3f}"), ("tokens_per_sec", "{:,.0f} tok/s"),
+                   ("mfu", "mfu {:.1%}"), ("step_time", "{:.3f} s/step"), ("mem_peak_gib", "mem {:.1f} GiB"),
+                   ("seconds", "{:.1f} s")]
 
 
 def _last_byte(path: Path) -> bytes:
@@ -177,6 +179,6 @@ def _last_byte(path: Path) -> bytes:
 
 def console_line(group: str, step: int, total: int, values: dict[str, float]) -> str:
     head = f"{group} step {step}/{total}" if group != "train" else f"step {step}/{total}"
-    parts = [head, f"loss {values['loss']:.4f}"]
+    parts = [head]
     parts += [template.format(values[key]) for key, template in _CONSOLE_FIELDS if key in values]
     return " | ".join(parts)

@@ -7,9 +7,8 @@ from torch import nn
 
 from pretrain import parallel
 from pretrain.config import Config, ConfigError
-from pretrain.generate import ModelDecoder, PipelineDecoder, Sampling, generate
+from pretrain.generate import Sampling, generate, training_decoder
 from pretrain.metrics import MetricsWriter
-from pretrain.model.pipeline import head_weight
 from pretrain.tokenizer import Tokenizer
 
 
@@ -32,10 +31,6 @@ class TrainingSamples:
         """Complete the prompts with the current weights and write the completions (collective)."""
         if self.context.dp_rank != 0:
             return
-        if self.context.pp > 1:
-            weight = head_weight(self.model, self.config.model) if self.context.is_last_stage else None
-            decoder = PipelineDecoder(self.model, self.config.model, self.context.tp_group, weight)
-        else:
-            decoder = ModelDecoder(self.model)
+        decoder = training_decoder(self.model, self.config.model, self.context.tp_group, self.context.pp > 1)
         ids = generate(decoder, self.prompt_ids, self.sampling, self.tokenizer.eos_id, self.tokenizer.pad_id)
         self.metrics.write_samples(step, self.prompts, [self.tokenizer.decode(row) for row in ids])

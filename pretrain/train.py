@@ -2,8 +2,9 @@
 engine (pretrain.engine), the data stream split by data-parallel rank (pretrain.data.stream),
 the step runner (pretrain.step), the guard of non-finite updates (pretrain.update), and one
 component per decision: when to log (metrics.StepLog), validate (evaluation.Validator), sample
-(samples.TrainingSamples), save (checkpointer.Checkpointer) and stop (signals.StopSignals) —
-and `Trainer.run` is the loop that asks them."""
+(samples.TrainingSamples), score downstream tasks (downstream.evaluator.DownstreamEvaluator),
+save (checkpointer.Checkpointer) and stop (signals.StopSignals) — and `Trainer.run` is the loop
+that asks them."""
 
 import os
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pretrain import parallel, plan
 from pretrain.checkpointer import Checkpointer, Progress, starts_from_weights
 from pretrain.config import Config, Layout, Precision, to_yaml, total_steps, validate
 from pretrain.data import stream
+from pretrain.downstream.evaluator import DownstreamEvaluator
 from pretrain.engine import build_engine, build_model, resolve_precision, single_stage_names
 from pretrain.evaluation import Validator
 from pretrain.metrics import MetricsWriter, StepLog, wandb_settings
@@ -35,6 +37,7 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> global mean loss, at logged steps
     grad_norms: dict[int, float] = field(default_factory=dict)  # step -> global gradient norm, likewise
     valid_losses: dict[int, float] = field(default_factory=dict)  # step -> validation loss
+    downstream: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)  # step -> task -> metrics
     resumed_from: int = 0  # step of the checkpoint the run started from (0: a fresh start)
     stopped_by_signal: bool = False  # a stop signal ended the run early (after saving a checkpoint)
     skipped_steps: int = 0  # updates skipped for a non-finite loss
@@ -108,6 +111,8 @@ class Trainer:
         self.validator = Validator(config, data, layout, context, self.steps, self.metrics, self.last_step)
         self.samples = TrainingSamples(config, self.model, context, self.metrics) if config.log.sample_interval \
             else None
+        self.downstream = DownstreamEvaluator(config, self.model, context, self.metrics, self.last_step) \
+            if config.downstream.interval else None
         self.stop_signals = StopSignals()
 
     def run(self) -> TrainResult:
@@ -151,6 +156,9 @@ class Trainer:
             if self.samples is not None and self.samples.should_sample(step):
                 self.samples.sample(step)
                 self.watchdog.progress(f"the samples at step {step}")
+            if self.downstream is not None and self.downstream.should_evaluate(step):
+                result.downstream[step] = self.downstream.evaluate(step)
+                self.watchdog.progress(f"the downstream evaluation at step {step}")
             stop = self.stop_signals.agreed()
             if self.checkpointer.should_save(step, self.last_step, stop):
                 self.checkpointer.save(self.engine, progress)
@@ -159,6 +167,8 @@ class Trainer:
                 self._stopped(step, result)
                 break
         result.steps, result.tokens = progress.step, progress.tokens
+        if self.downstream is not None:
+            self.downstream.report()
         self.metrics.close()
         self.stop_signals.restore()
         return result

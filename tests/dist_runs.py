@@ -27,7 +27,8 @@ def main(spec_path: str, out_path: str) -> None:
     for name, overrides in spec["runs"].items():
         config = load(spec.get("config"), spec["base"] + overrides)
         result = train(config)
-        results[name] = {"loss": result.losses, "grad_norm": result.grad_norms, "valid_loss": result.valid_losses}
+        results[name] = {"loss": result.losses, "grad_norm": result.grad_norms, "valid_loss": result.valid_losses,
+                         "downstream": result.downstream}
     if "split_check" in spec:
         results["split_check"] = split_check(load(spec.get("config"), spec["base"] + spec["split_check"]))
     if dist.get_rank() == 0:

@@ -1,7 +1,8 @@
 """Generation: greedy tokens of `pretrain generate` on a TP2 x PP2 checkpoint equal transformers'
 generate on its export; KV cache and recomputation agree; seeded sampling repeats; samples
 during training at TP2 and PP2 leave the losses bit for bit as they were (and reach an offline
-Weights & Biases run); `pretrain eval` gives the trainer's validation loss."""
+Weights & Biases run); `pretrain eval` gives the trainer's validation loss. The runs are
+conftest's generate_runs."""
 
 import glob
 import json
@@ -13,59 +14,20 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, TESTS, child_env, run_layouts
+from conftest import GENERATE_STEPS, ROOT, TESTS, child_env
 from pretrain import parallel
 from pretrain.convert.hf_export import export
-from pretrain.data.build import build_shards
 from pretrain.generate import ModelDecoder, Sampling, generate
 from pretrain.inference import run_eval, run_generate
 from pretrain.model.args import LlamaArgs
 from pretrain.model.llama import Llama
-from pretrain.tokenizer import Tokenizer, train_tokenizer
-from test_data import random_documents
+from pretrain.tokenizer import Tokenizer
 
-STEPS, SEQ = 6, 32
 PROMPTS = ["def ", "class Foo", "import os\n", "  x = 1", "return 12", "é 😀"]
-SAMPLE = ["log.sample_interval=2", 'log.sample_prompts=["def ","alpha "]', "log.sample_tokens=5"]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("generate")
-    for name, seed, count in (("train", 1, 300), ("valid", 2, 40)):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in random_documents(count, seed)))
-    train_tokenizer([root / "train.jsonl"], vocab_size=360, out=root / "tok")
-    for name in ("train", "valid"):
-        build_shards([root / f"{name}.jsonl"], root / "tok", SEQ, root / name, shard_samples=64, progress=False)
-    return root
-
-
-def base(data) -> list[str]:
-    return [f"data.path={data / 'train'}", f"data.valid_path={data / 'valid'}", "data.num_workers=0",
-            f"model.seq_len={SEQ}", "model.hidden_size=64", "model.num_layers=4", "model.num_heads=4",
-            "model.num_kv_heads=2", "model.ffn_hidden_size=96", "optimizer.lr=3e-3", "schedule.warmup_steps=1",
-            f"train.max_steps={STEPS}", "train.micro_batch_size=2", "train.global_batch_size=8", "log.interval=1",
-            f"train.eval_interval={STEPS}", "train.eval_steps=2"]
-
-
-@pytest.fixture(scope="module")
-def trained(data, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("runs")
-    wandb = {"tp2": ["log.wandb=true", "log.wandb_project=generate-test"], "pp2": []}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("WANDB_MODE", "offline")
-        patch.setenv("WANDB_SILENT", "true")
-        runs = run_layouts(root, 4, base(data), {"tp2_pp2": ["parallel.tp=2", "parallel.pp=2", "optimizer.zero_stage=1",
-                                                              f"checkpoint.dir={root / 'ckpt'}"]})
-        runs |= run_layouts(root, 2, base(data), {
-            f"{layout}_{mode}": [f"parallel.{layout[:2]}=2", "optimizer.zero_stage=1",
-                                 *(SAMPLE + wandb[layout] if mode == "sampled" else [])]
-            for layout in ("tp2", "pp2") for mode in ("sampled", "plain")})
-    return {"runs": runs, "root": root}
-
-
-def test_greedy_generation_equals_transformers_on_the_export(data, trained, tmp_path):
-    checkpoint = trained["root"] / "ckpt"
+def test_greedy_generation_equals_transformers_on_the_export(generate_data, generate_runs, tmp_path):
+    checkpoint = generate_runs["root"] / "ckpt"
     ours = run_generate(str(checkpoint), None, PROMPTS, Sampling(max_new_tokens=12), tokenizer=None, device="cpu")
     export(checkpoint, tmp_path / "hf", dtype="fp32")
     spec, out = tmp_path / "spec.json", tmp_path / "out.pt"
@@ -122,17 +84,17 @@ def test_eos_stops_a_prompt(model):
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
-def test_samples_are_logged_and_leave_the_losses_as_they_were(layout, trained):
-    runs = trained["runs"]
+def test_samples_are_logged_and_leave_the_losses_as_they_were(layout, generate_runs):
+    runs = generate_runs["runs"]
     assert runs[f"{layout}_sampled"]["loss"] == runs[f"{layout}_plain"]["loss"]  # bit for bit
-    log = trained["root"] / f"{layout}_sampled"
+    log = generate_runs["root"] / f"{layout}_sampled"
     rows = [json.loads(line) for line in (log / "samples.jsonl").read_text().splitlines()]
     assert [(r["step"], r["prompt"]) for r in rows] == [(s, p) for s in (2, 4, 6) for p in ("def ", "alpha ")]
     events = EventAccumulator(str(log), size_guidance={"tensors": 0})
     events.Reload()
     texts = events.Tensors("samples/text_summary")
     assert [t.step for t in texts] == [2, 4, 6]
-    assert not (trained["root"] / f"{layout}_plain" / "samples.jsonl").read_text()
+    assert not (generate_runs["root"] / f"{layout}_plain" / "samples.jsonl").read_text()
 
 
 def wandb_records(run_dir) -> list:
@@ -157,13 +119,13 @@ def wandb_records(run_dir) -> list:
     return records
 
 
-def test_weights_and_biases_offline_run_mirrors_scalars_and_samples(trained):
-    log = trained["root"] / "tp2_sampled"
+def test_weights_and_biases_offline_run_mirrors_scalars_and_samples(generate_runs):
+    log = generate_runs["root"] / "tp2_sampled"
     records = wandb_records(log)
     history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
                for record in records if record.WhichOneof("record_type") == "history"]
     losses = {row["_step"]: row["train/loss"] for row in history if "train/loss" in row}
-    assert losses == trained["runs"]["tp2_sampled"]["loss"]
+    assert losses == generate_runs["runs"]["tp2_sampled"]["loss"]
     tables = {row["_step"]: row["samples/path"] for row in history if "samples/path" in row}
     [run_dir] = (log / "wandb").glob("offline-run-*")
     logged = [json.loads(line) for line in (log / "samples.jsonl").read_text().splitlines()]
@@ -173,19 +135,20 @@ def test_weights_and_biases_offline_run_mirrors_scalars_and_samples(trained):
         assert table["data"] == [[step, r["prompt"], r["completion"]] for r in logged if r["step"] == step]
     [run] = [record.run for record in records if record.WhichOneof("record_type") == "run"]
     assert run.project == "generate-test" and run.display_name == "tp2_sampled"
-    assert not (trained["root"] / "pp2_sampled" / "wandb").exists()
+    assert not (generate_runs["root"] / "pp2_sampled" / "wandb").exists()
 
 
-def test_eval_gives_the_trainers_validation_loss(data, trained, tmp_path):
-    result = run_eval(str(trained["root"] / "ckpt"), None, str(data / "valid"), batches=2, out=str(tmp_path / "e.json"),
-                      device="cpu")
-    expected = trained["runs"]["tp2_pp2"]["valid_loss"][STEPS]
+def test_eval_gives_the_trainers_validation_loss(generate_data, generate_runs, tmp_path):
+    result = run_eval(str(generate_runs["root"] / "ckpt"), None, str(generate_data / "valid"), batches=2,
+                      out=str(tmp_path / "e.json"), device="cpu")
+    expected = generate_runs["runs"]["tp2_pp2"]["valid_loss"][GENERATE_STEPS]
     assert abs(result["loss"] - expected) < 1e-5
     assert json.loads((tmp_path / "e.json").read_text())["ppl"] == pytest.approx(result["ppl"])
 
 
-def test_generate_command_prints_completions_and_speed(trained):
-    proc = subprocess.run([sys.executable, "-m", "pretrain", "generate", "--checkpoint", str(trained["root"] / "ckpt"),
+def test_generate_command_prints_completions_and_speed(generate_runs):
+    proc = subprocess.run([sys.executable, "-m", "pretrain", "generate", "--checkpoint",
+                           str(generate_runs["root"] / "ckpt"),
                            "--prompt", "def ", "--max-new-tokens", "4", "--temperature", "0.7", "--seed", "1",
                            "--device", "cpu"], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
