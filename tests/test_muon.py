@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import free_port, run_layouts
+from conftest import GENERATE_SEQ, free_port, run_layouts
 from memory_check import check as engine_memory
 from pretrain import parallel, plan
 from pretrain.checkpoint import CheckpointError
@@ -44,12 +44,17 @@ TP2, ZERO1 = ["parallel.tp=2"], ["optimizer.zero_stage=1"]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
-    """One launch of 2 processes, one of 4; `tp1` (DP2, ZeRO-0, whole matrices everywhere) is the reference."""
+def runs(tmp_path_factory, generate_data) -> dict:
+    """One launch of 2 processes, one of 4; `tp1` (DP2, ZeRO-0, whole matrices everywhere) is the
+    reference. `*_valid` train on shards and validate."""
     tmp = tmp_path_factory.mktemp("muon")
+    valid = ["data.source=shards", f"data.path={generate_data / 'train'}", f"data.valid_path={generate_data / 'valid'}",
+             "data.num_workers=0", "model.vocab_size=0", f"model.seq_len={GENERATE_SEQ}",
+             f"train.eval_interval={STEPS}", "train.eval_steps=2"]
     two = {"tp1": ["optimizer.zero_stage=0"], "zero1": ZERO1 + [f"checkpoint.dir={tmp / 'dp2'}"],
            "zero2": ["optimizer.zero_stage=2"], "tp2": TP2 + ZERO1, "pp2": ["parallel.pp=2"] + ZERO1,
-           "nan": ZERO1 + ["debug.inject_nan_steps=[3]"]}
+           "nan": ZERO1 + ["debug.inject_nan_steps=[3]"], "dp2_valid": ZERO1 + valid,
+           "pp2_valid": ["parallel.pp=2"] + ZERO1 + valid}
     four = {"tp4": ["parallel.tp=4"] + ZERO1, "tp2_dp2_zero2": TP2 + ["optimizer.zero_stage=2"],
             "dp4_zero2": ["optimizer.zero_stage=2"],
             "full": TP2 + ZERO1 + [f"checkpoint.dir={tmp / 'full'}", "checkpoint.interval=2"],
@@ -77,6 +82,12 @@ def test_z_loss_is_logged_alike_at_every_layout(runs):
     for step in range(1, STEPS + 1):
         z = [rows[step]["z_loss"] for rows in logged.values()]
         assert z[0] > 1e-3 and max(z) - min(z) <= 1e-6 * z[0], (step, z)  # log(Z)^2 > 1 at the start
+
+
+def test_pipeline_validates_with_the_z_loss_on(runs):
+    """Evaluation through the pipeline engine with the z-loss reported (and left out of valid/loss)."""
+    pipeline, plain = runs["pp2_valid"]["valid_loss"][STEPS], runs["dp2_valid"]["valid_loss"][STEPS]
+    assert math.isfinite(plain) and abs(pipeline - plain) <= 1e-5, (pipeline, plain)
 
 
 def test_resume_is_bitwise(runs):

@@ -80,16 +80,18 @@ class HeadLoss:
 
 class Pipeline(PipelineModule):
     """DeepSpeed's PipelineModule that reports the last stage's z-loss (with model.z_loss): the
-    pipeline engine averages it like the loss and sends it to every stage."""
+    pipeline engine averages it like the loss and sends it to every stage. `head_loss` is the
+    last stage's HeadLoss (loss_fn, unless an evaluation wraps it)."""
 
     def __init__(self, *args, reports_z_loss: bool, **kwargs):
         super().__init__(*args, **kwargs)
         self.reports_z_loss = reports_z_loss
+        self.head_loss: HeadLoss | None = None
 
     def get_additional_losses(self) -> dict[str, torch.Tensor] | None:
         if not self.reports_z_loss:
             return None
-        return {Z_LOSS: self.loss_fn.last_z_loss if self.loss_fn is not None else torch.zeros(())}
+        return {Z_LOSS: self.head_loss.last_z_loss if self.head_loss is not None else torch.zeros(())}
 
 
 def _pass_hidden(_module: EmbeddingStage, hidden: torch.Tensor) -> torch.Tensor:
@@ -140,7 +142,7 @@ def build_pipeline(args: LlamaArgs, tp_group, topology: ProcessTopology, partiti
     initialize(module, seed, args.init_std, args.num_layers, tp_group.rank(), tp_group.size(),
                canonical=lambda name: canonical_name(name, args.num_layers))
     if module.stage_id == module.num_stages - 1:
-        module.loss_fn = HeadLoss(head_weight(module, args), args.vocab_size, tp_group, args.z_loss)
+        module.loss_fn = module.head_loss = HeadLoss(head_weight(module, args), args.vocab_size, tp_group, args.z_loss)
     return module
 
 
