@@ -36,6 +36,14 @@ def torchrun(nproc: int, *args: str, cwd: Path = ROOT, timeout: int = 600) -> su
     return proc
 
 
+@pytest.fixture(scope="session")
+def tp2_model_checks(tmp_path_factory) -> list[dict]:
+    """model_checks.py at TP2 (one 2-process launch shared by test_model and test_plan): each rank's figures."""
+    out = tmp_path_factory.mktemp("model-checks-tp2") / "checks.json"
+    torchrun(2, str(TESTS / "model_checks.py"), str(out))
+    return json.loads(out.read_text())
+
+
 def run_layouts(tmp_path: Path, nproc: int, base: list[str], runs: dict[str, list[str]],
                 config: str | None = None, split_check: list[str] | None = None) -> dict:
     """Train each named layout in one launch of `nproc` processes.

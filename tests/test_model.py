@@ -1,11 +1,8 @@
 """Model math against Hugging Face's LlamaForCausalLM, loss padding, initialisation."""
 
-import json
-
 import pytest
 import torch
 
-from conftest import TESTS, torchrun
 from model_checks import chunked_loss, graph_breaks
 from pretrain import parallel
 from pretrain.model.args import ExecutionArgs, LlamaArgs
@@ -125,12 +122,10 @@ def test_activation_checkpointing_gives_the_same_gradients(tp_group):
 
 
 @pytest.fixture(scope="module")
-def checks(tp_group, tmp_path_factory) -> dict[int, list[dict]]:
-    """model_checks.py's figures per TP size: TP1 in this process, TP2 in one 2-process launch."""
-    out = tmp_path_factory.mktemp("tp2") / "checks.json"
-    torchrun(2, str(TESTS / "model_checks.py"), str(out))
+def checks(tp_group, tp2_model_checks) -> dict[int, list[dict]]:
+    """model_checks.py's figures per TP size: TP1 in this process, TP2 from the shared 2-process launch."""
     return {1: [{"graph_breaks": graph_breaks(tp_group), "chunked_loss": chunked_loss(tp_group)}],
-            2: json.loads(out.read_text())}
+            2: tp2_model_checks}
 
 
 @pytest.mark.parametrize("tp", [1, 2])

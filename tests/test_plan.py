@@ -107,10 +107,8 @@ def test_activations_equal_what_a_forward_saves(dtype, checkpointing, tied):
     assert abs(predicted - measured) <= 0.1 * measured
 
 
-def test_tensor_parallel_activations_equal_what_a_forward_saves(tmp_path):
-    out = tmp_path / "checks.json"
-    torchrun(2, str(TESTS / "model_checks.py"), str(out))
-    for rank in json.loads(out.read_text()):
+def test_tensor_parallel_activations_equal_what_a_forward_saves(tp2_model_checks):
+    for rank in tp2_model_checks:
         for case, (predicted, measured) in rank["activations"].items():
             assert abs(predicted - measured) <= 0.1 * measured, case
 
