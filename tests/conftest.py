@@ -36,6 +36,18 @@ def torchrun(nproc: int, *args: str, cwd: Path = ROOT, timeout: int = 600) -> su
     return proc
 
 
+def hf_check(specs: list[dict], tmp_path: Path) -> list[dict]:
+    """tests/hf_check.py in one fresh process (transformers only): its results, one per spec."""
+    spec, out = tmp_path / "hf-specs.json", tmp_path / "hf-results.pt"
+    spec.write_text(json.dumps(specs))
+    proc = subprocess.run([sys.executable, str(TESTS / "hf_check.py"), str(spec), str(out)], env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    import torch
+
+    return torch.load(out, weights_only=False)
+
+
 @pytest.fixture(scope="session")
 def tp2_model_checks(tmp_path_factory) -> list[dict]:
     """model_checks.py at TP2 (one 2-process launch shared by test_model and test_plan): each rank's figures."""

@@ -13,7 +13,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, TESTS, child_env, run_layouts
+from conftest import ROOT, child_env, hf_check, run_layouts
 from pretrain import parallel
 from pretrain.convert.hf_export import export
 from pretrain.data.build import build_shards
@@ -68,13 +68,9 @@ def test_greedy_generation_equals_transformers_on_the_export(data, trained, tmp_
     checkpoint = trained["root"] / "ckpt"
     ours = run_generate(str(checkpoint), None, PROMPTS, Sampling(max_new_tokens=12), tokenizer=None, device="cpu")
     export(checkpoint, tmp_path / "hf", dtype="fp32")
-    spec, out = tmp_path / "spec.json", tmp_path / "out.pt"
-    spec.write_text(json.dumps({"model": str(tmp_path / "hf"), "logits_tokens": [[5, 6, 7]], "loss_batches": [],
-                                "generate": {"prompts": PROMPTS, "max_new_tokens": 12}}))
-    proc = subprocess.run([sys.executable, str(TESTS / "hf_check.py"), str(spec), str(out)], env=child_env(),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    hf = torch.load(out, weights_only=False)["generations"]
+    [result] = hf_check([{"model": str(tmp_path / "hf"), "logits_tokens": [[5, 6, 7]], "loss_batches": [],
+                          "generate": {"prompts": PROMPTS, "max_new_tokens": 12}}], tmp_path)
+    hf = result["generations"]
     assert hf == ours and sum(map(len, ours)) > len(PROMPTS)
 
 
