@@ -1,10 +1,12 @@
-"""Shared fixtures: running the package in fresh processes (plain or under torchrun)."""
+"""Shared fixtures: running the package in fresh processes (plain, under torchrun, or as the
+ranks of a job forked by tests/forkserver.py)."""
 
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,40 @@ def torchrun(nproc: int, *args: str, cwd: Path = ROOT, timeout: int = 600) -> su
     return proc
 
 
+_fork_server: subprocess.Popen | None = None  # ends when this process does (its stdin closes)
+
+
+def launch(nproc: int, script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`script ARGS` as the `nproc` ranks of one job, with torchrun's environment, forked by
+    tests/forkserver.py (which imported the stack once); fails the test with every rank's output
+    on error. With a CUDA device (which a forked child cannot use once its parent has looked for
+    one) or PRETRAIN_TEST_LAUNCH=torchrun, the job runs under torchrun instead."""
+    import torch
+
+    if os.environ.get("PRETRAIN_TEST_LAUNCH") == "torchrun" or torch.cuda.is_available():
+        return torchrun(nproc, script, *args, timeout=timeout)
+    global _fork_server
+    if _fork_server is None or _fork_server.poll() is not None:
+        _fork_server = subprocess.Popen([sys.executable, str(TESTS / "forkserver.py")], cwd=ROOT, env=child_env(),
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    with tempfile.TemporaryDirectory(prefix="launch-") as log_dir:
+        request = {"nproc": nproc, "script": script, "args": list(args), "env": child_env(), "log_dir": log_dir,
+                   "timeout": timeout}
+        _fork_server.stdin.write(json.dumps(request) + "\n")
+        _fork_server.stdin.flush()
+        reply = _fork_server.stdout.readline()
+        output = "".join(f"--- rank {rank} ---\n{(Path(log_dir) / f'rank{rank}.log').read_text()}"
+                         for rank in range(nproc) if (Path(log_dir) / f"rank{rank}.log").exists())
+    if not reply:
+        pytest.fail(f"tests/forkserver.py ended (exit code {_fork_server.wait()}) running {script}\n{output[-8000:]}")
+    result = json.loads(reply)
+    codes = result["returncodes"]
+    if any(codes) or result["timed_out"]:
+        timed_out = f" (killed after {timeout} s)" if result["timed_out"] else ""
+        pytest.fail(f"{script} {' '.join(args)}: ranks exited {codes}{timed_out}\n{output[-8000:]}")
+    return subprocess.CompletedProcess([script, *args], 0, output, "")
+
+
 def hf_check(specs: list[dict], tmp_path: Path) -> list[dict]:
     """tests/hf_check.py in one fresh process (transformers only): its results, one per spec."""
     spec, out = tmp_path / "hf-specs.json", tmp_path / "hf-results.pt"
@@ -52,7 +88,7 @@ def hf_check(specs: list[dict], tmp_path: Path) -> list[dict]:
 def tp2_model_checks(tmp_path_factory) -> list[dict]:
     """model_checks.py at TP2 (one 2-process launch shared by test_model and test_plan): each rank's figures."""
     out = tmp_path_factory.mktemp("model-checks-tp2") / "checks.json"
-    torchrun(2, str(TESTS / "model_checks.py"), str(out))
+    launch(2, str(TESTS / "model_checks.py"), str(out))
     return json.loads(out.read_text())
 
 
@@ -65,7 +101,7 @@ def run_layouts(tmp_path: Path, nproc: int, base: list[str], runs: dict[str, lis
     runs = {name: overrides + [f"log.dir={tmp_path / name}"] for name, overrides in runs.items()}
     extra = {"split_check": split_check} if split_check else {}
     spec.write_text(json.dumps({"config": config, "base": base, "runs": runs, **extra}))
-    torchrun(nproc, str(TESTS / "dist_runs.py"), str(spec), str(out))
+    launch(nproc, str(TESTS / "dist_runs.py"), str(spec), str(out))
     results = json.loads(out.read_text())
     return {name: run if name == "split_check" else
             {metric: {int(step): value for step, value in series.items()} for metric, series in run.items()}

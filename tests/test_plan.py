@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TESTS, child_env, torchrun
+from conftest import ROOT, TESTS, child_env, launch
 from pretrain import parallel, plan
 from pretrain.config import load, validate
 from pretrain.model.args import ExecutionArgs, LlamaArgs
@@ -54,7 +54,7 @@ def engines(tmp_path_factory) -> dict:
         tmp = tmp_path_factory.mktemp(f"memory{nproc}")
         spec, out = tmp / "spec.json", tmp / "out.json"
         spec.write_text(json.dumps({"base": TINY + [f"log.dir={tmp / 'log'}"], "runs": runs}))
-        torchrun(nproc, str(TESTS / "memory_check.py"), str(spec), str(out))
+        launch(nproc, str(TESTS / "memory_check.py"), str(spec), str(out))
         results |= json.loads(out.read_text())
     return results
 
