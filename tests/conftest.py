@@ -28,12 +28,14 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def torchrun(nproc: int, *args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node N ARGS` on a free local port; fails the test with its output on error."""
+def torchrun(nproc: int, *args: str, cwd: Path = ROOT, expect: int = 0,
+             timeout: int = 600) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node N ARGS` on a free local port; fails the test with its output
+    unless it exits `expect`."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
     proc = subprocess.run(command, cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
+    if proc.returncode != expect:
         pytest.fail(f"{' '.join(command)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
 
@@ -41,35 +43,38 @@ def torchrun(nproc: int, *args: str, cwd: Path = ROOT, timeout: int = 600) -> su
 _fork_server: subprocess.Popen | None = None  # ends when this process does (its stdin closes)
 
 
-def launch(nproc: int, script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`script ARGS` as the `nproc` ranks of one job, with torchrun's environment, forked by
-    tests/forkserver.py (which imported the stack once); fails the test with every rank's output
-    on error. With a CUDA device (which a forked child cannot use once its parent has looked for
-    one) or PRETRAIN_TEST_LAUNCH=torchrun, the job runs under torchrun instead."""
+def launch(nproc: int, *args: str, expect: int = 0, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python ARGS` (a script, or -m and a module) as the `nproc` ranks of one job, with torchrun's
+    environment, forked by tests/forkserver.py (which imported the stack once); fails the test with
+    every rank's output unless the job exits `expect` (its first non-zero rank's code). With a CUDA
+    device (which a forked child cannot use once its parent has looked for one) or
+    PRETRAIN_TEST_LAUNCH=torchrun, the job runs under torchrun instead."""
     import torch
 
     if os.environ.get("PRETRAIN_TEST_LAUNCH") == "torchrun" or torch.cuda.is_available():
-        return torchrun(nproc, script, *args, timeout=timeout)
+        return torchrun(nproc, *args, expect=expect, timeout=timeout)
     global _fork_server
     if _fork_server is None or _fork_server.poll() is not None:
         _fork_server = subprocess.Popen([sys.executable, str(TESTS / "forkserver.py")], cwd=ROOT, env=child_env(),
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     with tempfile.TemporaryDirectory(prefix="launch-") as log_dir:
-        request = {"nproc": nproc, "script": script, "args": list(args), "env": child_env(), "log_dir": log_dir,
+        request = {"nproc": nproc, "script": args[0], "args": list(args[1:]), "env": child_env(), "log_dir": log_dir,
                    "timeout": timeout}
         _fork_server.stdin.write(json.dumps(request) + "\n")
         _fork_server.stdin.flush()
         reply = _fork_server.stdout.readline()
-        output = "".join(f"--- rank {rank} ---\n{(Path(log_dir) / f'rank{rank}.log').read_text()}"
-                         for rank in range(nproc) if (Path(log_dir) / f"rank{rank}.log").exists())
+        logs = {(rank, kind): (Path(log_dir) / f"rank{rank}.{kind}").read_text(errors="replace")
+                if (Path(log_dir) / f"rank{rank}.{kind}").exists() else "" for rank in range(nproc) for kind in ("out", "err")}
+    output = "".join(f"--- rank {rank} {kind} ---\n{text}" for (rank, kind), text in logs.items())
     if not reply:
-        pytest.fail(f"tests/forkserver.py ended (exit code {_fork_server.wait()}) running {script}\n{output[-8000:]}")
+        pytest.fail(f"tests/forkserver.py ended (exit code {_fork_server.wait()}) running {args}\n{output[-8000:]}")
     result = json.loads(reply)
-    codes = result["returncodes"]
-    if any(codes) or result["timed_out"]:
+    returncode = next((code for code in result["returncodes"] if code), 0)
+    if returncode != expect or result["timed_out"]:
         timed_out = f" (killed after {timeout} s)" if result["timed_out"] else ""
-        pytest.fail(f"{script} {' '.join(args)}: ranks exited {codes}{timed_out}\n{output[-8000:]}")
-    return subprocess.CompletedProcess([script, *args], 0, output, "")
+        pytest.fail(f"{' '.join(args)}: ranks exited {result['returncodes']}{timed_out}\n{output[-8000:]}")
+    return subprocess.CompletedProcess(list(args), returncode, "".join(logs[rank, "out"] for rank in range(nproc)),
+                                       "".join(logs[rank, "err"] for rank in range(nproc)))
 
 
 def hf_check(specs: list[dict], tmp_path: Path) -> list[dict]:

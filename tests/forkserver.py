@@ -4,8 +4,8 @@ then forks each job's ranks from this process, with the environment torchrun giv
 the stack costs ~5 s of CPU per process, which on 2 cores made a launch of 8 processes ~25 s.
 
 Protocol (conftest.launch): one JSON request per line on stdin, {"nproc", "script", "args",
-"env", "log_dir", "timeout"}; each rank runs `script` as __main__ with its output in
-log_dir/rank{N}.log. The reply, one JSON line: {"returncodes": [...], "timed_out": bool}. Once a
+"env", "log_dir", "timeout"}; each rank runs `script` (or, when it is "-m", the module args[0])
+as __main__, its output in log_dir/rank{N}.out and .err. The reply, one JSON line: {"returncodes": [...], "timed_out": bool}. Once a
 rank fails, the others get 10 s to end (a peer of a dead rank fails at its next collective)
 before they are killed, as torchrun's agent would stop them."""
 
@@ -38,16 +38,19 @@ def run_rank(request: dict, rank: int, port: int) -> None:
     code = 1
     try:
         os.setpgid(0, 0)  # its own process group: killing it also ends its DataLoader and compile workers
-        log = os.open(os.path.join(request["log_dir"], f"rank{rank}.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
+        for fd, suffix in ((1, "out"), (2, "err")):
+            os.dup2(os.open(os.path.join(request["log_dir"], f"rank{rank}.{suffix}"), os.O_WRONLY | os.O_CREAT), fd)
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
         os.environ.clear()
         os.environ.update(request["env"], RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0",
                           WORLD_SIZE=str(request["nproc"]), LOCAL_WORLD_SIZE=str(request["nproc"]),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        sys.argv = [request["script"], *request["args"]]
-        runpy.run_path(request["script"], run_name="__main__")
+        if request["script"] == "-m":
+            sys.argv = request["args"]  # argv[0] is then the module's name, as argparse needs no more
+            runpy.run_module(request["args"][0], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = [request["script"], *request["args"]]
+            runpy.run_path(request["script"], run_name="__main__")
         code = 0
     except SystemExit as exit:
         code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, child_env, free_port
+from conftest import ROOT, child_env, free_port, launch
 from pretrain.checkpoint import MARKER, find_checkpoint, torn_reason
 from pretrain.signals import EXIT_STOPPED
 
@@ -27,30 +27,21 @@ BASE = [
 ]
 
 
+def arguments(tmp: Path, *extra: str) -> list[str]:
+    return ["train", *BASE, f"log.dir={tmp / 'log'}", f"checkpoint.dir={tmp / 'ckpt'}", *extra]
+
+
 def command(tmp: Path, nproc: int, *extra: str) -> list[str]:
+    """A training process of its own (for the tests that signal or kill it)."""
     launcher = [sys.executable, "-m", "pretrain"] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
         "--master_port", str(free_port()), "-m", "pretrain"]
-    return [*launcher, "train", *BASE, f"log.dir={tmp / 'log'}", f"checkpoint.dir={tmp / 'ckpt'}", *extra]
-
-
-def start(tmp: Path, nproc: int = 1, *extra: str) -> subprocess.Popen:
-    """Start training; its output goes to tmp/stdout.txt and tmp/stderr.txt (read by `finish`)."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    with open(tmp / "stdout.txt", "w") as stdout, open(tmp / "stderr.txt", "w") as stderr:
-        return subprocess.Popen(command(tmp, nproc, *extra), cwd=ROOT, env=child_env(), stdout=stdout, stderr=stderr)
-
-
-def finish(proc: subprocess.Popen, tmp: Path, expect: int = 0) -> subprocess.CompletedProcess:
-    proc.wait(timeout=600)
-    result = subprocess.CompletedProcess(proc.args, proc.returncode, (tmp / "stdout.txt").read_text(),
-                                         (tmp / "stderr.txt").read_text())
-    assert result.returncode == expect, result.stdout[-2000:] + result.stderr[-4000:]
-    return result
+    return [*launcher, *arguments(tmp, *extra)]
 
 
 def run(tmp: Path, nproc: int = 1, *extra: str, expect: int = 0) -> subprocess.CompletedProcess:
-    return finish(start(tmp, nproc, *extra), tmp, expect)
+    """Train as a job of `nproc` ranks (conftest.launch); fails unless it exits `expect`."""
+    return launch(nproc, "-m", "pretrain", *arguments(tmp, *extra), expect=expect)
 
 
 def records(tmp: Path) -> list[dict]:
@@ -74,32 +65,17 @@ def train_losses(tmp: Path) -> dict[int, list[float]]:
     return logged
 
 
-# One-process runs that need nothing before them: name -> (overrides, exit status). They start
-# together (`single_runs`): a run of one process leaves the second core idle.
-SINGLE_RUNS = {
-    "uninterrupted": ([], 0),
-    "nan_skipped": (["checkpoint.dir=''", "train.inject_nan_steps=[3]", "optimizer.zero_stage=1"], 0),
-    "nan_in_a_row": (["checkpoint.dir=''", "train.inject_nan_steps=[4,5,6]", "train.max_bad_steps=3",
-                      "optimizer.zero_stage=1"], 1),
-    "nan_at_zero0": (["checkpoint.dir=''", "train.inject_nan_steps=[2]", "optimizer.zero_stage=0"], 1),
-    "resume_incomplete": (["checkpoint.resume={tmp}/half"], 1),
-}
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory) -> Path:
+    """The training in one process, a checkpoint every 2 steps: its folder (log/, ckpt/)."""
+    tmp = tmp_path_factory.mktemp("full")
+    run(tmp)
+    return tmp
 
 
 @pytest.fixture(scope="module")
-def single_runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
-    """SINGLE_RUNS, run at once: name -> (its folder, its result)."""
-    folders = {name: tmp_path_factory.mktemp(name) for name in SINGLE_RUNS}
-    (folders["resume_incomplete"] / "half").mkdir()
-    procs = {name: start(folders[name], 1, *(o.format(tmp=folders[name]) for o in overrides))
-             for name, (overrides, _) in SINGLE_RUNS.items()}
-    return {name: (folders[name], finish(proc, folders[name], SINGLE_RUNS[name][1])) for name, proc in procs.items()}
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(single_runs) -> dict[int, float]:
-    """The reference losses; its checkpoints (every 2 steps) also serve the tests that only resume."""
-    losses = train_losses(single_runs["uninterrupted"][0])
+def uninterrupted(uninterrupted_run) -> dict[int, float]:
+    losses = train_losses(uninterrupted_run)
     assert sorted(losses) == list(range(1, STEPS + 1))
     return {step: values[0] for step, values in losses.items()}
 
@@ -113,7 +89,8 @@ def two_processes(tmp_path_factory) -> Path:
 
 
 def copy_checkpoints(source: Path, tmp: Path, *steps: int) -> Path:
-    """tmp/ckpt holding the given steps' checkpoints of `source` (what a run saving only those would hold)."""
+    """tmp/ckpt with the given steps' checkpoints of `source`: what a run of the same training
+    saving only at those steps would hold."""
     for step in steps:
         shutil.copytree(source / f"step_{step:08d}", tmp / "ckpt" / f"step_{step:08d}")
     return tmp / "ckpt"
@@ -153,8 +130,8 @@ def test_sigkill_at_random_steps_resumes_bitwise(tmp_path, uninterrupted):
     assert consumed == {step: step * GLOBAL_BATCH for step in range(1, STEPS + 1)}  # no sample twice or skipped
 
 
-def test_torn_checkpoint_is_skipped_with_a_warning(tmp_path, uninterrupted, single_runs):
-    ckpt = copy_checkpoints(single_runs["uninterrupted"][0] / "ckpt", tmp_path, 4, 8, 12)  # checkpoint.interval=4
+def test_torn_checkpoint_is_skipped_with_a_warning(tmp_path, uninterrupted, uninterrupted_run):
+    ckpt = copy_checkpoints(uninterrupted_run / "ckpt", tmp_path, 4, 8, 12)  # as checkpoint.interval=4 saves
     newest = ckpt / "step_00000012"
     victim = next(p for p in newest.iterdir() if p.name.startswith("zero_pp_rank_0"))
     victim.write_bytes(victim.read_bytes()[:100])  # truncated after the save
@@ -171,9 +148,10 @@ def test_torn_checkpoint_is_skipped_with_a_warning(tmp_path, uninterrupted, sing
     assert all(logged[step][0] == uninterrupted[step] for step in logged)
 
 
-def test_explicit_resume_path_must_be_complete(single_runs):
-    tmp, proc = single_runs["resume_incomplete"]
-    assert f"checkpoint.resume={tmp / 'half'} cannot be loaded: no complete.json" in proc.stderr
+def test_explicit_resume_path_must_be_complete(tmp_path):
+    (tmp_path / "half").mkdir()
+    proc = run(tmp_path, 1, f"checkpoint.resume={tmp_path / 'half'}", expect=1)
+    assert f"checkpoint.resume={tmp_path / 'half'} cannot be loaded: no complete.json" in proc.stderr
 
 
 def test_stop_signal_saves_at_an_agreed_step_and_resumes(tmp_path, uninterrupted):
@@ -204,9 +182,9 @@ def test_single_process_sigterm_exit_code(tmp_path):
 
 
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
-def test_resume_at_another_data_parallel_size(tmp_path, uninterrupted, single_runs, request, before, after):
-    saved = single_runs["uninterrupted"][0] / "ckpt" if before == 1 else request.getfixturevalue("two_processes")
-    copy_checkpoints(saved, tmp_path, 6)
+def test_resume_at_another_data_parallel_size(tmp_path, uninterrupted, uninterrupted_run, two_processes, before,
+                                               after):
+    copy_checkpoints(uninterrupted_run / "ckpt" if before == 1 else two_processes, tmp_path, 6)
     run(tmp_path, after, "optimizer.zero_stage=1")
     assert (tmp_path / "ckpt" / "step_00000006.universal" / MARKER).is_file()
     logged = train_losses(tmp_path)
@@ -223,11 +201,13 @@ def test_resume_at_another_tensor_parallel_size_is_refused(tmp_path, two_process
     assert "pretrain convert reshard --checkpoint" in proc.stderr
 
 
-def test_nan_updates_are_skipped_counted_and_stop_the_run(uninterrupted, single_runs):
-    rows = {r["step"]: r for r in records(single_runs["nan_skipped"][0]) if r["group"] == "train"}
+def test_nan_updates_are_skipped_counted_and_stop_the_run(tmp_path, uninterrupted):
+    run(tmp_path, 1, "checkpoint.dir=''", "train.inject_nan_steps=[3]", "optimizer.zero_stage=1")
+    rows = {r["step"]: r for r in records(tmp_path) if r["group"] == "train"}
     assert rows[3]["skipped_steps"] == 1 and rows[STEPS]["skipped_steps"] == 1
     assert rows[2]["loss"] == uninterrupted[2] and rows[4]["loss"] != rows[4]["loss"] * 2  # finite again
-    _, proc = single_runs["nan_in_a_row"]
+    proc = run(tmp_path / "again", 1, "checkpoint.dir=''", "train.inject_nan_steps=[4,5,6]", "train.max_bad_steps=3",
+               "optimizer.zero_stage=1", expect=1)
     assert "3 updates in a row skipped for a non-finite loss (train.max_bad_steps=3) at step 6" in proc.stderr
 
 
@@ -246,8 +226,8 @@ def test_retention_keeps_the_newest_complete_and_every_kth(tmp_path):
     assert find_checkpoint(tmp_path, "none") is None
 
 
-def test_nan_without_a_skipping_optimizer_stops_at_once(single_runs):
-    _, proc = single_runs["nan_at_zero0"]
+def test_nan_without_a_skipping_optimizer_stops_at_once(tmp_path):
+    proc = run(tmp_path, 1, "checkpoint.dir=''", "train.inject_nan_steps=[2]", "optimizer.zero_stage=0", expect=1)
     assert "non-finite loss at step 2: with optimizer.zero_stage=0 and fp32 DeepSpeed cannot skip" in proc.stderr
 
 
