@@ -112,6 +112,7 @@ def kill_at(tmp: Path, step: int, during_save: bool) -> None:
     proc.wait()
 
 
+@pytest.mark.multiprocess
 def test_sigkill_at_random_steps_resumes_bitwise(tmp_path, uninterrupted):
     rng = random.Random(11)
     kills = sorted(rng.sample(range(2, STEPS), 3))
@@ -130,6 +131,7 @@ def test_sigkill_at_random_steps_resumes_bitwise(tmp_path, uninterrupted):
     assert consumed == {step: step * GLOBAL_BATCH for step in range(1, STEPS + 1)}  # no sample twice or skipped
 
 
+@pytest.mark.multiprocess
 def test_torn_checkpoint_is_skipped_with_a_warning(tmp_path, uninterrupted, uninterrupted_run):
     ckpt = copy_checkpoints(uninterrupted_run / "ckpt", tmp_path, 4, 8, 12)  # as checkpoint.interval=4 saves
     newest = ckpt / "step_00000012"
@@ -148,12 +150,14 @@ def test_torn_checkpoint_is_skipped_with_a_warning(tmp_path, uninterrupted, unin
     assert all(logged[step][0] == uninterrupted[step] for step in logged)
 
 
+@pytest.mark.multiprocess
 def test_explicit_resume_path_must_be_complete(tmp_path):
     (tmp_path / "half").mkdir()
     proc = run(tmp_path, 1, f"checkpoint.resume={tmp_path / 'half'}", expect=1)
     assert f"checkpoint.resume={tmp_path / 'half'} cannot be loaded: no complete.json" in proc.stderr
 
 
+@pytest.mark.multiprocess
 def test_stop_signal_saves_at_an_agreed_step_and_resumes(tmp_path, uninterrupted):
     proc = subprocess.Popen(command(tmp_path, 2), cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -171,6 +175,7 @@ def test_stop_signal_saves_at_an_agreed_step_and_resumes(tmp_path, uninterrupted
     assert all(abs(values[-1] - uninterrupted[step]) <= 1e-5 for step, values in logged.items())
 
 
+@pytest.mark.multiprocess
 def test_single_process_sigterm_exit_code(tmp_path):
     proc = subprocess.Popen(command(tmp_path, 1, "train.max_steps=400"), cwd=ROOT, env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -181,6 +186,7 @@ def test_single_process_sigterm_exit_code(tmp_path):
     assert proc.returncode == EXIT_STOPPED and "with a checkpoint saved" in output
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
 def test_resume_at_another_data_parallel_size(tmp_path, uninterrupted, uninterrupted_run, two_processes, before,
                                                after):
@@ -194,6 +200,7 @@ def test_resume_at_another_data_parallel_size(tmp_path, uninterrupted, uninterru
     assert difference <= 1e-5
 
 
+@pytest.mark.multiprocess
 def test_resume_at_another_tensor_parallel_size_is_refused(tmp_path, two_processes):
     copy_checkpoints(two_processes, tmp_path, 2)
     proc = run(tmp_path, 2, "optimizer.zero_stage=1", "parallel.tp=2", expect=1)
@@ -201,6 +208,7 @@ def test_resume_at_another_tensor_parallel_size_is_refused(tmp_path, two_process
     assert "pretrain convert reshard --checkpoint" in proc.stderr
 
 
+@pytest.mark.multiprocess
 def test_nan_updates_are_skipped_counted_and_stop_the_run(tmp_path, uninterrupted):
     run(tmp_path, 1, "checkpoint.dir=''", "train.inject_nan_steps=[3]", "optimizer.zero_stage=1")
     rows = {r["step"]: r for r in records(tmp_path) if r["group"] == "train"}
@@ -226,6 +234,7 @@ def test_retention_keeps_the_newest_complete_and_every_kth(tmp_path):
     assert find_checkpoint(tmp_path, "none") is None
 
 
+@pytest.mark.multiprocess
 def test_nan_without_a_skipping_optimizer_stops_at_once(tmp_path):
     proc = run(tmp_path, 1, "checkpoint.dir=''", "train.inject_nan_steps=[2]", "optimizer.zero_stage=0", expect=1)
     assert "non-finite loss at step 2: with optimizer.zero_stage=0 and fp32 DeepSpeed cannot skip" in proc.stderr

@@ -122,6 +122,7 @@ def our_logits(checkpoint: Path, tokens: torch.Tensor) -> torch.Tensor:
         parallel.shutdown()
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_export_loads_in_transformers_with_our_logits_loss_and_ids(name, trained, exports, data, tmp_path):
     folder, summary, validation, result = (exports[name][key] for key in ("folder", "summary", "validation", "hf"))
@@ -152,6 +153,7 @@ def test_export_loads_in_transformers_with_our_logits_loss_and_ids(name, trained
         assert all(half[key].dtype == torch.bfloat16 and torch.equal(half[key], full[key].bfloat16()) for key in full)
 
 
+@pytest.mark.multiprocess
 def test_hf_roundtrip_first_loss_and_reshard(trained, exports, data, tmp_path):
     exported = tmp_path / "hf"
     export(trained["gqa"]["dir"], exported, dtype="fp32")
@@ -247,6 +249,7 @@ def test_from_hf_checks_the_layout_and_the_output_folder(hf_folder, tmp_path, ca
     assert "exists and is not empty" in capsys.readouterr().err
 
 
+@pytest.mark.multiprocess
 def test_to_hf_names_a_torn_checkpoint_and_the_wrong_tokenizer(trained, data, tmp_path, capsys):
     import shutil
 

@@ -2,6 +2,7 @@
 
 import re
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import ROOT, torchrun
@@ -10,6 +11,7 @@ TAGS = ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "tr
         "train/step_time", "train/mem_peak_gib"]
 
 
+@pytest.mark.multiprocess
 def test_torchrun_tp2_writes_every_tag_and_learns(tmp_path):
     log_dir = tmp_path / "log"
     proc = torchrun(2, "-m", "pretrain", "train", "--config", str(ROOT / "configs/tiny.yaml"), "parallel.tp=2",
@@ -32,6 +34,7 @@ def test_torchrun_tp2_writes_every_tag_and_learns(tmp_path):
     assert (tmp_path / "ckpt" / "step_00000040").is_dir()
 
 
+@pytest.mark.multiprocess
 def test_launch_local_prints_and_runs_torchrun(tmp_path):
     import subprocess
     import sys

@@ -18,6 +18,8 @@ from pretrain.checkpoint import find_checkpoint, torn_reason
 from pretrain.watchdog import EXIT_HUNG
 from test_checkpoint import BASE, train_losses
 
+pytestmark = pytest.mark.multiprocess
+
 HANG_TIMEOUT_S = 6
 LONG = ["train.max_steps=160", "log.interval=10", "checkpoint.interval=40", "checkpoint.keep_last=2",
         f"train.hang_timeout_s={HANG_TIMEOUT_S}"]

@@ -64,6 +64,7 @@ def trained(data, tmp_path_factory) -> dict:
     return {"runs": runs, "root": root}
 
 
+@pytest.mark.multiprocess
 def test_greedy_generation_equals_transformers_on_the_export(data, trained, tmp_path):
     checkpoint = trained["root"] / "ckpt"
     ours = run_generate(str(checkpoint), None, PROMPTS, Sampling(max_new_tokens=12), tokenizer=None, device="cpu")
@@ -117,6 +118,7 @@ def test_eos_stops_a_prompt(model):
     assert stopped[0] == first[0][:2]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 def test_samples_are_logged_and_leave_the_losses_as_they_were(layout, trained):
     runs = trained["runs"]
@@ -153,6 +155,7 @@ def wandb_records(run_dir) -> list:
     return records
 
 
+@pytest.mark.multiprocess
 def test_weights_and_biases_offline_run_mirrors_scalars_and_samples(trained):
     log = trained["root"] / "tp2_sampled"
     records = wandb_records(log)
@@ -172,6 +175,7 @@ def test_weights_and_biases_offline_run_mirrors_scalars_and_samples(trained):
     assert not (trained["root"] / "pp2_sampled" / "wandb").exists()
 
 
+@pytest.mark.multiprocess
 def test_eval_gives_the_trainers_validation_loss(data, trained, tmp_path):
     result = run_eval(str(trained["root"] / "ckpt"), None, str(data / "valid"), batches=2, out=str(tmp_path / "e.json"),
                       device="cpu")
@@ -180,6 +184,7 @@ def test_eval_gives_the_trainers_validation_loss(data, trained, tmp_path):
     assert json.loads((tmp_path / "e.json").read_text())["ppl"] == pytest.approx(result["ppl"])
 
 
+@pytest.mark.multiprocess
 def test_generate_command_prints_completions_and_speed(trained):
     proc = subprocess.run([sys.executable, "-m", "pretrain", "generate", "--checkpoint", str(trained["root"] / "ckpt"),
                            "--prompt", "def ", "--max-new-tokens", "4", "--temperature", "0.7", "--seed", "1",

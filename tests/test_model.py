@@ -122,25 +122,32 @@ def test_activation_checkpointing_gives_the_same_gradients(tp_group):
 
 
 @pytest.fixture(scope="module")
-def checks(tp_group, tp2_model_checks) -> dict[int, list[dict]]:
-    """model_checks.py's figures per TP size: TP1 in this process, TP2 from the shared 2-process launch."""
-    return {1: [{"graph_breaks": graph_breaks(tp_group), "chunked_loss": chunked_loss(tp_group)}],
-            2: tp2_model_checks}
+def tp1_model_checks(tp_group) -> list[dict]:
+    return [{"graph_breaks": graph_breaks(tp_group), "chunked_loss": chunked_loss(tp_group)}]
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.fixture
+def checks(tp, request) -> list[dict]:
+    """model_checks.py's figures at TP size `tp`, per rank: TP1 in this process, TP2 from the shared 2-process launch."""
+    return request.getfixturevalue(f"tp{tp}_model_checks")
+
+
+TP_SIZES = [1, pytest.param(2, marks=pytest.mark.multiprocess)]
+
+
+@pytest.mark.parametrize("tp", TP_SIZES)
 def test_a_compiled_block_is_one_graph_without_breaks(tp, checks):
     """Forward and backward, with and without document masking and activation checkpointing, every rank."""
-    for rank in checks[tp]:
+    for rank in checks:
         assert rank["graph_breaks"] and all(case == {"breaks": 0, "graphs": 1} for case in rank["graph_breaks"].values())
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", TP_SIZES)
 @pytest.mark.parametrize("tied", ["untied", "tied"])
 def test_chunked_head_and_loss_equal_the_logits_loss(tp, tied, checks):
     """Loss and every gradient of forward(labels=...) against cross_entropy(forward()), with chunks
     that do not divide the tokens and ignored labels."""
-    for rank in checks[tp]:
+    for rank in checks:
         figures = rank["chunked_loss"][tied]
         assert figures["loss_difference"] < 1e-6 and figures["grad_difference"] < 1e-6
 

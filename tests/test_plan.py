@@ -59,6 +59,7 @@ def engines(tmp_path_factory) -> dict:
     return results
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("run", [*TWO, *FOUR])
 def test_weights_gradients_and_optimizer_equal_what_the_engine_holds(run, engines):
     for rank, result in enumerate(engines[run]):
@@ -107,6 +108,7 @@ def test_activations_equal_what_a_forward_saves(dtype, checkpointing, tied):
     assert abs(predicted - measured) <= 0.1 * measured
 
 
+@pytest.mark.multiprocess
 def test_tensor_parallel_activations_equal_what_a_forward_saves(tp2_model_checks):
     for rank in tp2_model_checks:
         for case, (predicted, measured) in rank["activations"].items():
@@ -120,6 +122,7 @@ def plan_cli(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("preset, gpus", [("llama-1b", 16), ("llama-7b", 64), ("tiny", 4)])
 def test_search_proposes_only_layouts_that_validation_accepts(preset, gpus):
     config = ROOT / "configs" / f"{preset}.yaml"
@@ -134,6 +137,7 @@ def test_search_proposes_only_layouts_that_validation_accepts(preset, gpus):
     assert speeds == sorted(speeds, reverse=True)
 
 
+@pytest.mark.multiprocess
 def test_plan_json_has_memory_speed_and_fit():
     result = json.loads(plan_cli("--config", str(ROOT / "configs/llama-1b.yaml"), "--gpus", "8", "--gpu", "h200",
                                  "--json").stdout)

@@ -102,6 +102,7 @@ def test_damaged_raw_shard_is_named(raw, tmp_path):
         next(stream)
 
 
+@pytest.mark.multiprocess
 def test_training_from_raw_text(raw, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "pretrain", "train", "--config", str(ROOT / "configs/tiny.yaml"), "data.source=raw",

@@ -15,6 +15,8 @@ import pytest
 
 from conftest import ROOT, child_env, torchrun
 
+pytestmark = pytest.mark.multiprocess
+
 TRAIN = ["--config", str(ROOT / "configs/tiny.yaml"), "train.max_steps=24", "log.interval=4",
          "train.global_batch_size=16", "checkpoint.interval=4"]
 

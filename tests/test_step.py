@@ -7,6 +7,8 @@ import pytest
 
 from conftest import TESTS, launch, run_layouts
 
+pytestmark = pytest.mark.multiprocess
+
 BASE = [
     "data.source=synthetic", "model.vocab_size=300", "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4",
     "model.num_kv_heads=2", "model.ffn_hidden_size=96", "model.seq_len=32", "optimizer.lr=3e-3",
