@@ -3,10 +3,12 @@ ranks of a job forked by tests/forkserver.py)."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -40,41 +42,99 @@ def torchrun(nproc: int, *args: str, cwd: Path = ROOT, expect: int = 0,
     return proc
 
 
-_fork_server: subprocess.Popen | None = None  # ends when this process does (its stdin closes)
-
-
-def launch(nproc: int, *args: str, expect: int = 0, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python ARGS` (a script, or -m and a module) as the `nproc` ranks of one job, with torchrun's
-    environment, forked by tests/forkserver.py (which imported the stack once); fails the test with
-    every rank's output unless the job exits `expect` (its first non-zero rank's code). With a CUDA
-    device (which a forked child cannot use once its parent has looked for one) or
-    PRETRAIN_TEST_LAUNCH=torchrun, the job runs under torchrun instead."""
+def start(nproc: int, *args: str, timeout: int = 600) -> "ForkedJob | TorchrunJob":
+    """Start `python ARGS` (a script, or -m and a module) as the `nproc` ranks of one job with
+    torchrun's environment, forked by tests/forkserver.py, which imported the stack once (~5 s of
+    CPU a process saved). With a CUDA device (which a forked child cannot use once its parent has
+    looked for one) or PRETRAIN_TEST_LAUNCH=torchrun, the job runs under torchrun instead (one
+    rank: a plain process). One forked job at a time."""
     import torch
 
     if os.environ.get("PRETRAIN_TEST_LAUNCH") == "torchrun" or torch.cuda.is_available():
-        return torchrun(nproc, *args, expect=expect, timeout=timeout)
-    global _fork_server
-    if _fork_server is None or _fork_server.poll() is not None:
-        _fork_server = subprocess.Popen([sys.executable, str(TESTS / "forkserver.py")], cwd=ROOT, env=child_env(),
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    with tempfile.TemporaryDirectory(prefix="launch-") as log_dir:
-        request = {"nproc": nproc, "script": args[0], "args": list(args[1:]), "env": child_env(), "log_dir": log_dir,
-                   "timeout": timeout}
-        _fork_server.stdin.write(json.dumps(request) + "\n")
-        _fork_server.stdin.flush()
-        reply = _fork_server.stdout.readline()
-        logs = {(rank, kind): (Path(log_dir) / f"rank{rank}.{kind}").read_text(errors="replace")
-                if (Path(log_dir) / f"rank{rank}.{kind}").exists() else "" for rank in range(nproc) for kind in ("out", "err")}
-    output = "".join(f"--- rank {rank} {kind} ---\n{text}" for (rank, kind), text in logs.items())
-    if not reply:
-        pytest.fail(f"tests/forkserver.py ended (exit code {_fork_server.wait()}) running {args}\n{output[-8000:]}")
-    result = json.loads(reply)
-    returncode = next((code for code in result["returncodes"] if code), 0)
-    if returncode != expect or result["timed_out"]:
-        timed_out = f" (killed after {timeout} s)" if result["timed_out"] else ""
-        pytest.fail(f"{' '.join(args)}: ranks exited {result['returncodes']}{timed_out}\n{output[-8000:]}")
-    return subprocess.CompletedProcess(list(args), returncode, "".join(logs[rank, "out"] for rank in range(nproc)),
-                                       "".join(logs[rank, "err"] for rank in range(nproc)))
+        return TorchrunJob(nproc, args, timeout)
+    return ForkedJob(nproc, args, timeout)
+
+
+def launch(nproc: int, *args: str, expect: int = 0, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`start` the job and wait for it: fails the test with every rank's output unless the job
+    exits `expect` (its first failed rank's status)."""
+    return start(nproc, *args, timeout=timeout).wait(expect)
+
+
+def check_exit(args: tuple, returncode: int, expect: int, output: str) -> None:
+    if returncode != expect:
+        pytest.fail(f"{' '.join(args)} exited {returncode}, not {expect}\n{output[-8000:]}")
+
+
+class ForkedJob:
+    server: subprocess.Popen | None = None  # ends when this process does (its stdin closes)
+
+    def __init__(self, nproc: int, args: tuple, timeout: int):
+        if ForkedJob.server is None or ForkedJob.server.poll() is not None:
+            ForkedJob.server = subprocess.Popen([sys.executable, str(TESTS / "forkserver.py")], cwd=ROOT,
+                                                env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                text=True)
+        self.nproc, self.args, self.timeout = nproc, args, timeout
+        self.log_dir = Path(tempfile.mkdtemp(prefix="launch-"))
+        request = {"nproc": nproc, "script": args[0], "args": list(args[1:]), "env": child_env(),
+                   "log_dir": str(self.log_dir), "timeout": timeout}
+        self.server.stdin.write(json.dumps(request) + "\n")
+        self.server.stdin.flush()
+        self.pids = self._reply()["pids"]
+
+    def running(self) -> bool:
+        """Whether every rank still runs (the server reaps an ended one at once)."""
+        try:
+            for pid in self.pids:
+                os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def _reply(self) -> dict:
+        line = self.server.stdout.readline()
+        if not line:
+            pytest.fail(f"tests/forkserver.py ended (exit code {self.server.wait()}) running {self.args}")
+        return json.loads(line)
+
+    def wait(self, expect: int = 0) -> subprocess.CompletedProcess:
+        result = self._reply()
+        logs = {(rank, kind): path.read_text(errors="replace") if (path := self.log_dir / f"rank{rank}.{kind}").exists()
+                else "" for rank in range(self.nproc) for kind in ("out", "err")}
+        shutil.rmtree(self.log_dir)
+        output = "".join(f"--- rank {rank} {kind} ---\n{text}" for (rank, kind), text in logs.items())
+        if result["timed_out"]:
+            pytest.fail(f"{' '.join(self.args)}: killed after {self.timeout} s\n{output[-8000:]}")
+        returncode = next((code for code in result["returncodes"] if code), 0)
+        check_exit(self.args, returncode, expect, f"ranks exited {result['returncodes']}\n{output}")
+        return subprocess.CompletedProcess(list(self.args), returncode,
+                                           "".join(logs[rank, "out"] for rank in range(self.nproc)),
+                                           "".join(logs[rank, "err"] for rank in range(self.nproc)))
+
+
+class TorchrunJob:
+    def __init__(self, nproc: int, args: tuple, timeout: int):
+        launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                                          "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+        self.args, self.timeout = args, timeout
+        self.proc = subprocess.Popen([sys.executable, *launcher, *args], cwd=ROOT, env=child_env(),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.pids = [self.proc.pid] if nproc == 1 else self._workers(nproc)
+
+    def _workers(self, nproc: int) -> list[int]:
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        while len(pids := children.read_text().split()) < nproc:
+            assert self.proc.poll() is None, self.proc.communicate()
+            time.sleep(0.05)
+        return [int(pid) for pid in pids]
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait(self, expect: int = 0) -> subprocess.CompletedProcess:
+        stdout, stderr = self.proc.communicate(timeout=self.timeout)
+        check_exit(self.args, self.proc.returncode, expect, f"{stdout[-4000:]}\n{stderr}")
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, stdout, stderr)
 
 
 def hf_check(specs: list[dict], tmp_path: Path) -> list[dict]:

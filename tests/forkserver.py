@@ -3,11 +3,12 @@ then forks each job's ranks from this process, with the environment torchrun giv
 (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR, MASTER_PORT). Importing
 the stack costs ~5 s of CPU per process, which on 2 cores made a launch of 8 processes ~25 s.
 
-Protocol (conftest.launch): one JSON request per line on stdin, {"nproc", "script", "args",
+Protocol (conftest.start): one JSON request per line on stdin, {"nproc", "script", "args",
 "env", "log_dir", "timeout"}; each rank runs `script` (or, when it is "-m", the module args[0])
-as __main__, its output in log_dir/rank{N}.out and .err. The reply, one JSON line: {"returncodes": [...], "timed_out": bool}. Once a
-rank fails, the others get 10 s to end (a peer of a dead rank fails at its next collective)
-before they are killed, as torchrun's agent would stop them."""
+as __main__, its output in log_dir/rank{N}.out and .err. Two replies, one JSON line each:
+{"pids": [...]} once the ranks are forked, {"returncodes": [...], "timed_out": bool} once they
+have ended. Once a rank fails, the others get 10 s to end (a peer of a dead rank fails at its
+next collective) before they are killed, as torchrun's agent would stop them."""
 
 import json
 import os
@@ -72,6 +73,7 @@ def run_job(request: dict) -> dict:
             run_rank(request, rank, port)
         os.setpgid(pid, pid)  # as the child does: whichever runs first
         ranks[pid] = rank
+    reply({"pids": list(ranks)})
     returncodes = [None] * request["nproc"]
     timeout_at, kill_at, timed_out = time.monotonic() + request["timeout"], float("inf"), False
     while ranks:
@@ -93,9 +95,13 @@ def run_job(request: dict) -> dict:
     return {"returncodes": returncodes, "timed_out": timed_out}
 
 
+def reply(message: dict) -> None:
+    print(json.dumps(message), file=PROTOCOL, flush=True)
+
+
 def main() -> None:
     for line in sys.stdin:
-        print(json.dumps(run_job(json.loads(line))), file=PROTOCOL, flush=True)
+        reply(run_job(json.loads(line)))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, child_env, free_port, launch
+from conftest import ROOT, child_env, free_port, launch, start
 from pretrain.checkpoint import MARKER, find_checkpoint, torn_reason
 from pretrain.signals import EXIT_STOPPED
 
@@ -31,12 +31,10 @@ def arguments(tmp: Path, *extra: str) -> list[str]:
     return ["train", *BASE, f"log.dir={tmp / 'log'}", f"checkpoint.dir={tmp / 'ckpt'}", *extra]
 
 
-def command(tmp: Path, nproc: int, *extra: str) -> list[str]:
-    """A training process of its own (for the tests that signal or kill it)."""
-    launcher = [sys.executable, "-m", "pretrain"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), "-m", "pretrain"]
-    return [*launcher, *arguments(tmp, *extra)]
+def torchrun_command(tmp: Path, nproc: int, *extra: str) -> list[str]:
+    """Training under torchrun's agent (whose report the stop-signal test reads)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port()), "-m", "pretrain", *arguments(tmp, *extra)]
 
 
 def run(tmp: Path, nproc: int = 1, *extra: str, expect: int = 0) -> subprocess.CompletedProcess:
@@ -99,17 +97,16 @@ def copy_checkpoints(source: Path, tmp: Path, *steps: int) -> Path:
 def kill_at(tmp: Path, step: int, during_save: bool) -> None:
     """Start training and SIGKILL it once `step` is logged, or, with during_save, while a
     checkpoint is being written after that step."""
-    proc = subprocess.Popen(command(tmp, 1), cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    job = start(1, "-m", "pretrain", *arguments(tmp))
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
+    while time.time() < deadline and job.running():
         logged = max((r["step"] for r in records(tmp) if r["group"] == "train"), default=0)
         saving = (tmp / "ckpt").is_dir() and any(p.name.endswith(".partial") for p in (tmp / "ckpt").iterdir())
         if logged >= step and (saving or not during_save):
-            proc.send_signal(signal.SIGKILL)
+            os.kill(job.pids[0], signal.SIGKILL)
             break
         time.sleep(0.0005)
-    proc.wait()
+    job.wait(expect=-signal.SIGKILL)
 
 
 @pytest.mark.multiprocess
@@ -159,7 +156,7 @@ def test_explicit_resume_path_must_be_complete(tmp_path):
 
 @pytest.mark.multiprocess
 def test_stop_signal_saves_at_an_agreed_step_and_resumes(tmp_path, uninterrupted):
-    proc = subprocess.Popen(command(tmp_path, 2), cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(torchrun_command(tmp_path, 2), cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     while not [r for r in records(tmp_path) if r["group"] == "train" and r["step"] >= 3]:
         time.sleep(0.01)
@@ -177,13 +174,12 @@ def test_stop_signal_saves_at_an_agreed_step_and_resumes(tmp_path, uninterrupted
 
 @pytest.mark.multiprocess
 def test_single_process_sigterm_exit_code(tmp_path):
-    proc = subprocess.Popen(command(tmp_path, 1, "train.max_steps=400"), cwd=ROOT, env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job = start(1, "-m", "pretrain", *arguments(tmp_path, "train.max_steps=400"))
     while not records(tmp_path):
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == EXIT_STOPPED and "with a checkpoint saved" in output
+    os.kill(job.pids[0], signal.SIGTERM)
+    proc = job.wait(expect=EXIT_STOPPED)
+    assert "with a checkpoint saved" in proc.stdout + proc.stderr
 
 
 @pytest.mark.multiprocess

@@ -128,7 +128,8 @@ def tp1_model_checks(tp_group) -> list[dict]:
 
 @pytest.fixture
 def checks(tp, request) -> list[dict]:
-    """model_checks.py's figures at TP size `tp`, per rank: TP1 in this process, TP2 from the shared 2-process launch."""
+    """model_checks.py's figures at TP size `tp`, per rank: TP1 in this process, TP2 from the
+    shared 2-process launch."""
     return request.getfixturevalue(f"tp{tp}_model_checks")
 
 

@@ -103,8 +103,9 @@ def test_damaged_raw_shard_is_named(raw, tmp_path):
 @pytest.mark.multiprocess
 def test_training_from_raw_text(raw, tmp_path):
     launch(1, "-m", "pretrain", "train", "--config", str(ROOT / "configs/tiny.yaml"), "data.source=raw",
-           f"data.path={raw / 'text'}", f"data.tokenizer={raw / 'tok'}", "model.vocab_size=0", f"model.seq_len={SEQ_LEN}",
-           "train.max_steps=20", "log.interval=10", f"log.dir={tmp_path}", "data.num_workers=1")
+           f"data.path={raw / 'text'}", f"data.tokenizer={raw / 'tok'}", "model.vocab_size=0",
+           f"model.seq_len={SEQ_LEN}", "train.max_steps=20", "log.interval=10", f"log.dir={tmp_path}",
+           "data.num_workers=1")
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["group"] == "train"]
     assert len(losses) == 2 and losses[1] < losses[0]
