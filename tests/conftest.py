@@ -67,7 +67,7 @@ def check_exit(args: tuple, returncode: int, expect: int, output: str) -> None:
 
 
 class ForkedJob:
-    server: subprocess.Popen | None = None  # ends when this process does (its stdin closes)
+    server: subprocess.Popen | None = None  # tests/forkserver.py, started by the first job
 
     def __init__(self, nproc: int, args: tuple, timeout: int):
         if ForkedJob.server is None or ForkedJob.server.poll() is not None:
@@ -110,6 +110,13 @@ class ForkedJob:
         return subprocess.CompletedProcess(list(self.args), returncode,
                                            "".join(logs[rank, "out"] for rank in range(self.nproc)),
                                            "".join(logs[rank, "err"] for rank in range(self.nproc)))
+
+
+def pytest_sessionfinish(session) -> None:
+    """The fork server ends with the session (it also would when this process ends: its stdin closes)."""
+    if ForkedJob.server is not None:
+        ForkedJob.server.stdin.close()
+        ForkedJob.server.wait(timeout=60)
 
 
 class TorchrunJob:
