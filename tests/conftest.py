@@ -4,6 +4,7 @@ ranks of a job forked by tests/forkserver.py)."""
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -47,7 +48,8 @@ def start(nproc: int, *args: str, timeout: int = 600) -> "ForkedJob | TorchrunJo
     torchrun's environment, forked by tests/forkserver.py, which imported the stack once (~5 s of
     CPU a process saved). With a CUDA device (which a forked child cannot use once its parent has
     looked for one) or PRETRAIN_TEST_LAUNCH=torchrun, the job runs under torchrun instead (one
-    rank: a plain process). One forked job at a time."""
+    rank: a plain process). One forked job runs at a time: wait() for it before starting
+    another (a job that a failed test left running is killed)."""
     import torch
 
     if os.environ.get("PRETRAIN_TEST_LAUNCH") == "torchrun" or torch.cuda.is_available():
@@ -68,12 +70,16 @@ def check_exit(args: tuple, returncode: int, expect: int, output: str) -> None:
 
 class ForkedJob:
     server: subprocess.Popen | None = None  # tests/forkserver.py, started by the first job
+    running_job: "ForkedJob | None" = None  # the server runs one job at a time
 
     def __init__(self, nproc: int, args: tuple, timeout: int):
         if ForkedJob.server is None or ForkedJob.server.poll() is not None:
             ForkedJob.server = subprocess.Popen([sys.executable, str(TESTS / "forkserver.py")], cwd=ROOT,
                                                 env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                                 text=True)
+        if ForkedJob.running_job is not None:  # left by a test that failed before waiting for it
+            ForkedJob.running_job.kill()
+        ForkedJob.running_job = self
         self.nproc, self.args, self.timeout = nproc, args, timeout
         self.log_dir = Path(tempfile.mkdtemp(prefix="launch-"))
         request = {"nproc": nproc, "script": args[0], "args": list(args[1:]), "env": child_env(),
@@ -97,8 +103,18 @@ class ForkedJob:
             pytest.fail(f"tests/forkserver.py ended (exit code {self.server.wait()}) running {self.args}")
         return json.loads(line)
 
+    def kill(self) -> None:
+        for pid in self.pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._reply()
+        ForkedJob.running_job = None
+
     def wait(self, expect: int = 0) -> subprocess.CompletedProcess:
         result = self._reply()
+        ForkedJob.running_job = None
         logs = {(rank, kind): path.read_text(errors="replace") if (path := self.log_dir / f"rank{rank}.{kind}").exists()
                 else "" for rank in range(self.nproc) for kind in ("out", "err")}
         shutil.rmtree(self.log_dir)
