@@ -6,14 +6,12 @@ Weights & Biases run); `pretrain eval` gives the trainer's validation loss."""
 import glob
 import json
 import struct
-import subprocess
-import sys
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, child_env, hf_check, run_layouts
+from conftest import hf_check, launch, run_layouts
 from pretrain import parallel
 from pretrain.convert.hf_export import export
 from pretrain.data.build import build_shards
@@ -186,8 +184,6 @@ def test_eval_gives_the_trainers_validation_loss(data, trained, tmp_path):
 
 @pytest.mark.multiprocess
 def test_generate_command_prints_completions_and_speed(trained):
-    proc = subprocess.run([sys.executable, "-m", "pretrain", "generate", "--checkpoint", str(trained["root"] / "ckpt"),
-                           "--prompt", "def ", "--max-new-tokens", "4", "--temperature", "0.7", "--seed", "1",
-                           "--device", "cpu"], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    proc = launch(1, "-m", "pretrain", "generate", "--checkpoint", str(trained["root"] / "ckpt"), "--prompt", "def ",
+                  "--max-new-tokens", "4", "--temperature", "0.7", "--seed", "1", "--device", "cpu", timeout=120)
     assert "--- 'def '" in proc.stdout and "tokens/s (with a KV cache, cpu)" in proc.stdout
