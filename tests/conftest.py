@@ -31,14 +31,17 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def torchrun(nproc: int, *args: str, cwd: Path = ROOT, expect: int = 0,
-             timeout: int = 600) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node N ARGS` on a free local port; fails the test with its output
-    unless it exits `expect`."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
+def torchrun_command(nproc: int, *args: str) -> list[str]:
+    """`torchrun --nproc_per_node N ARGS` on a free local port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
+
+
+def torchrun(nproc: int, *args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node N ARGS`; fails the test with its output on error."""
+    command = torchrun_command(nproc, *args)
     proc = subprocess.run(command, cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != expect:
+    if proc.returncode != 0:
         pytest.fail(f"{' '.join(command)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
 
@@ -137,11 +140,10 @@ def pytest_sessionfinish(session) -> None:
 
 class TorchrunJob:
     def __init__(self, nproc: int, args: tuple, timeout: int):
-        launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                                          "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
         self.args, self.timeout = args, timeout
-        self.proc = subprocess.Popen([sys.executable, *launcher, *args], cwd=ROOT, env=child_env(),
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        command = [sys.executable, *args] if nproc == 1 else torchrun_command(nproc, *args)
+        self.proc = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
         self.pids = [self.proc.pid] if nproc == 1 else self._workers(nproc)
 
     def _workers(self, nproc: int) -> list[int]:

@@ -7,13 +7,12 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, child_env, free_port, launch, start
+from conftest import ROOT, child_env, launch, start, torchrun_command
 from pretrain.checkpoint import MARKER, find_checkpoint, torn_reason
 from pretrain.signals import EXIT_STOPPED
 
@@ -29,12 +28,6 @@ BASE = [
 
 def arguments(tmp: Path, *extra: str) -> list[str]:
     return ["train", *BASE, f"log.dir={tmp / 'log'}", f"checkpoint.dir={tmp / 'ckpt'}", *extra]
-
-
-def torchrun_command(tmp: Path, nproc: int, *extra: str) -> list[str]:
-    """Training under torchrun's agent (whose report the stop-signal test reads)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-            "127.0.0.1", "--master_port", str(free_port()), "-m", "pretrain", *arguments(tmp, *extra)]
 
 
 def run(tmp: Path, nproc: int = 1, *extra: str, expect: int = 0) -> subprocess.CompletedProcess:
@@ -156,8 +149,8 @@ def test_explicit_resume_path_must_be_complete(tmp_path):
 
 @pytest.mark.multiprocess
 def test_stop_signal_saves_at_an_agreed_step_and_resumes(tmp_path, uninterrupted):
-    proc = subprocess.Popen(torchrun_command(tmp_path, 2), cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(torchrun_command(2, "-m", "pretrain", *arguments(tmp_path)), cwd=ROOT, env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     while not [r for r in records(tmp_path) if r["group"] == "train" and r["step"] >= 3]:
         time.sleep(0.01)
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
