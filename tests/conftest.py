@@ -140,16 +140,19 @@ def pytest_sessionfinish(session) -> None:
 
 class TorchrunJob:
     def __init__(self, nproc: int, args: tuple, timeout: int):
-        self.args, self.timeout = args, timeout
+        self.nproc, self.args, self.timeout = nproc, args, timeout
         command = [sys.executable, *args] if nproc == 1 else torchrun_command(nproc, *args)
         self.proc = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
-        self.pids = [self.proc.pid] if nproc == 1 else self._workers(nproc)
 
-    def _workers(self, nproc: int) -> list[int]:
+    @property
+    def pids(self) -> list[int]:
+        """This process, or torchrun's workers (its children) once they have started."""
+        if self.nproc == 1:
+            return [self.proc.pid]
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        while len(pids := children.read_text().split()) < nproc:
-            assert self.proc.poll() is None, self.proc.communicate()
+        while len(pids := children.read_text().split()) < self.nproc:
+            assert self.running(), f"torchrun ended before its {self.nproc} workers were seen"
             time.sleep(0.05)
         return [int(pid) for pid in pids]
 
