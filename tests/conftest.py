@@ -62,7 +62,7 @@ def start(nproc: int, *args: str, timeout: int = 600) -> "ForkedJob | TorchrunJo
 
 def launch(nproc: int, *args: str, expect: int = 0, timeout: int = 600) -> subprocess.CompletedProcess:
     """`start` the job and wait for it: fails the test with every rank's output unless the job
-    exits `expect` (its first failed rank's status)."""
+    exits `expect` (the status of the rank that failed first)."""
     return start(nproc, *args, timeout=timeout).wait(expect)
 
 
@@ -124,7 +124,7 @@ class ForkedJob:
         output = "".join(f"--- rank {rank} {kind} ---\n{text}" for (rank, kind), text in logs.items())
         if result["timed_out"]:
             pytest.fail(f"{' '.join(self.args)}: killed after {self.timeout} s\n{output[-8000:]}")
-        returncode = next((code for code in result["returncodes"] if code), 0)
+        returncode = result["first_failure"]
         check_exit(self.args, returncode, expect, f"ranks exited {result['returncodes']}\n{output}")
         return subprocess.CompletedProcess(list(self.args), returncode,
                                            "".join(logs[rank, "out"] for rank in range(self.nproc)),

@@ -6,8 +6,8 @@ the stack costs ~5 s of CPU per process, which on 2 cores made a launch of 8 pro
 Protocol (conftest.start): one JSON request per line on stdin, {"nproc", "script", "args",
 "env", "log_dir", "timeout"}; each rank runs `script` (or, when it is "-m", the module args[0])
 as __main__, its output in log_dir/rank{N}.out and .err. Two replies, one JSON line each:
-{"pids": [...]} once the ranks are forked, {"returncodes": [...], "timed_out": bool} once they
-have ended. Once a rank fails, the others get 10 s to end (a peer of a dead rank fails at its
+{"pids": [...]} once the ranks are forked, {"returncodes": [...], "first_failure": the status of
+the rank that failed first or 0, "timed_out": bool} once they have ended. Once a rank fails, the others get 10 s to end (a peer of a dead rank fails at its
 next collective) before they are killed, as torchrun's agent would stop them."""
 
 import json
@@ -71,17 +71,20 @@ def run_job(request: dict) -> dict:
         pid = os.fork()
         if pid == 0:
             run_rank(request, rank, port)
-        os.setpgid(pid, pid)  # as the child does: whichever runs first
+        try:
+            os.setpgid(pid, pid)  # as the child does: whichever runs first
+        except OSError:  # the child already has (or has already ended)
+            pass
         ranks[pid] = rank
     reply({"pids": list(ranks)})
-    returncodes = [None] * request["nproc"]
+    returncodes, first_failure = [None] * request["nproc"], 0
     timeout_at, kill_at, timed_out = time.monotonic() + request["timeout"], float("inf"), False
     while ranks:
         pid, status = os.waitpid(-1, os.WNOHANG)
         if pid:
             returncodes[ranks.pop(pid)] = code = os.waitstatus_to_exitcode(status)
-            if code != 0:  # torchrun's agent would now stop the others
-                kill_at = min(kill_at, time.monotonic() + GRACE_S)
+            if code != 0 and not first_failure:  # torchrun's agent would now stop the others
+                first_failure, kill_at = code, time.monotonic() + GRACE_S
         elif time.monotonic() > min(timeout_at, kill_at):
             timed_out = time.monotonic() > timeout_at
             for pid in ranks:
@@ -92,7 +95,7 @@ def run_job(request: dict) -> dict:
             kill_at = timeout_at = float("inf")
         else:
             time.sleep(0.02)
-    return {"returncodes": returncodes, "timed_out": timed_out}
+    return {"returncodes": returncodes, "first_failure": first_failure, "timed_out": timed_out}
 
 
 def reply(message: dict) -> None:
