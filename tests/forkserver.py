@@ -6,9 +6,10 @@ the stack costs ~5 s of CPU per process, which on 2 cores made a launch of 8 pro
 Protocol (conftest.start): one JSON request per line on stdin, {"nproc", "script", "args",
 "env", "log_dir", "timeout"}; each rank runs `script` (or, when it is "-m", the module args[0])
 as __main__, its output in log_dir/rank{N}.out and .err. Two replies, one JSON line each:
-{"pids": [...]} once the ranks are forked, {"returncodes": [...], "first_failure": the status of
-the rank that failed first or 0, "timed_out": bool} once they have ended. Once a rank fails, the others get 10 s to end (a peer of a dead rank fails at its
-next collective) before they are killed, as torchrun's agent would stop them."""
+{"pids": [...]} once the ranks are forked; {"returncodes": [...], "first_failure": the status of
+the rank that failed first (0 if none), "timed_out": bool} once they have ended. Once a rank
+fails, the others get 10 s to end (a peer of a dead rank fails at its next collective) before
+they are killed, as torchrun's agent would stop them."""
 
 import json
 import os
@@ -38,7 +39,8 @@ def run_rank(request: dict, rank: int, port: int) -> None:
     """In the forked child: become rank `rank` of the job and run the script; never returns."""
     code = 1
     try:
-        os.setpgid(0, 0)  # its own process group: killing it also ends its DataLoader and compile workers
+        os.setpgid(0, 0)  # its own process group: killing it ends its DataLoader and compile workers too
+        os.close(PROTOCOL.fileno())  # the replies are the server's alone
         for fd, suffix in ((1, "out"), (2, "err")):
             os.dup2(os.open(os.path.join(request["log_dir"], f"rank{rank}.{suffix}"), os.O_WRONLY | os.O_CREAT), fd)
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
