@@ -1,4 +1,5 @@
-# `make demo` trains the tiny model; `make test` runs the test suite. Both create .venv first.
+# `make demo` trains the tiny model; `make test` runs the test suite, `make test-fast` only its
+# single-process tests (the quick inner loop). All create .venv first.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-fast venv clean
 
 venv: $(STAMP)
 
@@ -23,6 +24,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not multiprocess and not gpu" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,10 +1,15 @@
-"""Shared fixtures: running the package in fresh processes (plain or under torchrun)."""
+"""Shared fixtures: running the package in fresh processes (plain, under torchrun, or as the
+ranks of a job forked by tests/forkserver.py)."""
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -26,14 +31,158 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def torchrun_command(nproc: int, *args: str) -> list[str]:
+    """`torchrun --nproc_per_node N ARGS` on a free local port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
+
+
 def torchrun(nproc: int, *args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node N ARGS` on a free local port; fails the test with its output on error."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
+    """`torchrun --nproc_per_node N ARGS`; fails the test with its output on error."""
+    command = torchrun_command(nproc, *args)
     proc = subprocess.run(command, cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         pytest.fail(f"{' '.join(command)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+def start(nproc: int, *args: str, timeout: int = 600) -> "ForkedJob | TorchrunJob":
+    """Start `python ARGS` (a script, or -m and a module) as the `nproc` ranks of one job with
+    torchrun's environment, forked by tests/forkserver.py, which imported the stack once (~5 s of
+    CPU a process saved). With a CUDA device (which a forked child cannot use once its parent has
+    looked for one) or PRETRAIN_TEST_LAUNCH=torchrun, the job runs under torchrun instead (one
+    rank: a plain process). One forked job runs at a time: wait() for it before starting
+    another (a job that a failed test left running is killed)."""
+    import torch
+
+    if os.environ.get("PRETRAIN_TEST_LAUNCH") == "torchrun" or torch.cuda.is_available():
+        return TorchrunJob(nproc, args, timeout)
+    return ForkedJob(nproc, args, timeout)
+
+
+def launch(nproc: int, *args: str, expect: int = 0, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`start` the job and wait for it: fails the test with every rank's output unless the job
+    exits `expect` (the status of the rank that failed first)."""
+    return start(nproc, *args, timeout=timeout).wait(expect)
+
+
+def check_exit(args: tuple, returncode: int, expect: int, output: str) -> None:
+    if returncode != expect:
+        pytest.fail(f"{' '.join(args)} exited {returncode}, not {expect}\n{output[-8000:]}")
+
+
+class ForkedJob:
+    server: subprocess.Popen | None = None  # tests/forkserver.py, started by the first job
+    running_job: "ForkedJob | None" = None  # the server runs one job at a time
+
+    def __init__(self, nproc: int, args: tuple, timeout: int):
+        if ForkedJob.server is None or ForkedJob.server.poll() is not None:
+            ForkedJob.server = subprocess.Popen([sys.executable, str(TESTS / "forkserver.py")], cwd=ROOT,
+                                                env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                text=True)
+        if ForkedJob.running_job is not None:  # left by a test that failed before waiting for it
+            ForkedJob.running_job.kill()
+        ForkedJob.running_job = self
+        self.nproc, self.args, self.timeout = nproc, args, timeout
+        self.log_dir = Path(tempfile.mkdtemp(prefix="launch-"))
+        request = {"nproc": nproc, "script": args[0], "args": list(args[1:]), "env": child_env(),
+                   "log_dir": str(self.log_dir), "timeout": timeout}
+        self.server.stdin.write(json.dumps(request) + "\n")
+        self.server.stdin.flush()
+        self.pids = self._reply()["pids"]
+
+    def running(self) -> bool:
+        """Whether every rank still runs (the server reaps an ended one at once)."""
+        try:
+            for pid in self.pids:
+                os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def _reply(self) -> dict:
+        line = self.server.stdout.readline()
+        if not line:
+            pytest.fail(f"tests/forkserver.py ended (exit code {self.server.wait()}) running {self.args}")
+        return json.loads(line)
+
+    def kill(self) -> None:
+        for pid in self.pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._reply()
+        ForkedJob.running_job = None
+
+    def wait(self, expect: int = 0) -> subprocess.CompletedProcess:
+        result = self._reply()
+        ForkedJob.running_job = None
+        logs = {(rank, kind): path.read_text(errors="replace") if (path := self.log_dir / f"rank{rank}.{kind}").exists()
+                else "" for rank in range(self.nproc) for kind in ("out", "err")}
+        shutil.rmtree(self.log_dir)
+        output = "".join(f"--- rank {rank} {kind} ---\n{text}" for (rank, kind), text in logs.items())
+        if result["timed_out"]:
+            pytest.fail(f"{' '.join(self.args)}: killed after {self.timeout} s\n{output[-8000:]}")
+        returncode = result["first_failure"]
+        check_exit(self.args, returncode, expect, f"ranks exited {result['returncodes']}\n{output}")
+        return subprocess.CompletedProcess(list(self.args), returncode,
+                                           "".join(logs[rank, "out"] for rank in range(self.nproc)),
+                                           "".join(logs[rank, "err"] for rank in range(self.nproc)))
+
+
+def pytest_sessionfinish(session) -> None:
+    """The fork server ends with the session (it also would when this process ends: its stdin closes)."""
+    if ForkedJob.server is not None:
+        ForkedJob.server.stdin.close()
+        ForkedJob.server.wait(timeout=60)
+
+
+class TorchrunJob:
+    def __init__(self, nproc: int, args: tuple, timeout: int):
+        self.nproc, self.args, self.timeout = nproc, args, timeout
+        command = [sys.executable, *args] if nproc == 1 else torchrun_command(nproc, *args)
+        self.proc = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+
+    @property
+    def pids(self) -> list[int]:
+        """This process, or torchrun's workers (its children) once they have started."""
+        if self.nproc == 1:
+            return [self.proc.pid]
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        while len(pids := children.read_text().split()) < self.nproc:
+            assert self.running(), f"torchrun ended before its {self.nproc} workers were seen"
+            time.sleep(0.05)
+        return [int(pid) for pid in pids]
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait(self, expect: int = 0) -> subprocess.CompletedProcess:
+        stdout, stderr = self.proc.communicate(timeout=self.timeout)
+        check_exit(self.args, self.proc.returncode, expect, f"{stdout[-4000:]}\n{stderr}")
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, stdout, stderr)
+
+
+def hf_check(specs: list[dict], tmp_path: Path) -> list[dict]:
+    """tests/hf_check.py in one fresh process (transformers only): its results, one per spec."""
+    spec, out = tmp_path / "hf-specs.json", tmp_path / "hf-results.pt"
+    spec.write_text(json.dumps(specs))
+    proc = subprocess.run([sys.executable, str(TESTS / "hf_check.py"), str(spec), str(out)], env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    import torch
+
+    return torch.load(out, weights_only=False)
+
+
+@pytest.fixture(scope="session")
+def tp2_model_checks(tmp_path_factory) -> list[dict]:
+    """model_checks.py at TP2 (one 2-process launch shared by test_model and test_plan): each rank's figures."""
+    out = tmp_path_factory.mktemp("model-checks-tp2") / "checks.json"
+    launch(2, str(TESTS / "model_checks.py"), str(out))
+    return json.loads(out.read_text())
 
 
 def run_layouts(tmp_path: Path, nproc: int, base: list[str], runs: dict[str, list[str]],
@@ -45,7 +194,7 @@ def run_layouts(tmp_path: Path, nproc: int, base: list[str], runs: dict[str, lis
     runs = {name: overrides + [f"log.dir={tmp_path / name}"] for name, overrides in runs.items()}
     extra = {"split_check": split_check} if split_check else {}
     spec.write_text(json.dumps({"config": config, "base": base, "runs": runs, **extra}))
-    torchrun(nproc, str(TESTS / "dist_runs.py"), str(spec), str(out))
+    launch(nproc, str(TESTS / "dist_runs.py"), str(spec), str(out))
     results = json.loads(out.read_text())
     return {name: run if name == "split_check" else
             {metric: {int(step): value for step, value in series.items()} for metric, series in run.items()}

@@ -8,6 +8,7 @@ costs dominate on small machines, so tests put many runs of one world size into 
 
 import json
 import sys
+import time
 
 import torch.distributed as dist
 
@@ -26,7 +27,10 @@ def main(spec_path: str, out_path: str) -> None:
     results = {}
     for name, overrides in spec["runs"].items():
         config = load(spec.get("config"), spec["base"] + overrides)
+        started = time.perf_counter()
         result = train(config)
+        if dist.get_rank() == 0:
+            print(f"dist_runs: {name} took {time.perf_counter() - started:.1f} s", flush=True)
         results[name] = {"loss": result.losses, "grad_norm": result.grad_norms, "valid_loss": result.valid_losses,
                          "downstream": result.downstream}
     if "split_check" in spec:

@@ -1,8 +1,8 @@
-"""Loads an exported folder with transformers alone (this file never imports pretrain) and
-writes what the tests compare: python hf_check.py SPEC.json OUT.pt
+"""Loads exported folders with transformers alone (this file never imports pretrain) and
+writes what the tests compare: python hf_check.py SPECS.json OUT.pt (conftest.hf_check).
 
-SPEC: {"model": folder, "logits_tokens": [[ids]], "loss_batches": [{"tokens": [[ids]], "labels": [[ids]]}],
-       "texts": [str], optionally "generate": {"prompts": [str], "max_new_tokens": n}}. OUT holds the
+SPECS: a list of {"model": folder, "logits_tokens": [[ids]], "loss_batches": [{"tokens": [[ids]], "labels": [[ids]]}],
+       "texts": [str], optionally "generate": {"prompts": [str], "max_new_tokens": n}}. OUT holds, per spec, the
 logits, the mean loss over all labelled tokens of loss_batches, the AutoTokenizer ids of the
 texts and their decoded strings, a greedy generation, and with "generate" the greedy new ids of
 each prompt (one at a time, up to its EOS)."""
@@ -14,8 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
-def main(spec_path: str, out_path: str) -> None:
-    spec = json.loads(open(spec_path).read())
+def check(spec: dict) -> dict:
     model = AutoModelForCausalLM.from_pretrained(spec["model"]).eval()
     out = {"class": type(model).__name__}
     with torch.no_grad():
@@ -45,8 +44,13 @@ def main(spec_path: str, out_path: str) -> None:
                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
             new = new[0, ids.shape[1]:].tolist()
             out["generations"].append(new[:new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new)
+    return out
+
+
+def main(specs_path: str, out_path: str) -> None:
+    results = [check(spec) for spec in json.loads(open(specs_path).read())]
     assert not any(name == "pretrain" or name.startswith("pretrain.") for name in sys.modules)
-    torch.save(out, out_path)
+    torch.save(results, out_path)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,11 @@ import json
 import re
 import subprocess
 
+import pytest
+
 from conftest import ROOT, child_env
+
+pytestmark = pytest.mark.multiprocess
 
 
 def test_gpu_script_dry_run_prints_ours_beside_both_hugging_face_baselines(tmp_path):

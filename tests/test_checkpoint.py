@@ -7,13 +7,12 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, child_env, free_port
+from conftest import ROOT, child_env, launch, start, torchrun_command
 from pretrain.checkpoint import MARKER, find_checkpoint, torn_reason
 from pretrain.signals import EXIT_STOPPED
 
@@ -27,18 +26,13 @@ BASE = [
 ]
 
 
-def command(tmp: Path, nproc: int, *extra: str) -> list[str]:
-    launcher = [sys.executable, "-m", "pretrain"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), "-m", "pretrain"]
-    return [*launcher, "train", *BASE, f"log.dir={tmp / 'log'}", f"checkpoint.dir={tmp / 'ckpt'}", *extra]
+def arguments(tmp: Path, *extra: str) -> list[str]:
+    return ["train", *BASE, f"log.dir={tmp / 'log'}", f"checkpoint.dir={tmp / 'ckpt'}", *extra]
 
 
 def run(tmp: Path, nproc: int = 1, *extra: str, expect: int = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run(command(tmp, nproc, *extra), cwd=ROOT, env=child_env(), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == expect, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
+    """Train as a job of `nproc` ranks (conftest.launch); fails unless it exits `expect`."""
+    return launch(nproc, "-m", "pretrain", *arguments(tmp, *extra), expect=expect)
 
 
 def records(tmp: Path) -> list[dict]:
@@ -63,30 +57,52 @@ def train_losses(tmp: Path) -> dict[int, list[float]]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict[int, float]:
+def uninterrupted_run(tmp_path_factory) -> Path:
+    """The training in one process, a checkpoint every 2 steps: its folder (log/, ckpt/)."""
     tmp = tmp_path_factory.mktemp("full")
     run(tmp)
-    losses = train_losses(tmp)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run) -> dict[int, float]:
+    losses = train_losses(uninterrupted_run)
     assert sorted(losses) == list(range(1, STEPS + 1))
     return {step: values[0] for step, values in losses.items()}
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> Path:
+    """The same training with two data-parallel processes (ZeRO-1): its checkpoints, every 2 steps."""
+    tmp = tmp_path_factory.mktemp("two")
+    run(tmp, 2)
+    return tmp / "ckpt"
+
+
+def copy_checkpoints(source: Path, tmp: Path, *steps: int) -> Path:
+    """tmp/ckpt with the given steps' checkpoints of `source`: what a run of the same training
+    saving only at those steps would hold."""
+    for step in steps:
+        shutil.copytree(source / f"step_{step:08d}", tmp / "ckpt" / f"step_{step:08d}")
+    return tmp / "ckpt"
 
 
 def kill_at(tmp: Path, step: int, during_save: bool) -> None:
     """Start training and SIGKILL it once `step` is logged, or, with during_save, while a
     checkpoint is being written after that step."""
-    proc = subprocess.Popen(command(tmp, 1), cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    job = start(1, "-m", "pretrain", *arguments(tmp))
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
+    while time.time() < deadline and job.running():
         logged = max((r["step"] for r in records(tmp) if r["group"] == "train"), default=0)
         saving = (tmp / "ckpt").is_dir() and any(p.name.endswith(".partial") for p in (tmp / "ckpt").iterdir())
         if logged >= step and (saving or not during_save):
-            proc.send_signal(signal.SIGKILL)
+            os.kill(job.pids[0], signal.SIGKILL)
             break
         time.sleep(0.0005)
-    proc.wait()
+    job.wait(expect=-signal.SIGKILL)
 
 
+@pytest.mark.multiprocess
 def test_sigkill_at_random_steps_resumes_bitwise(tmp_path, uninterrupted):
     rng = random.Random(11)
     kills = sorted(rng.sample(range(2, STEPS), 3))
@@ -105,9 +121,9 @@ def test_sigkill_at_random_steps_resumes_bitwise(tmp_path, uninterrupted):
     assert consumed == {step: step * GLOBAL_BATCH for step in range(1, STEPS + 1)}  # no sample twice or skipped
 
 
-def test_torn_checkpoint_is_skipped_with_a_warning(tmp_path, uninterrupted):
-    run(tmp_path, 1, "train.max_steps=12", "checkpoint.interval=4")
-    ckpt = tmp_path / "ckpt"
+@pytest.mark.multiprocess
+def test_torn_checkpoint_is_skipped_with_a_warning(tmp_path, uninterrupted, uninterrupted_run):
+    ckpt = copy_checkpoints(uninterrupted_run / "ckpt", tmp_path, 4, 8, 12)  # as checkpoint.interval=4 saves
     newest = ckpt / "step_00000012"
     victim = next(p for p in newest.iterdir() if p.name.startswith("zero_pp_rank_0"))
     victim.write_bytes(victim.read_bytes()[:100])  # truncated after the save
@@ -115,7 +131,6 @@ def test_torn_checkpoint_is_skipped_with_a_warning(tmp_path, uninterrupted):
     assert find_checkpoint(ckpt, "auto") == ckpt / "step_00000008"
     (ckpt / "step_00000008" / MARKER).unlink()  # as if killed before the marker
     assert find_checkpoint(ckpt, "auto") == ckpt / "step_00000004"
-    shutil.rmtree(tmp_path / "log")
     proc = run(tmp_path)
     output = proc.stdout + proc.stderr
     assert "skipping torn checkpoint" in output and "step_00000012: zero_pp_rank_0" in output
@@ -125,15 +140,17 @@ def test_torn_checkpoint_is_skipped_with_a_warning(tmp_path, uninterrupted):
     assert all(logged[step][0] == uninterrupted[step] for step in logged)
 
 
+@pytest.mark.multiprocess
 def test_explicit_resume_path_must_be_complete(tmp_path):
     (tmp_path / "half").mkdir()
     proc = run(tmp_path, 1, f"checkpoint.resume={tmp_path / 'half'}", expect=1)
     assert f"checkpoint.resume={tmp_path / 'half'} cannot be loaded: no complete.json" in proc.stderr
 
 
+@pytest.mark.multiprocess
 def test_stop_signal_saves_at_an_agreed_step_and_resumes(tmp_path, uninterrupted):
-    proc = subprocess.Popen(command(tmp_path, 2), cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(torchrun_command(2, "-m", "pretrain", *arguments(tmp_path)), cwd=ROOT, env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     while not [r for r in records(tmp_path) if r["group"] == "train" and r["step"] >= 3]:
         time.sleep(0.01)
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
@@ -148,21 +165,21 @@ def test_stop_signal_saves_at_an_agreed_step_and_resumes(tmp_path, uninterrupted
     assert all(abs(values[-1] - uninterrupted[step]) <= 1e-5 for step, values in logged.items())
 
 
+@pytest.mark.multiprocess
 def test_single_process_sigterm_exit_code(tmp_path):
-    proc = subprocess.Popen(command(tmp_path, 1, "train.max_steps=400"), cwd=ROOT, env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job = start(1, "-m", "pretrain", *arguments(tmp_path, "train.max_steps=400"))
     while not records(tmp_path):
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == EXIT_STOPPED and "with a checkpoint saved" in output
+    os.kill(job.pids[0], signal.SIGTERM)
+    proc = job.wait(expect=EXIT_STOPPED)
+    assert "with a checkpoint saved" in proc.stdout + proc.stderr
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
-def test_resume_at_another_data_parallel_size(tmp_path, uninterrupted, before, after):
-    run(tmp_path, before, "checkpoint.interval=6", "optimizer.zero_stage=1")
-    shutil.rmtree(tmp_path / "ckpt" / "step_00000012")
-    shutil.rmtree(tmp_path / "log")
+def test_resume_at_another_data_parallel_size(tmp_path, uninterrupted, uninterrupted_run, two_processes, before,
+                                               after):
+    copy_checkpoints(uninterrupted_run / "ckpt" if before == 1 else two_processes, tmp_path, 6)
     run(tmp_path, after, "optimizer.zero_stage=1")
     assert (tmp_path / "ckpt" / "step_00000006.universal" / MARKER).is_file()
     logged = train_losses(tmp_path)
@@ -172,13 +189,15 @@ def test_resume_at_another_data_parallel_size(tmp_path, uninterrupted, before, a
     assert difference <= 1e-5
 
 
-def test_resume_at_another_tensor_parallel_size_is_refused(tmp_path):
-    run(tmp_path, 2, "train.max_steps=2", "optimizer.zero_stage=1")
+@pytest.mark.multiprocess
+def test_resume_at_another_tensor_parallel_size_is_refused(tmp_path, two_processes):
+    copy_checkpoints(two_processes, tmp_path, 2)
     proc = run(tmp_path, 2, "optimizer.zero_stage=1", "parallel.tp=2", expect=1)
     assert "was saved with parallel.tp=1 parallel.pp=1; this run has parallel.tp=2 parallel.pp=1" in proc.stderr
     assert "pretrain convert reshard --checkpoint" in proc.stderr
 
 
+@pytest.mark.multiprocess
 def test_nan_updates_are_skipped_counted_and_stop_the_run(tmp_path, uninterrupted):
     run(tmp_path, 1, "checkpoint.dir=''", "train.inject_nan_steps=[3]", "optimizer.zero_stage=1")
     rows = {r["step"]: r for r in records(tmp_path) if r["group"] == "train"}
@@ -204,6 +223,7 @@ def test_retention_keeps_the_newest_complete_and_every_kth(tmp_path):
     assert find_checkpoint(tmp_path, "none") is None
 
 
+@pytest.mark.multiprocess
 def test_nan_without_a_skipping_optimizer_stops_at_once(tmp_path):
     proc = run(tmp_path, 1, "checkpoint.dir=''", "train.inject_nan_steps=[2]", "optimizer.zero_stage=0", expect=1)
     assert "non-finite loss at step 2: with optimizer.zero_stage=0 and fp32 DeepSpeed cannot skip" in proc.stderr

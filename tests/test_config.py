@@ -77,6 +77,7 @@ def test_rule_messages(overrides, world_size, expected):
     assert expected in error_of(overrides, world_size)
 
 
+@pytest.mark.multiprocess
 def test_zero2_with_pipeline_names_both_settings_from_the_cli():
     """The acceptance check: fails at once (before any process group), naming both settings."""
     proc = subprocess.run(
@@ -89,6 +90,7 @@ def test_zero2_with_pipeline_names_both_settings_from_the_cli():
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.multiprocess
 def test_print_config_shows_resolved_values():
     proc = subprocess.run(
         [sys.executable, "-m", "pretrain", "train", "--config", str(TINY), "--print-config", "train.max_steps=7"],

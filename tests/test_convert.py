@@ -5,14 +5,13 @@ imported model's first loss; resharding TP2 x PP2 -> TP1 x PP1; refusals."""
 import inspect
 import json
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TESTS, child_env, run_layouts
+from conftest import hf_check, run_layouts
 from pretrain import parallel
 from pretrain.cli import main as cli
 from pretrain.config import load, validate
@@ -84,18 +83,30 @@ def batches(data: Path, name: str, validation: bool) -> tuple[list[dict], object
     return [next(batches) for _ in range(layout.grad_accumulation)], config
 
 
-def hf_check(folder: Path, loss_batches: list[dict], tmp_path: Path, texts: list[str] = ()) -> dict:
-    """tests/hf_check.py in a fresh process: transformers only."""
-    tokens = loss_batches[0]["tokens"].tolist()
-    spec = tmp_path / f"{folder.name}-spec.json"
-    spec.write_text(json.dumps({"model": str(folder), "logits_tokens": tokens, "texts": list(texts),
-                                "loss_batches": [{"tokens": b["tokens"].tolist(), "labels": b["labels"].tolist()}
-                                                 for b in loss_batches]}))
-    out = tmp_path / f"{folder.name}-out.pt"
-    proc = subprocess.run([sys.executable, str(TESTS / "hf_check.py"), str(spec), str(out)], env=child_env(),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out, weights_only=False)
+def hf_spec(folder: Path, loss_batches: list[dict], texts: list[str] = ()) -> dict:
+    """What tests/hf_check.py computes on `folder`: logits of the first batch, the loss over all."""
+    return {"model": str(folder), "logits_tokens": loss_batches[0]["tokens"].tolist(), "texts": list(texts),
+            "loss_batches": [{"tokens": b["tokens"].tolist(), "labels": b["labels"].tolist()} for b in loss_batches]}
+
+
+@pytest.fixture(scope="module")
+def exports(trained, data, tmp_path_factory) -> dict:
+    """Each variant exported in fp32 (gqa in files of at most 100 kB) and checked by transformers in
+    one process: name -> {folder, summary, validation batches, hf: the results on them}; and
+    "first_step_hf_loss": transformers' loss of the gqa export on its first training step's batches."""
+    root = tmp_path_factory.mktemp("exports")
+    results = {}
+    for name in VARIANTS:
+        folder = root / f"hf-{name}"
+        summary = export(trained[name]["dir"], folder, dtype="fp32",
+                         max_shard_bytes=100_000 if name == "gqa" else 2**30)
+        results[name] = {"folder": folder, "summary": summary, "validation": batches(data, name, validation=True)[0]}
+    first_step, _ = batches(data, "gqa", validation=False)
+    checked = hf_check([hf_spec(r["folder"], r["validation"], TEXTS) for r in results.values()]
+                       + [hf_spec(results["gqa"]["folder"], first_step)], root)
+    for result, hf in zip(results.values(), checked):
+        result["hf"] = hf
+    return results | {"first_step_hf_loss": checked[-1]["loss"]}
 
 
 def our_logits(checkpoint: Path, tokens: torch.Tensor) -> torch.Tensor:
@@ -111,14 +122,12 @@ def our_logits(checkpoint: Path, tokens: torch.Tensor) -> torch.Tensor:
         parallel.shutdown()
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_export_loads_in_transformers_with_our_logits_loss_and_ids(name, trained, data, tmp_path):
-    folder = tmp_path / f"hf-{name}"
-    summary = export(trained[name]["dir"], folder, dtype="fp32", max_shard_bytes=100_000 if name == "gqa" else 2**30)
+def test_export_loads_in_transformers_with_our_logits_loss_and_ids(name, trained, exports, data, tmp_path):
+    folder, summary, validation, result = (exports[name][key] for key in ("folder", "summary", "validation", "hf"))
     if name == "gqa":  # above the threshold: sharded, with the index transformers reads
         assert len(summary["files"]) > 1 and (folder / "model.safetensors.index.json").is_file()
-    validation, _ = batches(data, name, validation=True)
-    result = hf_check(folder, validation, tmp_path, TEXTS)
     assert result["class"] == "LlamaForCausalLM"
 
     logits = our_logits(trained[name]["dir"], validation[0]["tokens"])
@@ -144,7 +153,8 @@ def test_export_loads_in_transformers_with_our_logits_loss_and_ids(name, trained
         assert all(half[key].dtype == torch.bfloat16 and torch.equal(half[key], full[key].bfloat16()) for key in full)
 
 
-def test_hf_roundtrip_first_loss_and_reshard(trained, data, tmp_path):
+@pytest.mark.multiprocess
+def test_hf_roundtrip_first_loss_and_reshard(trained, exports, data, tmp_path):
     exported = tmp_path / "hf"
     export(trained["gqa"]["dir"], exported, dtype="fp32")
     imported = tmp_path / "imported"
@@ -170,8 +180,7 @@ def test_hf_roundtrip_first_loss_and_reshard(trained, data, tmp_path):
                         f"checkpoint.resume={imported / 'step_00000000'}", "train.eval_interval=0"],
         "resharded": [f"checkpoint.dir={resharded}"],  # TP1 x PP1 x DP2
     })
-    first_step, _ = batches(data, "gqa", validation=False)
-    hf_loss = hf_check(exported, first_step, tmp_path)["loss"]
+    hf_loss = exports["first_step_hf_loss"]  # of the same weights, exported in shards
     print(f"imported model's first loss {runs['from_hf']['loss'][1]:.6f}, HF on that batch {hf_loss:.6f}")
     assert abs(runs["from_hf"]["loss"][1] - hf_loss) <= 1e-5
     assert abs(runs["from_hf_pp2"]["loss"][1] - hf_loss) <= 1e-5  # the same weights loaded as pipeline stages
@@ -240,6 +249,7 @@ def test_from_hf_checks_the_layout_and_the_output_folder(hf_folder, tmp_path, ca
     assert "exists and is not empty" in capsys.readouterr().err
 
 
+@pytest.mark.multiprocess
 def test_to_hf_names_a_torn_checkpoint_and_the_wrong_tokenizer(trained, data, tmp_path, capsys):
     import shutil
 

@@ -300,6 +300,7 @@ def test_micro_batches_is_reiterable_from_its_state(corpus):
     assert torch.equal(next(iter(stream))["tokens"], next(iter(stream))["tokens"])
 
 
+@pytest.mark.multiprocess
 def test_cli_tokenizer_and_build_from_parquet(tmp_path):
     import subprocess
     import sys

@@ -178,6 +178,7 @@ def test_vocab_size_beyond_the_corpus(tmp_path):
         train_tokenizer([small], 5000, tmp_path / "tok")
 
 
+@pytest.mark.multiprocess
 def test_cli_reports_errors_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pretrain", "data", "build", "--input", str(tmp_path / "nope.txt"),
                            "--tokenizer", str(tmp_path), "--seq-len", "8", "--out", str(tmp_path / "o")],

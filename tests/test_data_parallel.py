@@ -10,6 +10,8 @@ from pretrain.data.build import build_shards
 from pretrain.tokenizer import train_tokenizer
 from test_data import random_documents
 
+pytestmark = pytest.mark.multiprocess
+
 STEPS = 5
 
 

@@ -1,19 +1,37 @@
-"""`torchrun -m pretrain train` with TP2: trains, loss falls, every TensorBoard tag is written."""
+"""`pretrain launch local` (torchrun -m pretrain train) with TP2: trains, loss falls, every
+TensorBoard tag is written; the command it runs is printed first."""
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, torchrun
+from conftest import ROOT, child_env
 
 TAGS = ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/tflops_per_gpu",
         "train/step_time", "train/mem_peak_gib"]
 
 
-def test_torchrun_tp2_writes_every_tag_and_learns(tmp_path):
+@pytest.fixture(scope="module")
+def tp2_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The tiny model at TP2 for 40 steps, one launch for both tests: its folder and output."""
+    tmp = tmp_path_factory.mktemp("tp2")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain", "launch", "local", "--nproc", "2", "--config",
+         str(ROOT / "configs/tiny.yaml"), "parallel.tp=2", f"log.dir={tmp / 'log'}", "train.max_steps=40",
+         "checkpoint.dir=" + str(tmp / "ckpt")],
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp, proc
+
+
+@pytest.mark.multiprocess
+def test_torchrun_tp2_writes_every_tag_and_learns(tp2_run):
+    tmp_path, proc = tp2_run
     log_dir = tmp_path / "log"
-    proc = torchrun(2, "-m", "pretrain", "train", "--config", str(ROOT / "configs/tiny.yaml"), "parallel.tp=2",
-                    f"log.dir={log_dir}", "train.max_steps=40", "checkpoint.dir=" + str(tmp_path / "ckpt"))
     assert "step 40/40" in proc.stdout + proc.stderr
     assert re.search(r"predicted memory per process: [\d.]+ GiB \(weights [\d.]+, gradients", proc.stdout)
 
@@ -32,21 +50,13 @@ def test_torchrun_tp2_writes_every_tag_and_learns(tmp_path):
     assert (tmp_path / "ckpt" / "step_00000040").is_dir()
 
 
-def test_launch_local_prints_and_runs_torchrun(tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import child_env
-
-    proc = subprocess.run(
-        [sys.executable, "-m", "pretrain", "launch", "local", "--nproc", "2", "--config",
-         str(ROOT / "configs/tiny.yaml"), "train.max_steps=4", "log.interval=2", f"log.dir={tmp_path}"],
-        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+@pytest.mark.multiprocess
+def test_launch_local_prints_and_runs_torchrun(tp2_run):
+    _, proc = tp2_run
     first = proc.stdout.splitlines()[0]
     assert first.startswith("+ ") and ("torch.distributed.run --standalone --nproc_per_node 2 --max-restarts 3 "
                                        "-m pretrain train") in first  # train.max_restarts
-    assert "step 4/4" in proc.stdout + proc.stderr
+    assert "step 40/40" in proc.stdout + proc.stderr
 
 
 def test_slurm_script_renders_every_field():

@@ -7,14 +7,12 @@ conftest's generate_runs."""
 import glob
 import json
 import struct
-import subprocess
-import sys
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import GENERATE_STEPS, ROOT, TESTS, child_env
+from conftest import GENERATE_STEPS, hf_check, launch
 from pretrain import parallel
 from pretrain.convert.hf_export import export
 from pretrain.generate import ModelDecoder, Sampling, generate
@@ -26,17 +24,14 @@ from pretrain.tokenizer import Tokenizer
 PROMPTS = ["def ", "class Foo", "import os\n", "  x = 1", "return 12", "é 😀"]
 
 
+@pytest.mark.multiprocess
 def test_greedy_generation_equals_transformers_on_the_export(generate_data, generate_runs, tmp_path):
     checkpoint = generate_runs["root"] / "ckpt"
     ours = run_generate(str(checkpoint), None, PROMPTS, Sampling(max_new_tokens=12), tokenizer=None, device="cpu")
     export(checkpoint, tmp_path / "hf", dtype="fp32")
-    spec, out = tmp_path / "spec.json", tmp_path / "out.pt"
-    spec.write_text(json.dumps({"model": str(tmp_path / "hf"), "logits_tokens": [[5, 6, 7]], "loss_batches": [],
-                                "generate": {"prompts": PROMPTS, "max_new_tokens": 12}}))
-    proc = subprocess.run([sys.executable, str(TESTS / "hf_check.py"), str(spec), str(out)], env=child_env(),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    hf = torch.load(out, weights_only=False)["generations"]
+    [result] = hf_check([{"model": str(tmp_path / "hf"), "logits_tokens": [[5, 6, 7]], "loss_batches": [],
+                          "generate": {"prompts": PROMPTS, "max_new_tokens": 12}}], tmp_path)
+    hf = result["generations"]
     assert hf == ours and sum(map(len, ours)) > len(PROMPTS)
 
 
@@ -83,6 +78,7 @@ def test_eos_stops_a_prompt(model):
     assert stopped[0] == first[0][:2]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 def test_samples_are_logged_and_leave_the_losses_as_they_were(layout, generate_runs):
     runs = generate_runs["runs"]
@@ -119,6 +115,7 @@ def wandb_records(run_dir) -> list:
     return records
 
 
+@pytest.mark.multiprocess
 def test_weights_and_biases_offline_run_mirrors_scalars_and_samples(generate_runs):
     log = generate_runs["root"] / "tp2_sampled"
     records = wandb_records(log)
@@ -138,6 +135,7 @@ def test_weights_and_biases_offline_run_mirrors_scalars_and_samples(generate_run
     assert not (generate_runs["root"] / "pp2_sampled" / "wandb").exists()
 
 
+@pytest.mark.multiprocess
 def test_eval_gives_the_trainers_validation_loss(generate_data, generate_runs, tmp_path):
     result = run_eval(str(generate_runs["root"] / "ckpt"), None, str(generate_data / "valid"), batches=2,
                       out=str(tmp_path / "e.json"), device="cpu")
@@ -146,10 +144,8 @@ def test_eval_gives_the_trainers_validation_loss(generate_data, generate_runs, t
     assert json.loads((tmp_path / "e.json").read_text())["ppl"] == pytest.approx(result["ppl"])
 
 
+@pytest.mark.multiprocess
 def test_generate_command_prints_completions_and_speed(generate_runs):
-    proc = subprocess.run([sys.executable, "-m", "pretrain", "generate", "--checkpoint",
-                           str(generate_runs["root"] / "ckpt"),
-                           "--prompt", "def ", "--max-new-tokens", "4", "--temperature", "0.7", "--seed", "1",
-                           "--device", "cpu"], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    proc = launch(1, "-m", "pretrain", "generate", "--checkpoint", str(generate_runs["root"] / "ckpt"), "--prompt",
+                  "def ", "--max-new-tokens", "4", "--temperature", "0.7", "--seed", "1", "--device", "cpu", timeout=120)
     assert "--- 'def '" in proc.stdout and "tokens/s (with a KV cache, cpu)" in proc.stdout

@@ -1,11 +1,8 @@
 """Model math against Hugging Face's LlamaForCausalLM, loss padding, initialisation."""
 
-import json
-
 import pytest
 import torch
 
-from conftest import TESTS, torchrun
 from model_checks import chunked_loss, graph_breaks
 from pretrain import parallel
 from pretrain.model.args import ExecutionArgs, LlamaArgs
@@ -125,27 +122,33 @@ def test_activation_checkpointing_gives_the_same_gradients(tp_group):
 
 
 @pytest.fixture(scope="module")
-def checks(tp_group, tmp_path_factory) -> dict[int, list[dict]]:
-    """model_checks.py's figures per TP size: TP1 in this process, TP2 in one 2-process launch."""
-    out = tmp_path_factory.mktemp("tp2") / "checks.json"
-    torchrun(2, str(TESTS / "model_checks.py"), str(out))
-    return {1: [{"graph_breaks": graph_breaks(tp_group), "chunked_loss": chunked_loss(tp_group)}],
-            2: json.loads(out.read_text())}
+def tp1_model_checks(tp_group) -> list[dict]:
+    return [{"graph_breaks": graph_breaks(tp_group), "chunked_loss": chunked_loss(tp_group)}]
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.fixture
+def checks(tp, request) -> list[dict]:
+    """model_checks.py's figures at TP size `tp`, per rank: TP1 in this process, TP2 from the
+    shared 2-process launch."""
+    return request.getfixturevalue(f"tp{tp}_model_checks")
+
+
+TP_SIZES = [1, pytest.param(2, marks=pytest.mark.multiprocess)]
+
+
+@pytest.mark.parametrize("tp", TP_SIZES)
 def test_a_compiled_block_is_one_graph_without_breaks(tp, checks):
     """Forward and backward, with and without document masking and activation checkpointing, every rank."""
-    for rank in checks[tp]:
+    for rank in checks:
         assert rank["graph_breaks"] and all(case == {"breaks": 0, "graphs": 1} for case in rank["graph_breaks"].values())
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", TP_SIZES)
 @pytest.mark.parametrize("tied", ["untied", "tied"])
 def test_chunked_head_and_loss_equal_the_logits_loss(tp, tied, checks):
     """Loss and every gradient of forward(labels=...) against cross_entropy(forward()), with chunks
     that do not divide the tokens and ignored labels."""
-    for rank in checks[tp]:
+    for rank in checks:
         figures = rank["chunked_loss"][tied]
         assert figures["loss_difference"] < 1e-6 and figures["grad_difference"] < 1e-6
 

@@ -12,6 +12,8 @@ import pytest
 
 from conftest import ROOT, TESTS, child_env, free_port, run_layouts
 
+pytestmark = pytest.mark.multiprocess
+
 STEPS = 6
 # vocab 300 pads to 384 rows at TP1 and to 512 at TP2: the padding must not change the loss.
 BASE = [

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TESTS, child_env, torchrun
+from conftest import ROOT, TESTS, child_env, launch
 from pretrain import parallel, plan
 from pretrain.config import load, validate
 from pretrain.model.args import ExecutionArgs, LlamaArgs
@@ -54,11 +54,12 @@ def engines(tmp_path_factory) -> dict:
         tmp = tmp_path_factory.mktemp(f"memory{nproc}")
         spec, out = tmp / "spec.json", tmp / "out.json"
         spec.write_text(json.dumps({"base": TINY + [f"log.dir={tmp / 'log'}"], "runs": runs}))
-        torchrun(nproc, str(TESTS / "memory_check.py"), str(spec), str(out))
+        launch(nproc, str(TESTS / "memory_check.py"), str(spec), str(out))
         results |= json.loads(out.read_text())
     return results
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("run", [*TWO, *FOUR])
 def test_weights_gradients_and_optimizer_equal_what_the_engine_holds(run, engines):
     for rank, result in enumerate(engines[run]):
@@ -107,10 +108,9 @@ def test_activations_equal_what_a_forward_saves(dtype, checkpointing, tied):
     assert abs(predicted - measured) <= 0.1 * measured
 
 
-def test_tensor_parallel_activations_equal_what_a_forward_saves(tmp_path):
-    out = tmp_path / "checks.json"
-    torchrun(2, str(TESTS / "model_checks.py"), str(out))
-    for rank in json.loads(out.read_text()):
+@pytest.mark.multiprocess
+def test_tensor_parallel_activations_equal_what_a_forward_saves(tp2_model_checks):
+    for rank in tp2_model_checks:
         for case, (predicted, measured) in rank["activations"].items():
             assert abs(predicted - measured) <= 0.1 * measured, case
 
@@ -122,6 +122,7 @@ def plan_cli(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("preset, gpus", [("llama-1b", 16), ("llama-7b", 64), ("tiny", 4)])
 def test_search_proposes_only_layouts_that_validation_accepts(preset, gpus):
     config = ROOT / "configs" / f"{preset}.yaml"
@@ -136,6 +137,7 @@ def test_search_proposes_only_layouts_that_validation_accepts(preset, gpus):
     assert speeds == sorted(speeds, reverse=True)
 
 
+@pytest.mark.multiprocess
 def test_plan_json_has_memory_speed_and_fit():
     result = json.loads(plan_cli("--config", str(ROOT / "configs/llama-1b.yaml"), "--gpus", "8", "--gpu", "h200",
                                  "--json").stdout)

@@ -2,15 +2,13 @@
 
 import io
 import json
-import subprocess
-import sys
 import tarfile
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, child_env
+from conftest import ROOT, launch
 from pretrain.data.raw import RawSpec, RawState, TokenizedShards, raw_batches, raw_shard_files
 from pretrain.data.shards import ShardError
 from pretrain.tokenizer import Tokenizer, train_tokenizer
@@ -102,14 +100,12 @@ def test_damaged_raw_shard_is_named(raw, tmp_path):
         next(stream)
 
 
+@pytest.mark.multiprocess
 def test_training_from_raw_text(raw, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "pretrain", "train", "--config", str(ROOT / "configs/tiny.yaml"), "data.source=raw",
-         f"data.path={raw / 'text'}", f"data.tokenizer={raw / 'tok'}", "model.vocab_size=0", f"model.seq_len={SEQ_LEN}",
-         "train.max_steps=20", "log.interval=10", f"log.dir={tmp_path}", "data.num_workers=1"],
-        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch(1, "-m", "pretrain", "train", "--config", str(ROOT / "configs/tiny.yaml"), "data.source=raw",
+           f"data.path={raw / 'text'}", f"data.tokenizer={raw / 'tok'}", "model.vocab_size=0",
+           f"model.seq_len={SEQ_LEN}", "train.max_steps=20", "log.interval=10", f"log.dir={tmp_path}",
+           "data.num_workers=1")
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["group"] == "train"]
     assert len(losses) == 2 and losses[1] < losses[0]

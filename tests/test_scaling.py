@@ -150,6 +150,7 @@ def launch(*argv: str) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.multiprocess
 def test_mini_sweep_plan_launch_fit(corpus, tmp_path, capsys):
     out = tmp_path / "sweep"
     assert main(["scaling", "plan", "--base-config", TINY, "--compute", "1.5e10", "4.2e10", "1.2e11", "--points", "3",
@@ -173,6 +174,7 @@ def test_mini_sweep_plan_launch_fit(corpus, tmp_path, capsys):
         assert (out / "fit" / name).stat().st_size > 10_000
 
 
+@pytest.mark.multiprocess
 def test_slurm_job_array_trains_each_point_once(slurm, corpus, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "sweep"
     assert main(["scaling", "plan", "--base-config", TINY, "--compute", "5e9", "--points", "2", "--params", "9000",

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, child_env, torchrun
+from conftest import ROOT, child_env, launch
+
+pytestmark = pytest.mark.multiprocess
 
 TRAIN = ["--config", str(ROOT / "configs/tiny.yaml"), "train.max_steps=24", "log.interval=4",
          "train.global_batch_size=16", "checkpoint.interval=4"]
@@ -73,26 +75,27 @@ def slurm_output(tmp: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def plain_torchrun(tmp_path_factory) -> dict[int, float]:
-    """Final losses of the same training under plain torchrun, with 2 and with 4 processes."""
+def local_losses(tmp_path_factory) -> dict[int, float]:
+    """Final losses of the same training as a local job of 2 and of 4 processes (conftest.launch:
+    torchrun's environment; the losses are bit for bit those of a plain torchrun)."""
     losses = {}
     for nproc in (2, 4):
-        tmp = tmp_path_factory.mktemp(f"torchrun{nproc}")
-        torchrun(nproc, "-m", "pretrain", "train", *TRAIN, f"log.dir={tmp / 'log'}", "checkpoint.dir=''")
+        tmp = tmp_path_factory.mktemp(f"local{nproc}")
+        launch(nproc, "-m", "pretrain", "train", *TRAIN, f"log.dir={tmp / 'log'}", "checkpoint.dir=''")
         losses[nproc] = final_loss(tmp / "log")
     return losses
 
 
 @pytest.mark.parametrize("nodes", [1, 2])
-def test_rendered_job_trains_like_torchrun(slurm, tmp_path, plain_torchrun, nodes):
+def test_rendered_job_trains_like_torchrun(slurm, tmp_path, local_losses, nodes):
     job = submit(tmp_path, nodes)
     assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}) == "COMPLETED", \
         slurm_output(tmp_path)[-3000:]
-    assert final_loss(tmp_path / "log") == plain_torchrun[2 * nodes]
+    assert final_loss(tmp_path / "log") == local_losses[2 * nodes]
     assert f"{nodes} node(s) x 2" in slurm_output(tmp_path)
 
 
-def test_preemption_requeues_and_resumes_to_the_same_loss(slurm, tmp_path, plain_torchrun):
+def test_preemption_requeues_and_resumes_to_the_same_loss(slurm, tmp_path, local_losses):
     job = submit(tmp_path, 2)
     metrics = tmp_path / "log" / "metrics.jsonl"
     deadline = time.time() + 300
@@ -114,10 +117,10 @@ def test_preemption_requeues_and_resumes_to_the_same_loss(slurm, tmp_path, plain
     assert f"job {job} run 1 (requeued 1 of at most 2 times after a stop signal, 0 of at most 2 after a failure)" \
         in output and "resumed from" in output
     assert "torchrun restarted the workers" not in output  # stopped workers end; the requeue resumes them
-    assert final_loss(tmp_path / "log") == plain_torchrun[4]
+    assert final_loss(tmp_path / "log") == local_losses[4]
 
 
-def test_a_killed_training_process_is_restarted_in_the_job(slurm, tmp_path, plain_torchrun):
+def test_a_killed_training_process_is_restarted_in_the_job(slurm, tmp_path, local_losses):
     """2 nodes x 2 ranks: SIGKILL one training process after the first checkpoint; torchrun's
     agents restart all four workers, which resume and end with the uninterrupted run's loss."""
     from test_faults import training_pids
@@ -138,7 +141,7 @@ def test_a_killed_training_process_is_restarted_in_the_job(slurm, tmp_path, plai
     output = slurm_output(tmp_path)
     assert "restart 1 of at most 2: torchrun restarted the workers after one failed" in output
     assert "requeueing" not in output  # recovered within the job
-    assert final_loss(tmp_path / "log") == plain_torchrun[4]
+    assert final_loss(tmp_path / "log") == local_losses[4]
 
 
 def test_data_build_job_array_and_dependent_merge(slurm, tmp_path):

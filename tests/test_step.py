@@ -5,7 +5,9 @@ import json
 
 import pytest
 
-from conftest import TESTS, run_layouts, torchrun
+from conftest import TESTS, launch, run_layouts
+
+pytestmark = pytest.mark.multiprocess
 
 BASE = [
     "data.source=synthetic", "model.vocab_size=300", "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4",
@@ -27,7 +29,7 @@ def test_no_host_synchronisation_in_non_log_steps(tmp_path):
     spec, out = tmp_path / "spec.json", tmp_path / "sites.json"
     base = BASE + ["train.max_steps=8", "log.interval=4", f"log.dir={tmp_path / 'log'}"]
     spec.write_text(json.dumps({"base": base, "runs": runs}))
-    torchrun(2, str(TESTS / "sync_count.py"), str(spec), str(out))
+    launch(2, str(TESTS / "sync_count.py"), str(spec), str(out))
     sites = json.loads(out.read_text())
     control = sites.pop("zero0_control")
     assert all(any("step_finished" in site for site in rank) for rank in control)  # the count sees syncs
