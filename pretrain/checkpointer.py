@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from pretrain.checkpoint import (
     DEEPSPEED, MARKER, PARTIAL, UNIVERSAL, UNIVERSAL_FORMAT, WEIGHTS, CheckpointError, checkpoint_format, claim_run,
-    find_checkpoint, fsync, layout_record, partial_dir, prune, publish, read_marker, safe_load, step_dir,
+    find_checkpoint, fsync, layout_record, partial_dir, prune, publish, read_marker, replicas, safe_load, step_dir,
     store_tokenizer, to_universal, verify_files, write_marker,
 )
 from pretrain.config import CheckpointConfig, Config, DataSource, Layout, run_id, to_yaml
@@ -67,7 +67,7 @@ class Checkpointer:
         self.settings: CheckpointConfig = config.checkpoint
         self.root = Path(config.checkpoint.dir) if config.checkpoint.dir else None
         self.config = config
-        self.layout = layout_record(layout.tp, layout.pp, layout.dp)
+        self.layout = layout_record(layout.tp, layout.pp, layout.dp, layout.cp)
         self.tokenizer_sha256 = tokenizer_sha256
         self.run_id = run_id(config)
         self.lease: FolderLease | None = None
@@ -247,10 +247,11 @@ def check_layout(path: Path, saved: dict, current: dict, zero_stage: int) -> Non
             f"parallel.tp={current['tp']} parallel.pp={current['pp']}. Resume with the saved sizes, or reshard it: "
             f"`pretrain convert reshard --checkpoint {path} --tp {current['tp']} --pp {current['pp']} --out NEW_DIR`, "
             "then checkpoint.dir=NEW_DIR")
-    if saved["dp"] != current["dp"] and zero_stage == 3:
+    if replicas(saved) != replicas(current) and zero_stage == 3:
         raise CheckpointError(
-            f"{path} was saved with {saved['dp']} data-parallel ranks and ZeRO-3; this run has {current['dp']}. "
-            f"Resume with {saved['dp'] * saved['tp'] * saved['pp']} processes (ZeRO-3 resumes only at the same size)")
+            f"{path} was saved with {replicas(saved)} data- x context-parallel ranks and ZeRO-3; this run has "
+            f"{replicas(current)}. Resume with {replicas(saved) * saved['tp'] * saved['pp']} processes and the saved "
+            "parallel.cp (ZeRO-3 resumes only at the same size)")
 
 
 def universal_copy(path: Path) -> Path:
@@ -275,8 +276,8 @@ def universal_copy(path: Path) -> Path:
 
 def load(engine, path: Path, layout: dict, zero_stage: int) -> tuple[dict, dict | None]:
     """Load a complete checkpoint into the engine: returns (client state, this rank's own state
-    when the checkpoint was written by the same number of ranks, else None). A ZeRO-1/2
-    checkpoint of another data-parallel size is loaded through its universal form."""
+    when the checkpoint was written by the same number of ranks in the same layout, else None). A
+    ZeRO-1/2 checkpoint of another data- x context-parallel size is loaded through its universal form."""
     marker = read_marker(path)
     resharded = marker.get("format") == UNIVERSAL_FORMAT
     if resharded and zero_stage not in (1, 2):
@@ -284,7 +285,7 @@ def load(engine, path: Path, layout: dict, zero_stage: int) -> tuple[dict, dict 
                               f"optimizer.zero_stage 1 or 2, not {zero_stage}")
     check_layout(path, marker["layout"], layout, zero_stage)
     universal = path if resharded else None
-    if not resharded and marker["layout"]["dp"] != layout["dp"] and zero_stage in (1, 2):
+    if not resharded and replicas(marker["layout"]) != replicas(layout) and zero_stage in (1, 2):
         universal = universal_copy(path)
     if universal is not None:
         engine._config.load_universal_checkpoint = True  # for this one load only: it fails on regular ones
@@ -297,7 +298,8 @@ def load(engine, path: Path, layout: dict, zero_stage: int) -> tuple[dict, dict 
     if client_state is None:
         raise CheckpointError(f"DeepSpeed could not load {path}")
     own = _rank_file(path, dist.get_rank())
-    same_world = marker.get("world_size") == dist.get_world_size()
+    same_world = (marker.get("world_size") == dist.get_world_size()
+                  and (marker["layout"]["dp"], marker["layout"].get("cp", 1)) == (layout["dp"], layout["cp"]))
     rank_state = safe_load(own) if same_world and own.is_file() else None
     if rank_state is not None:
         set_rng_state(rank_state["rng"])

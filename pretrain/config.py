@@ -55,7 +55,11 @@ class DataSource(str, enum.Enum):
 @dataclass
 class ParallelConfig:
     tp: int = 1  # tensor-parallel size
-    pp: int = 1  # pipeline-parallel size; data-parallel size = world size / (tp * pp)
+    pp: int = 1  # pipeline-parallel size; data-parallel size = world size / (tp * pp * cp)
+    cp: int = 1  # context-parallel size: each sequence split over cp ranks (2 * cp load-balanced chunks)
+    # outside the tensor-parallel layers each TP rank holds seq_len / tp of the tokens: true, false or
+    # auto (on when tp > 1)
+    sequence_parallel: Any = "auto"
     backend: Backend = Backend.auto
     pp_partition: PipelinePartition = PipelinePartition.blocks  # how layers are split among pipeline stages
     timeout_minutes: float = 30.0  # a collective waiting longer than this fails (a dead or hung peer)
@@ -178,6 +182,13 @@ class Layout:
     micro_batch_size: int
     global_batch_size: int
     grad_accumulation: int  # micro-batches per rank per optimizer step
+    cp: int = 1
+    sequence_parallel: bool = False  # parallel.sequence_parallel resolved
+
+    @property
+    def replicas(self) -> int:
+        """Ranks that hold the same parameters and average their gradients (DeepSpeed's data axis): dp x cp."""
+        return self.dp * self.cp
 
 
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -227,14 +238,15 @@ def _describe(error: OmegaConfBaseException) -> str:
 def validate(config: Config, world_size: int) -> Layout:
     """Check every rule that involves several settings; report all broken rules at once."""
     model, execution, parallel, train = config.model, config.execution, config.parallel, config.train
-    tp, pp = parallel.tp, parallel.pp
+    tp, pp, cp = parallel.tp, parallel.pp, parallel.cp
     problems: list[str] = []
 
     def need(ok: bool, message: str) -> None:
         if not ok:
             problems.append(message)
 
-    for key, value in [("parallel.tp", tp), ("parallel.pp", pp), ("model.num_layers", model.num_layers),
+    for key, value in [("parallel.tp", tp), ("parallel.pp", pp), ("parallel.cp", cp),
+                       ("model.num_layers", model.num_layers),
                        ("model.hidden_size", model.hidden_size), ("model.num_heads", model.num_heads),
                        ("model.num_kv_heads", model.num_kv_heads), ("model.ffn_hidden_size", model.ffn_hidden_size),
                        ("model.seq_len", model.seq_len),
@@ -246,6 +258,8 @@ def validate(config: Config, world_size: int) -> Layout:
     need(model.vocab_size >= 0, f"model.vocab_size={model.vocab_size} must be >= 0 (0 = from the data's tokenizer)")
     need(execution.compile in ("auto", True, False),
          f"execution.compile={execution.compile!r} must be true, false or auto")
+    need(parallel.sequence_parallel in ("auto", True, False),
+         f"parallel.sequence_parallel={parallel.sequence_parallel!r} must be true, false or auto")
     if problems:
         raise ConfigError(_report(problems))
 
@@ -261,9 +275,20 @@ def validate(config: Config, world_size: int) -> Layout:
                               f"choose parallel.tp among {_divisors(value)} or change {key}")
     need(model.num_layers >= pp, f"parallel.pp={pp} exceeds model.num_layers={model.num_layers}: "
                                  "each pipeline stage needs at least one layer")
-    need(world_size % (tp * pp) == 0,
-         f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {tp} x {pp}: "
-         f"launch a multiple of {tp * pp} processes or change parallel.tp/parallel.pp")
+    need(world_size % (tp * pp * cp) == 0,
+         f"world size {world_size} is not divisible by parallel.tp x parallel.pp x parallel.cp = {tp} x {pp} x {cp}: "
+         f"launch a multiple of {tp * pp * cp} processes or change parallel.tp/parallel.pp/parallel.cp")
+    sequence_parallel = tp > 1 if parallel.sequence_parallel == "auto" else parallel.sequence_parallel
+    need(not (sequence_parallel and tp == 1),
+         "parallel.sequence_parallel=true needs parallel.tp > 1 (it splits the sequence among tensor-parallel "
+         "ranks); set it to auto or false, or raise parallel.tp")
+    need(model.seq_len % (2 * cp) == 0,
+         f"model.seq_len={model.seq_len} must be divisible by 2 x parallel.cp = {2 * cp}: each sequence is split "
+         "into 2 x cp chunks; change model.seq_len or parallel.cp")
+    need(not sequence_parallel or model.seq_len // cp % tp == 0,
+         f"model.seq_len / parallel.cp = {model.seq_len // cp} tokens per context-parallel rank must be divisible "
+         f"by parallel.tp={tp} under sequence parallelism; change model.seq_len or set "
+         "parallel.sequence_parallel=false")
     need(config.optimizer.zero_stage in (0, 1, 2, 3), f"optimizer.zero_stage={config.optimizer.zero_stage} must be 0, 1, 2 or 3")
     need(not (config.optimizer.zero_stage >= 2 and pp > 1),
          f"optimizer.zero_stage={config.optimizer.zero_stage} cannot be combined with parallel.pp={pp}: DeepSpeed's "
@@ -329,7 +354,7 @@ def validate(config: Config, world_size: int) -> Layout:
     need(config.data.source != DataSource.raw or bool(config.data.tokenizer),
          "data.source=raw needs data.tokenizer (a folder from `pretrain tokenizer train`)")
 
-    dp = max(world_size // (tp * pp), 1)
+    dp = max(world_size // (tp * pp * cp), 1)
     per_step = train.micro_batch_size * dp
     need(train.global_batch_size % per_step == 0,
          f"train.global_batch_size={train.global_batch_size} must be a multiple of train.micro_batch_size "
@@ -338,7 +363,8 @@ def validate(config: Config, world_size: int) -> Layout:
     if problems:
         raise ConfigError(_report(problems))
     return Layout(world_size=world_size, tp=tp, pp=pp, dp=dp, micro_batch_size=train.micro_batch_size,
-                  global_batch_size=train.global_batch_size, grad_accumulation=train.global_batch_size // per_step)
+                  global_batch_size=train.global_batch_size, grad_accumulation=train.global_batch_size // per_step,
+                  cp=cp, sequence_parallel=sequence_parallel)
 
 
 def validate_without_data(config: Config, world_size: int) -> Layout:

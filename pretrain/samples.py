@@ -1,6 +1,7 @@
 """Samples during training: every log.sample_interval steps the model completes
 log.sample_prompts (greedy) as the training ranks hold it — TP peers together, pipeline stages in
-turn, one data-parallel replica — and the completions go to samples.jsonl, TensorBoard and W&B.
+turn, one data- and context-parallel replica — and the completions go to samples.jsonl,
+TensorBoard and W&B.
 Nothing of the training state changes (the weights are only read; sampling has its own generator)."""
 
 from torch import nn
@@ -30,7 +31,7 @@ class TrainingSamples:
 
     def sample(self, step: int) -> None:
         """Complete the prompts with the current weights and write the completions (collective)."""
-        if self.context.dp_rank != 0:
+        if self.context.dp_rank != 0 or self.context.cp_rank != 0:
             return
         if self.context.pp > 1:
             weight = head_weight(self.model, self.config.model) if self.context.is_last_stage else None

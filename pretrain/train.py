@@ -49,7 +49,7 @@ def train(config: Config) -> TrainResult:
     data = stream.resolve(config)
     owns_process_group = not dist.is_initialized()
     context = parallel.initialize(layout.tp, layout.pp, config.parallel.backend.value,
-                                  config.parallel.timeout_minutes)
+                                  config.parallel.timeout_minutes, layout.cp)
     try:
         return Trainer(config, layout, context, data).run()
     finally:
@@ -98,7 +98,7 @@ class Trainer:
 
         self.metrics = MetricsWriter(log_dir, self.last_step, enabled=context.rank == 0,
                                      wandb=wandb_settings(config))
-        self.step_log = StepLog(self.metrics, config, layout, context.device, context.dp_group, self.last_step)
+        self.step_log = StepLog(self.metrics, config, layout, context.device, context.replica_group, self.last_step)
         if layout.pp > 1:
             self.steps = PipelineSteps(self.engine, self.model, context.device, layout.grad_accumulation,
                                        reads_data=context.is_first_stage or context.is_last_stage)

@@ -9,12 +9,17 @@ backward merely scales them by the incoming gradient, so no matmul is repeated.
 
 Under tensor parallelism each rank holds a contiguous slice of the (padded) vocabulary; the
 softmax is completed with two all-reduces per chunk over `tp_group`, as in megatron-core's
-vocab_parallel_cross_entropy. Vocabulary padding rows never enter the softmax.
+vocab_parallel_cross_entropy. Vocabulary padding rows never enter the softmax. Under sequence
+parallelism each TP rank brings its seq/tp tokens: they are gathered, and the gradient of the
+hidden states is reduce-scattered at once, so only this rank's share of it is kept. Under context
+parallelism the mean is over the tokens of the whole sequence (all context-parallel ranks).
 """
 
 import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+from pretrain.model.sequence_parallel import all_gather, from_sequence_order, reduce_scatter
 
 IGNORE_INDEX = -100
 
@@ -29,7 +34,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,
-                tp_group: dist.ProcessGroup, chunk_tokens: int, wants_grad: bool) -> torch.Tensor:
+                tp_group: dist.ProcessGroup, chunk_tokens: int, wants_grad: bool,
+                sequence_parallel: bool) -> torch.Tensor:
+        """sequence_parallel: hidden holds this TP rank's tokens, labels those of every TP rank in
+        gathered order; the gradient returned is of this rank's tokens."""
+        if sequence_parallel:
+            hidden = all_gather(hidden, tp_group).flatten(0, 1)
         local_vocab = weight.shape[0]
         first_column = tp_group.rank() * local_vocab
         padding = torch.arange(first_column, first_column + local_vocab, device=weight.device) >= vocab_size
@@ -60,6 +70,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_hidden[start:start + chunk_tokens] = grad_logits @ weight
                 grad_weight += (grad_logits.t() @ chunk).float()
         if wants_grad:
+            if sequence_parallel:
+                grad_hidden = reduce_scatter(grad_hidden.view(tp_group.size(), -1, grad_hidden.shape[-1]), tp_group)
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total
 
@@ -67,20 +79,33 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight * grad_total.to(grad_weight.dtype),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, vocab_size: int,
-                         tp_group: dist.ProcessGroup, chunk_tokens: int, reduction: str = "mean") -> torch.Tensor:
-    """Next-token loss of `hidden` [..., h] (identical on every TP rank) projected by this rank's
-    vocabulary slice `weight` [vocab/tp, h], against `labels` [...] (IGNORE_INDEX = no loss).
+                         tp_group: dist.ProcessGroup, chunk_tokens: int, reduction: str = "mean",
+                         sequence_parallel: bool = False, cp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Next-token loss of `hidden` [batch, seq, h] (identical on every TP rank; with
+    `sequence_parallel` this TP rank's [batch, seq/tp, h]) projected by this rank's vocabulary slice
+    `weight` [vocab/tp, h], against `labels` [batch, seq] (IGNORE_INDEX = no loss).
 
-    Mean over the predicted tokens (or with reduction="sum", their sum); equals
-    cross_entropy(logits, labels) of the full logits, whose fp32 copy is never materialised."""
-    flat_hidden = copy_to_tensor_model_parallel_region(hidden.reshape(-1, hidden.shape[-1]), group=tp_group)
+    Mean over the predicted tokens (or with reduction="sum", this rank's sum); equals
+    cross_entropy(logits, labels) of the full logits, whose fp32 copy is never materialised. With a
+    context-parallel `cp_group` the mean is the whole sequence's: each rank returns its sum times cp over
+    the group's token count, which averaged over the group (as gradients are) is that mean."""
+    if sequence_parallel:
+        flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+        labels = from_sequence_order(labels, tp_group.size())  # the order the gathered tokens come in
+    else:
+        flat_hidden = copy_to_tensor_model_parallel_region(hidden.reshape(-1, hidden.shape[-1]), group=tp_group)
     flat_labels = labels.reshape(-1)
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    total = _LinearCrossEntropy.apply(flat_hidden, weight, flat_labels, vocab_size, tp_group, chunk_tokens, wants_grad)
+    total = _LinearCrossEntropy.apply(flat_hidden, weight, flat_labels, vocab_size, tp_group, chunk_tokens, wants_grad,
+                                      sequence_parallel)
     if reduction == "sum":
         return total
-    return total / (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
+    count = (flat_labels != IGNORE_INDEX).sum()
+    if cp_group is not None and cp_group.size() > 1:
+        dist.all_reduce(count, group=cp_group)
+        total = total * cp_group.size()
+    return total / count.clamp(min=1)
