@@ -25,9 +25,11 @@ from pretrain.config import CheckpointConfig, Config, DataSource, Layout, run_id
 from pretrain.errors import UserError
 from pretrain.lease import FolderLease
 
-# Model settings a checkpoint's weights must agree with (the others may change when resuming).
-ARCHITECTURE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
-                "rope_theta", "norm_eps", "tie_embeddings")
+# Model settings a checkpoint's weights must agree with to start from them (checkpoint.init_from) ...
+SHAPE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size", "norm_eps",
+         "tie_embeddings")
+# ... and to resume a run (the others, model.seq_len among them, may change).
+ARCHITECTURE = (*SHAPE, "rope_theta", "rope_scaling")
 
 
 @dataclass
@@ -71,32 +73,48 @@ class Checkpointer:
         self.tokenizer_sha256 = tokenizer_sha256
         self.run_id = run_id(config)
         self.lease: FolderLease | None = None
+        self.weights_only = False  # the checkpoint start() found gives weights only: step 0, fresh optimizer
 
     def start(self) -> Path | None:
         """Claim checkpoint.dir (rank 0: the run record and the lease) and find the checkpoint
-        this run resumes from (checkpoint.resume), checked against this run's model and tokenizer
-        before anything of it is unpickled. One decision for all ranks, whatever their view of the disk."""
-        if self.root is None:
+        this run resumes from (checkpoint.resume) or, when checkpoint.dir holds none, whose weights
+        it starts from (checkpoint.init_from), checked against this run's model and tokenizer before
+        anything of it is unpickled. One decision for all ranks, whatever their view of the disk."""
+        if self.root is None and not self.settings.init_from:
             return None
-        outcome: list = [None]
+        outcome: list = [None, False]
         if dist.get_rank() == 0:
             try:
-                claim_run(self.root, self.run_id, str(Path(self.config.log.dir).resolve()))
-                self.lease = FolderLease(self.root, self.run_id, self.settings.lease_timeout_s)
-                self.lease.acquire()
-                found = find_checkpoint(self.root, self.settings.resume)
-                if found is not None:
-                    self._check_compatible(found)
-                outcome = [found]
+                outcome = self._find()
             except UserError as error:
-                outcome = [error]
+                outcome = [error, False]
         dist.broadcast_object_list(outcome, src=0)
         if isinstance(outcome[0], UserError):
             raise outcome[0]
-        return outcome[0]
+        found, self.weights_only = outcome
+        return found
 
-    def _check_compatible(self, path: Path) -> None:
-        """The checkpoint holds this run's model and was trained on data of this run's tokenizer."""
+    def _find(self) -> list:
+        """[the checkpoint to start from or None, whether only its weights are loaded] (rank 0)."""
+        from pretrain.convert.reader import resolve_step
+
+        found = None
+        if self.root is not None:
+            claim_run(self.root, self.run_id, str(Path(self.config.log.dir).resolve()))
+            self.lease = FolderLease(self.root, self.run_id, self.settings.lease_timeout_s)
+            self.lease.acquire()
+            found = find_checkpoint(self.root, self.settings.resume)
+        if found is None and self.settings.init_from:
+            found = resolve_step(self.settings.init_from)
+            self._check_compatible(found, SHAPE)
+            return [found, True]
+        if found is not None:
+            self._check_compatible(found, ARCHITECTURE)
+        return [found, found is not None and checkpoint_format(found) == WEIGHTS]
+
+    def _check_compatible(self, path: Path, settings: tuple[str, ...]) -> None:
+        """The checkpoint holds this run's model (`settings` of it agree) and was trained on data of
+        this run's tokenizer."""
         from pretrain.convert.reader import CheckpointReader
 
         verify_files(path)
@@ -104,7 +122,7 @@ class Checkpointer:
         args = self.config.model
         differences = [f"model.{key}: checkpoint {value!r}, this run {getattr(args, key)!r}"
                        for key, value in vars(reader.args).items()
-                       if key in ARCHITECTURE and getattr(args, key) != value]
+                       if key in settings and getattr(args, key) != value]
         if differences:
             raise CheckpointError(f"{path} holds another model than this run's config:\n  " + "\n  ".join(differences)
                                   + "\nResume with the checkpoint's model settings, or start a new checkpoint.dir")
@@ -157,7 +175,8 @@ class Checkpointer:
         return progress
 
     def load_weights(self, model: torch.nn.Module, path: Path, tp_rank: int, canonical) -> None:
-        """Start from a weights-only checkpoint (`pretrain convert from-hf`): step 0, fresh optimizer."""
+        """Start from the weights of a checkpoint of any layout (`pretrain convert from-hf`, or
+        checkpoint.init_from): step 0, fresh optimizer."""
         from pretrain.convert.reader import CheckpointReader, LazyTensors
         from pretrain.model.weights import load_full_state_dict
 

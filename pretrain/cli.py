@@ -68,6 +68,9 @@ def _add_plan(commands) -> None:
     plan.add_argument("--intra-node-gbps", type=float, help="all-reduce bus bandwidth inside a node, GB/s")
     plan.add_argument("--inter-node-gbps", type=float, help="bandwidth per GPU between nodes, GB/s")
     plan.add_argument("--search", action="store_true", help="rank every valid layout that fits by tokens/s")
+    plan.add_argument("--longest", action="store_true",
+                      help="the longest model.seq_len (the config's times a power of two) that some layout fits, "
+                           "and its fastest layout")
     plan.add_argument("--top", type=int, default=5, help="layouts --search shows")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(run=_plan)
@@ -258,6 +261,16 @@ def _plan(args: argparse.Namespace) -> int:
     gpu = dataclasses.replace(gpu, **{k: v for k, v in bandwidths.items() if v})
     config = load(args.config, args.overrides)
     efficiency = args.efficiency or plan.EFFICIENCY
+    if args.longest:
+        seq_len, best = plan.longest_seq_len(config, args.gpus, gpu, args.gpus_per_node, efficiency)
+        if args.json:
+            print(json.dumps({"seq_len": seq_len, "plan": best.to_json() if best else None}, indent=1))
+        elif best is None:
+            print(f"no model.seq_len fits {args.gpus} x {gpu.name}")
+        else:
+            print(f"longest model.seq_len that fits {args.gpus} x {gpu.name}: {seq_len:,}\n{plan.describe(best)}\n"
+                  f"overrides: model.seq_len={seq_len} {best.overrides()}")
+        return 0 if best else 1
     if args.search:
         ranked = plan.search(config, args.gpus, gpu, args.gpus_per_node, efficiency)
         if args.json:

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pretrain.errors import UserError
-from pretrain.model.args import ExecutionArgs, LlamaArgs
+from pretrain.model.args import ExecutionArgs, LlamaArgs, RopeScalingKind
 
 
 class ConfigError(UserError, ValueError):
@@ -143,6 +143,9 @@ class CheckpointConfig:
     keep_last: int = 3  # newest checkpoints kept; 0 = keep all
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0 = none
     resume: str = "auto"  # auto: newest complete checkpoint in dir, if any; none; or a checkpoint's path
+    # when dir holds no checkpoint: start from the weights of this checkpoint (a step folder or a checkpoint.dir,
+    # any layout; e.g. a short-context run's), at step 0 with a fresh optimizer and schedule
+    init_from: str = ""
     # the run holding dir renews its lease this often / 4; a crashed holder's lease is taken over after this
     lease_timeout_s: float = 120.0
 
@@ -273,6 +276,7 @@ def validate(config: Config, world_size: int) -> Layout:
                        ("model.ffn_hidden_size", model.ffn_hidden_size)]:
         need(value % tp == 0, f"{key}={value} is not divisible by parallel.tp={tp}: "
                               f"choose parallel.tp among {_divisors(value)} or change {key}")
+    problems += _rope_scaling_problems(model)
     need(model.num_layers >= pp, f"parallel.pp={pp} exceeds model.num_layers={model.num_layers}: "
                                  "each pipeline stage needs at least one layer")
     need(world_size % (tp * pp * cp) == 0,
@@ -321,6 +325,9 @@ def validate(config: Config, world_size: int) -> Layout:
          "checkpoint.keep_last and checkpoint.keep_every must be >= 0")
     need(not (config.checkpoint.resume not in ("auto", "none") and not Path(config.checkpoint.resume).exists()),
          f"checkpoint.resume={config.checkpoint.resume} does not exist: give auto, none or a checkpoint directory")
+    need(not config.checkpoint.init_from or Path(config.checkpoint.init_from).exists(),
+         f"checkpoint.init_from={config.checkpoint.init_from} does not exist: give a checkpoint.dir or one of its "
+         "step_* folders")
     need(train.max_bad_steps >= 1, f"train.max_bad_steps={train.max_bad_steps} must be at least 1")
     need(not (config.debug.inject_nan_steps and pp > 1), "debug.inject_nan_steps (fault injection) needs parallel.pp=1")
     need(train.eval_interval >= 0, f"train.eval_interval={train.eval_interval} must be >= 0 (0 = no validation)")
@@ -367,6 +374,25 @@ def validate(config: Config, world_size: int) -> Layout:
                   cp=cp, sequence_parallel=sequence_parallel)
 
 
+def _rope_scaling_problems(model: LlamaArgs) -> list[str]:
+    scaling = model.rope_scaling
+    if scaling.kind == RopeScalingKind.none:
+        return []
+    kind, problems = scaling.kind.value, []
+    if not scaling.factor >= 1:
+        problems.append(f"model.rope_scaling.factor={scaling.factor} must be >= 1 (the new length over the original)")
+    if scaling.original_seq_len < 1:
+        problems.append(f"model.rope_scaling.kind={kind} needs model.rope_scaling.original_seq_len: the sequence "
+                        "length the model was trained at before the extension")
+    if scaling.kind == RopeScalingKind.llama3 and not 0 < scaling.low_freq_factor < scaling.high_freq_factor:
+        problems.append(f"model.rope_scaling.low_freq_factor={scaling.low_freq_factor} and high_freq_factor="
+                        f"{scaling.high_freq_factor} must satisfy 0 < low < high (Llama 3.1: 1 and 4)")
+    if scaling.kind == RopeScalingKind.yarn and not 0 < scaling.beta_slow < scaling.beta_fast:
+        problems.append(f"model.rope_scaling.beta_slow={scaling.beta_slow} and beta_fast={scaling.beta_fast} "
+                        "must satisfy 0 < beta_slow < beta_fast (YaRN: 1 and 32)")
+    return problems
+
+
 def validate_without_data(config: Config, world_size: int) -> Layout:
     """validate() of what a launch of `world_size` processes needs besides its data: the model,
     the parallel layout and the optimizer (for planning and for converting checkpoints; the data,
@@ -375,7 +401,7 @@ def validate_without_data(config: Config, world_size: int) -> Layout:
         config, data=dataclasses.replace(config.data, source=DataSource.synthetic, valid_path=""),
         train=dataclasses.replace(config.train, eval_interval=0),
         log=dataclasses.replace(config.log, sample_interval=0),
-        checkpoint=dataclasses.replace(config.checkpoint, resume="none")), world_size)
+        checkpoint=dataclasses.replace(config.checkpoint, resume="none", init_from="")), world_size)
 
 
 def total_steps(config: Config) -> int:
@@ -403,7 +429,8 @@ def data_path_list(path: Any) -> list[str]:
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted({*small, *(n // d for d in small)})
 
 
 def _report(problems: list[str]) -> str:

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain import parallel, plan
-from pretrain.checkpointer import Checkpointer, Progress, starts_from_weights
+from pretrain.checkpointer import Checkpointer, Progress
 from pretrain.config import Config, Layout, Precision, to_yaml, total_steps, validate
 from pretrain.data import stream
 from pretrain.engine import build_engine, build_model, resolve_precision, single_stage_names
@@ -83,12 +83,12 @@ class Trainer:
     def _build(self, resume_from: Path | None, log_dir: Path) -> None:
         config, layout, context, data = self.config, self.layout, self.context, self.data
         self.model = build_model(config, layout, context)
-        if starts_from_weights(resume_from):  # before DeepSpeed copies the weights into its optimizer
+        if self.checkpointer.weights_only:  # before DeepSpeed copies the weights into its optimizer
             self.checkpointer.load_weights(self.model, resume_from, context.tp_rank, single_stage_names(config, layout))
         precision = resolve_precision(config.train.precision, context.device)
         self.engine = build_engine(self.model, config, layout, precision, self.last_step)
         self.progress = Progress()
-        if resume_from is not None and not starts_from_weights(resume_from):
+        if resume_from is not None and not self.checkpointer.weights_only:
             with loading_checkpoint(self.engine, config.optimizer.zero_stage):
                 self.progress = self.checkpointer.resume(self.engine, resume_from)
         self.start_step = self.progress.step

@@ -6,21 +6,25 @@ partner many). `shard_batch` hands each rank its tokens, labels and global posit
 ids stay whole (every rank's queries may attend to keys of any chunk).
 
 Attention of the local queries runs against the keys and values of the whole sequence,
-all-gathered from the cp ranks (as in Llama 3's long-context training), and the gradients of the
-gathered keys and values are reduce-scattered back. For backward only this rank's keys and values
-are kept, gathered again when backward runs, so activation memory falls by cp. On CPU both
-passes use aten's flash-attention kernel with an explicit mask, a block of query rows at a time
-(the forward's log-sum-exp is kept: nothing is recomputed); on GPU the forward is FlexAttention
-with a block mask and backward recomputes it (FlexAttention has no separate backward kernel)."""
+all-gathered from the cp ranks (as in Llama 3's long-context training; document masks need
+nothing more), and the gradients of the gathered keys and values are reduce-scattered back. The
+attention kernel is the usual one (SDPA with an explicit mask on CPU, FlexAttention with a block
+mask on GPU) and runs once forward and once backward; what it saves for backward is kept, except
+the gathered keys and values (and the CPU mask): their memory is released after the forward and
+refilled before the backward, by gathering this rank's keys and values again (and rebuilding the
+mask), so activation memory falls by cp. Inside an activation-checkpointed block, which keeps
+nothing anyway, plain autograd does (gather, attention; the recomputation gathers again).
+"""
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask
 
 from pretrain.model.attention import _flex_attention
 from pretrain.model.sequence_parallel import all_gather, reduce_scatter
-
-QUERY_BLOCK = 512  # query rows per kernel call on CPU: bounds the explicit mask, [batch, 1, rows, keys]
 
 
 def chunk_spans(seq_len: int, cp: int, rank: int) -> list[tuple[int, int]]:
@@ -69,25 +73,27 @@ def _reduce_scatter_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch
     return reduce_scatter(parts, group)
 
 
-def _row_blocks(seq_len: int, cp: int, rank: int) -> list[tuple[int, int, int]]:
-    """(first local row, first global position, rows) of each block of local queries."""
-    blocks, row = [], 0
-    for start, end in chunk_spans(seq_len, cp, rank):
-        for first in range(start, end, QUERY_BLOCK):
-            blocks.append((row, first, min(QUERY_BLOCK, end - first)))
-            row += blocks[-1][2]
-    return blocks
+class _GatherSequence(torch.autograd.Function):
+    """Every rank's chunks -> the whole sequence; backward reduce-scatters the gradient back to the chunks."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return _gather_sequence(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _reduce_scatter_sequence(grad, ctx.group), None
 
 
-def _block_mask(first: int, rows: int, document_ids: torch.Tensor | None, batch: int,
-                dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Additive mask [batch, 1, rows, first + rows] of queries at global positions first.. against keys 0..:
-    causal, and within the query's document."""
-    keys = first + rows
-    allowed = (torch.arange(keys, device=device)[None, :] <= torch.arange(first, keys, device=device)[:, None])
-    allowed = allowed.expand(batch, rows, keys)
+def _cpu_mask(seq_len: int, cp: int, rank: int, document_ids: torch.Tensor | None, batch: int, dtype: torch.dtype,
+              device: torch.device) -> torch.Tensor:
+    """Additive mask [batch, 1, seq/cp, seq] of this rank's queries against every key: causal, and
+    within the query's document."""
+    positions = chunk_positions(seq_len, cp, rank, device)
+    allowed = (torch.arange(seq_len, device=device)[None, :] <= positions[:, None]).expand(batch, -1, -1)
     if document_ids is not None:
-        allowed = allowed & (document_ids[:, first:keys, None] == document_ids[:, None, :keys])
+        allowed = allowed & (document_ids[:, positions, None] == document_ids[:, None, :])
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))[:, None]
 
 
@@ -107,60 +113,71 @@ def _flex_block_mask(seq_len: int, cp: int, rank: int, document_ids: torch.Tenso
                              device=device, _compile=True)
 
 
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, group: dist.ProcessGroup,
+            document_ids: torch.Tensor | None) -> tuple[torch.Tensor, list[tuple[torch.Tensor, Callable]]]:
+    """The attention kernel on this rank's queries and the whole sequence's keys and values. Also
+    returns what else it saves for backward that can be rebuilt, with how (the CPU mask)."""
+    seq_len, cp, rank = keys.shape[2], group.size(), group.rank()
+    if q.device.type == "cuda":
+        block_mask = _flex_block_mask(seq_len, cp, rank, document_ids, q.shape[0], q.device)
+        return _flex_attention(q, keys, values, block_mask=block_mask, enable_gqa=True), []
+
+    def mask() -> torch.Tensor:
+        return _cpu_mask(seq_len, cp, rank, document_ids, q.shape[0], q.dtype, q.device)
+
+    attn_mask = mask()
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, enable_gqa=True), [(attn_mask, mask)]
+
+
+def _release(tensor: torch.Tensor) -> int:
+    """Free a tensor's memory, keeping the tensor (autograd's saved references to it stay valid
+    once refilled); returns its size."""
+    size = tensor.untyped_storage().nbytes()
+    tensor.untyped_storage().resize_(0)
+    return size
+
+
+def _refill(tensor: torch.Tensor, size: int, value: torch.Tensor) -> None:
+    tensor.untyped_storage().resize_(size)
+    tensor.data.copy_(value)  # .data: no version bump, autograd keeps treating it as the saved tensor
+
+
 class _ContextParallelAttention(torch.autograd.Function):
+    """The attention of this rank's queries, its graph kept inside (ctx) with the gathered keys and
+    values (and the CPU mask) released until backward refills them."""
+
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: torch.Tensor | None,
                 group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group, ctx.has_documents = group, document_ids is not None
-        keys, values = _gather_sequence(torch.stack([k, v]), group)
-        seq_len, cp, rank = keys.shape[2], group.size(), group.rank()
-        if q.device.type == "cuda":
-            block_mask = _flex_block_mask(seq_len, cp, rank, document_ids, q.shape[0], q.device)
-            out = _flex_attention(q, keys, values, block_mask=block_mask, enable_gqa=True)
-            ctx.block_mask = block_mask
-            ctx.save_for_backward(q, k, v)
-            return out
-        out = torch.empty_like(q)
-        lse = q.new_empty(q.shape[:3], dtype=torch.float32)
-        for row, first, rows in _row_blocks(seq_len, cp, rank):
-            mask = _block_mask(first, rows, document_ids, q.shape[0], q.dtype, q.device)
-            out[:, :, row:row + rows], lse[:, :, row:row + rows] = \
-                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    q[:, :, row:row + rows], keys[:, :, :first + rows], values[:, :, :first + rows], attn_mask=mask)
-        ctx.save_for_backward(q, k, v, out, lse, *([document_ids] if document_ids is not None else []))
-        return out
+        ctx.group = group
+        ctx.q, ctx.kv = q.detach().requires_grad_(), _gather_sequence(torch.stack([k, v]), group).requires_grad_()
+        with torch.enable_grad():
+            ctx.out, rebuilt = _attend(ctx.q, ctx.kv[0], ctx.kv[1], group, document_ids)
+        ctx.kv_size = _release(ctx.kv)
+        ctx.released = [(tensor, _release(tensor), rebuild) for tensor, rebuild in rebuilt]
+        ctx.save_for_backward(k, v)  # this rank's keys and values, which the gathered ones are rebuilt from
+        return ctx.out.detach()
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        q, k, v, *rest = ctx.saved_tensors
-        group = ctx.group
-        keys, values = _gather_sequence(torch.stack([k, v]), group)
-        if q.device.type == "cuda":
-            with torch.enable_grad():
-                q_, keys, values = (t.detach().requires_grad_() for t in (q, keys, values))
-                out = _flex_attention(q_, keys, values, block_mask=ctx.block_mask, enable_gqa=True)
-                grad_q, grad_keys, grad_values = torch.autograd.grad(out, (q_, keys, values), grad_out)
-        else:
-            out, lse, *documents = rest
-            document_ids = documents[0] if documents else None
-            grad_q = torch.empty_like(q)
-            grad_keys, grad_values = (torch.zeros_like(t, dtype=torch.float32) for t in (keys, values))
-            for row, first, rows in _row_blocks(keys.shape[2], group.size(), group.rank()):
-                mask = _block_mask(first, rows, document_ids, q.shape[0], q.dtype, q.device)
-                block = slice(row, row + rows)
-                grad_q[:, :, block], grad_k, grad_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                    grad_out[:, :, block].contiguous(), q[:, :, block], keys[:, :, :first + rows],
-                    values[:, :, :first + rows], out[:, :, block], lse[:, :, block], 0.0, False, attn_mask=mask)
-                grad_keys[:, :, :first + rows] += grad_k
-                grad_values[:, :, :first + rows] += grad_v
-        grad_k, grad_v = _reduce_scatter_sequence(torch.stack([grad_keys, grad_values]).to(k.dtype), group)
+        k, v = ctx.saved_tensors
+        _refill(ctx.kv, ctx.kv_size, _gather_sequence(torch.stack([k, v]), ctx.group))
+        for tensor, size, rebuild in ctx.released:
+            _refill(tensor, size, rebuild())
+        grad_q, grad_kv = torch.autograd.grad(ctx.out, (ctx.q, ctx.kv), grad_out)
+        del ctx.q, ctx.kv, ctx.out, ctx.released
+        grad_k, grad_v = _reduce_scatter_sequence(grad_kv, ctx.group)
         return grad_q, grad_k, grad_v, None, None
 
 
-@torch.compiler.disable  # a graph break inside compiled blocks: the kernels and collectives run eagerly
+@torch.compiler.disable  # a graph break inside compiled blocks: the kernel and the collectives run eagerly
 def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,
-                               document_ids: torch.Tensor | None = None) -> torch.Tensor:
+                               document_ids: torch.Tensor | None = None, recomputed: bool = False) -> torch.Tensor:
     """Causal grouped-query attention of this rank's queries q [batch, heads, seq/cp, d] against the
     keys and values of the whole sequence (k, v [batch, kv_heads, seq/cp, d]: this rank's chunks);
-    with document_ids [batch, seq] (the whole sequence's), also within each document only."""
+    with document_ids [batch, seq] (the whole sequence's), also within each document only.
+    `recomputed`: the caller is an activation-checkpointed block."""
+    if recomputed or not torch.is_grad_enabled():
+        keys, values = _GatherSequence.apply(torch.stack([k, v]), group)
+        return _attend(q, keys, values, group, document_ids)[0]
     return _ContextParallelAttention.apply(q, k, v, document_ids, group)

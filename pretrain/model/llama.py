@@ -156,6 +156,7 @@ class Attention(nn.Module):
         self.tp_group = tp_group
         self.sequence_parallel = False  # x holds this TP rank's seq/tp tokens (set by pretrain.model.parallelize)
         self.cp_group = None  # context parallel: x holds this rank's chunks of the sequence
+        self.recompute = False  # its block is recomputed in backward (set by pretrain.model.execution)
         self.head_dim = args.head_dim
         self.queries_per_group = args.num_heads // args.num_kv_heads
         self.local_groups = args.num_kv_heads // tp_group.size()
@@ -190,7 +191,7 @@ class Attention(nn.Module):
         """document_ids: [batch, seq] of the whole sequence, also under context parallelism."""
         q, k, v = self._project(x, cos, sin, self.sequence_parallel)
         if self.cp_group is not None:
-            out = context_parallel_attention(q, k, v, self.cp_group, document_ids)
+            out = context_parallel_attention(q, k, v, self.cp_group, document_ids, self.recompute)
         else:
             out = attention(q, k, v, document_ids)
         return self._output(out, self.sequence_parallel)
