@@ -214,8 +214,9 @@ def _add_bench(commands) -> None:
     data.add_argument("--out", help="write the figures as JSON here")
     data.set_defaults(run=_bench_data)
     train = bench.add_parser("train", help="training throughput beside Hugging Face Llama (eager, compiled)")
-    train.add_argument("--shape", choices=["tiny", "cpu", "1b", "wide"], default="tiny",
-                       help="tiny (seconds) and cpu (a 7M model) run on a CPU; 1b and wide are the GPU shapes")
+    train.add_argument("--shape", choices=["tiny", "cpu", "long", "1b", "wide"], default="tiny",
+                       help="tiny (seconds), cpu (a 7M model) and long (8192 tokens) run on a CPU; 1b and wide are "
+                            "the GPU shapes")
     train.add_argument("--work", default="runs/bench-train", help="folder for the tokenizer, shards and logs")
     train.add_argument("--warmup", type=int, default=5, help="steps before measuring (compilation included)")
     train.add_argument("--steps", type=int, default=10, help="measured steps")
