@@ -22,7 +22,6 @@ from pretrain.checkpoint import (
     store_tokenizer, to_universal, verify_files, write_marker,
 )
 from pretrain.config import CheckpointConfig, Config, DataSource, Layout, run_id, to_yaml
-from pretrain.errors import UserError
 from pretrain.lease import FolderLease
 
 # Model settings a checkpoint's weights must agree with to start from them (checkpoint.init_from) ...
@@ -86,10 +85,10 @@ class Checkpointer:
         if dist.get_rank() == 0:
             try:
                 outcome = self._find()
-            except UserError as error:
+            except Exception as error:  # every rank raises it, rather than waiting for rank 0
                 outcome = [error, False]
         dist.broadcast_object_list(outcome, src=0)
-        if isinstance(outcome[0], UserError):
+        if isinstance(outcome[0], Exception):
             raise outcome[0]
         found, self.weights_only = outcome
         return found
@@ -195,10 +194,9 @@ def save(engine, root: Path, step: int, client_state: dict, rank_state: dict, la
          keep_every: int, tokenizer: Path | None, run_id: str) -> Path:
     """Every rank calls this. `layout`: the parallel sizes, recorded to check resumes against;
     `tokenizer`: the run's tokenizer folder, copied into the checkpoint; retention removes only
-    checkpoints of run `run_id`. Returns the final
-    directory once it is complete on all ranks. A write error on any rank (a full disk, EIO)
-    removes the partial directory and raises CheckpointError on every rank; the checkpoints
-    saved before are left as they were."""
+    checkpoints of run `run_id`. Returns the final directory once it is complete on all ranks.
+    A write error on any rank (a full disk, EIO) removes the partial directory and raises
+    CheckpointError on every rank; the checkpoints saved before are left as they were."""
     rank = dist.get_rank()
     final = step_dir(root, step)
     partial = partial_dir(final)
@@ -282,10 +280,9 @@ def universal_copy(path: Path) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
         started = time.perf_counter()
         to_universal(path, partial)
-        marker = read_marker(path)
-        write_marker(partial, UNIVERSAL_FORMAT, marker["step"], layout_record(marker["layout"]["tp"],
-                                                                              marker["layout"]["pp"], None),
-                     converted_from=path.name)
+        saved = read_marker(path)
+        layout = layout_record(saved["layout"]["tp"], saved["layout"]["pp"], None)
+        write_marker(partial, UNIVERSAL_FORMAT, saved["step"], layout, converted_from=path.name)
         shutil.rmtree(universal, ignore_errors=True)
         os.replace(partial, universal)
         print(f"converted {path} for another data-parallel size in {time.perf_counter() - started:.1f} s", flush=True)

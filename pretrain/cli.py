@@ -288,7 +288,8 @@ def _generate(args: argparse.Namespace) -> int:
     from pretrain import inference
     from pretrain.generate import Sampling
 
-    prompts = args.prompt or [line for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    inference.resolve_device(args.device)  # a device that is not here is refused before any checkpoint is read
+    prompts = _prompts(args.prompt, args.prompts_file)
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, seed=args.seed)
     inference.run_generate(args.checkpoint, args.step, prompts, sampling, args.tokenizer, args.device,
@@ -296,9 +297,30 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prompts(given: list[str] | None, file: str | None) -> list[str]:
+    """--prompt's texts or --prompts-file's non-empty lines; an empty prompt is refused."""
+    from pretrain.generate import GenerateError
+
+    if given is not None:
+        if "" in given:
+            raise GenerateError(f'--prompt "": prompt {given.index("") + 1} of {len(given)} is empty; give every prompt '
+                                'some text')
+        return given
+    try:
+        prompts = [line for line in Path(file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as error:
+        raise GenerateError(f"--prompts-file {file}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise GenerateError(f"--prompts-file {file} is not UTF-8 text: write one prompt per line") from None
+    if not prompts:
+        raise GenerateError(f"--prompts-file {file} holds no prompt: write one prompt per line")
+    return prompts
+
+
 def _eval(args: argparse.Namespace) -> int:
     from pretrain import inference
 
+    inference.resolve_device(args.device)
     inference.run_eval(args.checkpoint, args.step, args.data, args.batches, args.out, args.device,
                        args.allow_tokenizer_mismatch)
     return 0

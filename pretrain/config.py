@@ -304,7 +304,7 @@ def validate(config: Config, world_size: int) -> Layout:
          f"optimizer.zero_stage=0 cannot be combined with parallel.pp={pp}: DeepSpeed then computes the "
          "gradient-clipping norm wrongly on later pipeline stages; set optimizer.zero_stage=1")
     optimizer = config.optimizer
-    need(math.isfinite(optimizer.lr) and optimizer.lr > 0, f"optimizer.lr={optimizer.lr} must be a positive number")
+    need(math.isfinite(optimizer.lr) and optimizer.lr > 0, f"optimizer.lr={optimizer.lr} must be positive and finite")
     for key in ("beta1", "beta2"):
         value = getattr(optimizer, key)
         need(0 <= value < 1, f"optimizer.{key}={value} must be in [0, 1) (typical: beta1 0.9, beta2 0.95)")

@@ -8,6 +8,7 @@ The model runs where it is: `ModelDecoder` on a Llama at any TP size (every TP r
 logits and samples the same tokens), `PipelineDecoder` on the stages of a pipeline, passing the
 hidden states stage to stage and the sampled tokens from the last stage back to all."""
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -15,8 +16,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from torch import nn
 
+from pretrain.errors import UserError
 from pretrain.model.args import LlamaArgs
 from pretrain.model.llama import Block, KVCache, Llama
+
+
+class GenerateError(UserError, ValueError):
+    """A setting of `pretrain generate` (or a --device) that cannot work; the message names the option."""
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,18 @@ class Sampling:
     top_k: int = 0  # 0: no cut
     top_p: float = 1.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "--max-new-tokens": (self.max_new_tokens, self.max_new_tokens >= 1, "must be at least 1"),
+            "--temperature": (self.temperature, math.isfinite(self.temperature) and self.temperature >= 0,
+                              "must be a number >= 0 (0: greedy; e.g. 0.8 to sample)"),
+            "--top-k": (self.top_k, self.top_k >= 0, "must be >= 0 (0: no top-k cut)"),
+            "--top-p": (self.top_p, 0 < self.top_p <= 1, "must be in (0, 1] (1: no top-p cut; e.g. 0.95)"),
+        }
+        for option, (value, ok, rule) in checks.items():
+            if not ok:
+                raise GenerateError(f"{option} {value} {rule}")
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, tp_group, vocab_size: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ from pretrain import parallel
 from pretrain.config import Config, Precision, validate
 from pretrain.convert.reader import CheckpointReader, LazyTensors, checkpoint_tokenizer
 from pretrain.data import stream
-from pretrain.generate import ModelDecoder, Sampling, generate
+from pretrain.generate import GenerateError, ModelDecoder, Sampling, generate
 from pretrain.model.llama import Llama
 from pretrain.model.weights import load_full_state_dict
 from pretrain.tokenizer import TokenizerError
@@ -27,8 +27,24 @@ def load_model(reader: CheckpointReader, device: torch.device, dtype: torch.dtyp
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto`: a GPU if there is one, else the CPU; otherwise the device named."""
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+    """`auto`: a GPU if there is one, else the CPU; otherwise the device named (cpu, cuda, cuda:N),
+    checked to be here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise GenerateError(f"--device {name} is not a device here: choose auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            build = "a CPU build of torch" if torch.version.cuda is None else "no GPU visible to CUDA"
+            raise GenerateError(f"--device {name}: there is no CUDA GPU here ({build}); use --device cpu or auto")
+        if (device.index or 0) >= count:
+            raise GenerateError(f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def run_generate(checkpoint: str, step: int | None, prompts: list[str], sampling: Sampling, tokenizer: str | None,

@@ -4,6 +4,7 @@ slurm-data` (slurm/data-build.sbatch, a job array building shards in parts, and
 slurm/data-merge.sbatch, the merge that waits for it)."""
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -11,12 +12,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pretrain.data.shards import PACKING_UNIT_MB
+from pretrain.errors import UserError
 
 SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
 # Restarted workers must not share torchrun's rendezvous store: keys of the failed attempt
 # left there send the new process group to dead peers (pytorch/pytorch#135712).
 RESTART_SAFE_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 TEMPLATE = SLURM_DIR / "train.sbatch"
+# What sbatch takes for each setting put into a #SBATCH line (ASCII), and how to say it.
+SLURM_SETTINGS = {
+    "--job-name": (r"[\w.+@:=-]+", "a job name of letters, digits and . _ - + @ : ="),
+    "--partition": (r"[\w.-]+(,[\w.-]+)*", "partition names of letters, digits and . _ -, separated by commas"),
+    "--account": (r"[\w.-]+", "an account name of letters, digits and . _ -"),
+    "--time": (r"(\d+-)?\d+(:\d+){0,2}|infinite|unlimited",
+               "a time limit: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (e.g. 2-00:00:00)"),
+}
+
+
+class SlurmError(UserError, ValueError):
+    """A setting or path that cannot go into an sbatch script; the message names it."""
 
 
 def train_arguments(config: str | None, overrides: list[str]) -> list[str]:
@@ -73,14 +87,11 @@ def render_sbatch(job: SlurmJob, workdir: Path | None = None) -> str:
     """The sbatch script for `job`: the template with its {{FIELDS}} filled in."""
     workdir = (workdir or Path.cwd()).resolve()
     fields = {
-        "JOB_NAME": job.job_name,
+        **slurm_fields(job.job_name, job.partition, job.time, job.account, workdir / job.log_dir, workdir),
         "NODES": str(job.nodes),
         "GPU_DIRECTIVE": "" if job.cpu else f"#SBATCH --gpus-per-node={job.procs_per_node}",
         "CPUS_PER_TASK": str(job.cpus_per_task or (job.procs_per_node if job.cpu else 8 * job.procs_per_node)),
-        "LOG_DIR": str((workdir / job.log_dir).resolve()),
         "SIGNAL_SECONDS": str(job.signal_seconds),
-        "WORKDIR": str(workdir),
-        "EXTRA_DIRECTIVES": _directives(job.partition, job.time, job.account),
         "MAX_RESTARTS": str(configured_restarts(job.config, job.overrides) if job.max_restarts is None
                             else job.max_restarts),
         "MAX_REQUEUES": str(job.max_requeues),
@@ -92,9 +103,41 @@ def render_sbatch(job: SlurmJob, workdir: Path | None = None) -> str:
     return _fill(TEMPLATE, fields)
 
 
-def _directives(partition: str | None, time: str | None, account: str | None) -> str:
-    return "\n".join(f"#SBATCH --{name}={value}" for name, value in
-                     (("partition", partition), ("time", time), ("account", account)) if value)
+def slurm_fields(job_name: str, partition: str | None, time: str | None, account: str | None, log_dir: Path,
+                 workdir: Path) -> dict[str, str]:
+    """The fields all templates share, checked and quoted: JOB_NAME, EXTRA_DIRECTIVES (partition,
+    time, account), SBATCH_LOG_DIR and WORKDIR for #SBATCH lines, LOG_DIR for the shell."""
+    settings = {"--job-name": job_name, "--partition": partition, "--time": time, "--account": account}
+    for option, value in settings.items():
+        pattern, rule = SLURM_SETTINGS[option]
+        if value and not re.fullmatch(pattern, value, re.ASCII | re.IGNORECASE):
+            raise SlurmError(f"{option} {value!r} cannot go into an sbatch script: use {rule}")
+    log_dir = script_path("--log-dir", str(log_dir.resolve()))
+    return {
+        "JOB_NAME": job_name,
+        "EXTRA_DIRECTIVES": "\n".join(f"#SBATCH {option}={value}" for option, value in settings.items()
+                                       if value and option != "--job-name"),
+        "SBATCH_LOG_DIR": _sbatch_word(log_dir.replace("%", "%%")),  # --output expands %j and the like
+        "LOG_DIR": shlex.quote(log_dir),
+        "WORKDIR": _sbatch_word(script_path("the current folder", str(workdir))),
+    }
+
+
+def script_path(option: str, path: str) -> str:
+    """`path`, refused when it holds a line break or another control character: sbatch reads its
+    options line by line, and the scripts name paths in comments."""
+    if re.search(r"[\x00-\x1f\x7f]", path):
+        raise SlurmError(f"{option} {path!r} holds a line break or control character, which an sbatch script "
+                         "cannot hold: choose a folder without one")
+    return path
+
+
+def _sbatch_word(value: str) -> str:
+    """`value` as one word of a #SBATCH line: sbatch's own quoting (double quotes; backslash before
+    \\, " and #, which starts a comment there), where needed."""
+    if re.fullmatch(r"[\w@%+=:,./-]+", value, re.ASCII):
+        return value
+    return '"' + re.sub(r'([\\"#])', r"\\\1", value) + '"'
 
 
 def _fill(template: Path, fields: dict[str, str]) -> str:
@@ -167,10 +210,10 @@ def render_data_sbatch(job: DataJob, workdir: Path | None = None) -> tuple[str, 
              "--workers", str(job.workers), "--shard-samples", str(job.shard_samples), "--text-field", job.text_field,
              "--unit-mb", str(job.unit_mb)]
     fields = {
-        "JOB_NAME": job.job_name, "PARTS": str(job.parts), "LAST_PART": str(job.parts - 1),
-        "CPUS_PER_TASK": str(job.workers + 1), "LOG_DIR": str((workdir / job.log_dir).resolve()),
-        "WORKDIR": str(workdir), "EXTRA_DIRECTIVES": _directives(job.partition, job.time, job.account),
-        "PYTHON": shlex.quote(sys.executable), "BUILD_ARGS": shlex.join(build), "OUT": shlex.quote(absolute(job.out)),
+        **slurm_fields(job.job_name, job.partition, job.time, job.account, workdir / job.log_dir, workdir),
+        "MERGE_JOB_NAME": f"{job.job_name}-merge", "PARTS": str(job.parts), "LAST_PART": str(job.parts - 1),
+        "CPUS_PER_TASK": str(job.workers + 1), "PYTHON": shlex.quote(sys.executable), "BUILD_ARGS": shlex.join(build),
+        "OUT": shlex.quote(script_path("--out", absolute(job.out))),
     }
     return _fill(SLURM_DIR / "data-build.sbatch", fields), _fill(SLURM_DIR / "data-merge.sbatch", fields)
 
@@ -178,8 +221,7 @@ def render_data_sbatch(job: DataJob, workdir: Path | None = None) -> tuple[str, 
 def launch_slurm_data(job: DataJob, submit: bool) -> int:
     """Print both scripts, or with `submit` sbatch the array and the merge (afterok) and print their ids."""
     if job.parts < 1:
-        print("pretrain: --parts must be at least 1", file=sys.stderr)
-        return 2
+        raise SlurmError(f"--parts {job.parts}: the array needs at least 1 task")
     build, merge = render_data_sbatch(job)
     if not submit:
         print(build, end="")

@@ -22,8 +22,10 @@ import sentencepiece as spm
 from pretrain.data.documents import DocumentStats, describe, iter_documents, resolve_inputs
 from pretrain.data.shards import file_sha256
 from pretrain.errors import UserError
+from pretrain.outputs import fresh
 
 MODEL_FILE, VOCAB_FILE, CARD_FILE = "tokenizer.model", "tokenizer.vocab", "card.json"
+TOKENIZER_FILES = (MODEL_FILE, VOCAB_FILE, CARD_FILE)
 SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
 SPECIAL_PIECES = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 # sentencepiece drops training sentences above this many bytes: documents are cut at line breaks.
@@ -54,36 +56,42 @@ def _chunks(documents: Iterator[str], max_chars: int) -> Iterator[str]:
 def train_tokenizer(inputs: list[str | Path], vocab_size: int, out: Path, model_type: str = "bpe",
                     text_field: str = "text", max_chars: int = 0, user_symbols: tuple[str, ...] = (),
                     threads: int = 2) -> dict:
-    """Train a sentencepiece model on the documents of `inputs`; returns the card."""
+    """Train a sentencepiece model on the documents of `inputs` into the new folder `out`; returns
+    the card."""
     paths = resolve_inputs(inputs)
     if model_type not in ("bpe", "unigram"):
         raise TokenizerError(f"--model-type {model_type} is not supported: choose bpe or unigram")
     _check_specials(user_symbols)
-    stats = DocumentStats()
-    model = io.BytesIO()
-    try:
-        _train_sentencepiece(paths, stats, model, vocab_size, model_type, text_field, max_chars, user_symbols, threads)
-    except RuntimeError as error:
-        raise _explain(error, vocab_size, paths) from None
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MODEL_FILE).write_bytes(model.getvalue())
-    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    return _describe(out, {
-        "model_type": model_type,
-        "special_ids": {**SPECIAL_IDS, **{s: processor.piece_to_id(s) for s in user_symbols}},
-        "special_pieces": {**SPECIAL_PIECES, **{s: s for s in user_symbols}},
-        "inputs": [str(p) for p in paths],
-        "documents": stats.documents,
-        "characters": stats.characters,
-        "empty_documents_skipped": stats.empty_skipped,
-        "invalid_utf8_replaced": stats.invalid_utf8_replaced,
-    })
+    out = Path(out)
+    if (out / CARD_FILE).exists():
+        raise TokenizerError(f"{out} already holds a tokenizer ({CARD_FILE}): choose another --out or delete it first")
+    with fresh(out, "tokenizer train") as output:
+        output.claim(*TOKENIZER_FILES)
+        stats = DocumentStats()
+        model = io.BytesIO()
+        try:
+            _train_sentencepiece(paths, stats, model, vocab_size, model_type, text_field, max_chars, user_symbols,
+                                 threads)
+        except RuntimeError as error:
+            raise _explain(error, vocab_size, paths) from None
+        (out / MODEL_FILE).write_bytes(model.getvalue())
+        processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+        return _describe(out, {
+            "model_type": model_type,
+            "special_ids": {**SPECIAL_IDS, **{s: processor.piece_to_id(s) for s in user_symbols}},
+            "special_pieces": {**SPECIAL_PIECES, **{s: s for s in user_symbols}},
+            "inputs": [str(p) for p in paths],
+            "documents": stats.documents,
+            "characters": stats.characters,
+            "empty_documents_skipped": stats.empty_skipped,
+            "invalid_utf8_replaced": stats.invalid_utf8_replaced,
+        })
 
 
 def copy_tokenizer(source: Path, target: Path) -> None:
     """The files of tokenizer folder `source` into `target` (a copy beside shards or checkpoints)."""
     target.mkdir(parents=True, exist_ok=True)
-    for name in (MODEL_FILE, CARD_FILE, VOCAB_FILE):
+    for name in TOKENIZER_FILES:
         shutil.copyfile(source / name, target / name)
 
 
@@ -122,7 +130,7 @@ def describe_model(model: Path, out: Path, source: str) -> dict:
     one that came with a Hugging Face model; returns the card."""
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model, out / MODEL_FILE)
-    processor = spm.SentencePieceProcessor(model_file=str(out / MODEL_FILE))
+    processor = _load_processor(out / MODEL_FILE)
     ids = {"unk": processor.unk_id(), "bos": processor.bos_id(), "eos": processor.eos_id(), "pad": processor.pad_id()}
     if ids["pad"] < 0:  # many Llama tokenizers have no pad piece: padding positions are masked anyway
         ids["pad"] = ids["eos"]
@@ -133,9 +141,34 @@ def describe_model(model: Path, out: Path, source: str) -> dict:
                            "inputs": [source]})
 
 
+def _load_processor(model: Path) -> spm.SentencePieceProcessor:
+    """The sentencepiece model in file `model`, or a TokenizerError naming it."""
+    try:
+        return spm.SentencePieceProcessor(model_file=str(model))
+    except (RuntimeError, OSError) as error:
+        raise TokenizerError(f"{model} is not a sentencepiece model that loads ({error}): the file is damaged or of "
+                             "another kind; train a tokenizer with `pretrain tokenizer train` or restore the "
+                             "file") from None
+
+
+def _read_card(path: Path) -> dict:
+    """card.json, checked to hold what loading needs."""
+    remedy = "train the tokenizer again with `pretrain tokenizer train` or restore the file"
+    try:
+        card = json.loads(path.read_text())
+    except ValueError as error:
+        raise TokenizerError(f"{path} is not valid JSON ({error}): {remedy}") from None
+    card = card if isinstance(card, dict) else {}
+    missing = [key for key in ("sha256", "vocab_size", "special_ids") if key not in card]
+    missing += [f"special_ids.{role}" for role in SPECIAL_IDS if role not in card.get("special_ids", SPECIAL_IDS)]
+    if missing:
+        raise TokenizerError(f"{path} has no {', '.join(missing)}: not a tokenizer card; {remedy}")
+    return card
+
+
 def _describe(out: Path, card: dict) -> dict:
     """Write tokenizer.vocab and card.json (vocab size and sha256 added) beside tokenizer.model."""
-    processor = spm.SentencePieceProcessor(model_file=str(out / MODEL_FILE))
+    processor = _load_processor(out / MODEL_FILE)
     with open(out / VOCAB_FILE, "w", encoding="utf-8") as listing:
         for piece_id in range(processor.get_piece_size()):
             piece = json.dumps(processor.id_to_piece(piece_id), ensure_ascii=False)[1:-1]  # control chars escaped
@@ -306,11 +339,11 @@ class Tokenizer:
             if not required.is_file():
                 raise TokenizerError(f"tokenizer folder {path} has no {required.name}: "
                                      "train one with `pretrain tokenizer train`")
-        card = json.loads(card_path.read_text())
+        card = _read_card(card_path)
         if file_sha256(model) != card["sha256"]:
             raise TokenizerError(f"{model} does not match the sha256 in {card_path}: the model file was replaced "
                                  "or damaged; retrain it or restore the original")
-        processor = spm.SentencePieceProcessor(model_file=str(model))
+        processor = _load_processor(model)
         return cls(path, card, processor, WordCache.for_model(model.read_bytes(), processor))
 
     @property

@@ -194,7 +194,7 @@ def test_eval_checks_the_tokenizer_and_the_shards(two_tokenizers, tmp_path, caps
 @pytest.mark.parametrize("setting, message", [
     ("optimizer.beta1=5", "optimizer.beta1=5.0 must be in [0, 1)"),
     ("optimizer.eps=-1", "optimizer.eps=-1.0 must be > 0"),
-    ("optimizer.lr=inf", "optimizer.lr=inf must be a positive number"),
+    ("optimizer.lr=inf", "optimizer.lr=inf must be positive and finite"),
     ("optimizer.weight_decay=-0.1", "optimizer.weight_decay=-0.1 must be >= 0"),
     ("model.seq_len=1000000000", "far more than the"),
 ])

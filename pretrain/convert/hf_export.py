@@ -7,7 +7,6 @@ memory needed is about one output file, whatever the size of the model."""
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from pretrain.checkpoint import CheckpointError
 from pretrain.convert.reader import SAFETENSORS_INDEX, CheckpointReader, checkpoint_tokenizer
 from pretrain.model.hf import hf_config, to_hf_tensors
+from pretrain.outputs import staged
 from pretrain.tokenizer import SPECIAL_IDS, TokenizerError
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -64,15 +64,9 @@ def export(checkpoint: str | Path, out: str | Path, step: int | None = None, dty
     started = time.perf_counter()
     reader = CheckpointReader(checkpoint, step)
     args, out = reader.args, Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"{out} exists and is not empty: choose a new --out folder")
     spm = checkpoint_tokenizer(reader, tokenizer)
     if spm is not None and spm.vocab_size > args.vocab_size:
         raise TokenizerError(f"{spm.path} has {spm.vocab_size} tokens, the model only {args.vocab_size}")
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-
     target = DTYPES[dtype]
     parameters = 0
 
@@ -83,17 +77,15 @@ def export(checkpoint: str | Path, out: str | Path, step: int | None = None, dty
                 parameters += tensor.numel()
                 yield hf_name, tensor.to(target)
 
-    weight_map = write_safetensors(tensors(), partial, max_shard_bytes)
-    ids = spm.card["special_ids"] if spm else SPECIAL_IDS
-    config = hf_config(args, target, ids["bos"], ids["eos"], ids["pad"])
-    (partial / "config.json").write_text(json.dumps(config, indent=1) + "\n")
-    (partial / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]}, indent=1) + "\n")
-    if spm is not None:
-        spm.export_hf(partial, model_max_length=args.seq_len)
-    if out.exists():
-        out.rmdir()
-    os.replace(partial, out)
+    with staged(out, "convert to-hf", refusal=CheckpointError) as partial:
+        weight_map = write_safetensors(tensors(), partial, max_shard_bytes)
+        ids = spm.card["special_ids"] if spm else SPECIAL_IDS
+        config = hf_config(args, target, ids["bos"], ids["eos"], ids["pad"])
+        (partial / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+        (partial / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]}, indent=1) + "\n")
+        if spm is not None:
+            spm.export_hf(partial, model_max_length=args.seq_len)
     files = sorted(set(weight_map.values()))
     return {"checkpoint": str(reader.path), "step": reader.step, "parameters": parameters,
             "bytes": sum((out / f).stat().st_size for f in files), "files": files,

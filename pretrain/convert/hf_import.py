@@ -9,20 +9,17 @@ checked for. The tokenizer, when the folder has a sentencepiece `tokenizer.model
 OUT/tokenizer (build the training shards with it)."""
 
 import json
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import (
-    LATEST, TOKENIZER_DIR, WEIGHTS, CheckpointError, layout_record, partial_dir, step_dir, write_marker,
-)
+from pretrain.checkpoint import LATEST, TOKENIZER_DIR, WEIGHTS, CheckpointError, layout_record, step_dir, write_marker
 from pretrain.config import Config, to_yaml, validate_without_data
 from pretrain.convert.hf_export import write_safetensors
 from pretrain.model.hf import args_from_hf_config, from_hf_tensor, hf_names
 from pretrain.model.weights import parameter_names
+from pretrain.outputs import staged
 from pretrain.tokenizer import MODEL_FILE, describe_model
 
 # Buffers some exports carry that the model recomputes.
@@ -81,8 +78,6 @@ def import_hf(model: str | Path, out: str | Path, tp: int = 1, pp: int = 1, allo
     model, out = Path(model), Path(out)
     if not (model / "config.json").is_file():
         raise CheckpointError(f"{model} has no config.json: not a Hugging Face model folder")
-    if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"{out} exists and is not empty: choose a new --out folder")
     try:
         hf_config = json.loads((model / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -103,27 +98,24 @@ def import_hf(model: str | Path, out: str | Path, tp: int = 1, pp: int = 1, allo
         raise CheckpointError(f"{model}'s weights do not match its config.json: missing {missing[:5]}, "
                               f"unexpected {unknown[:5]}")
 
-    partial = partial_dir(out)
-    shutil.rmtree(partial, ignore_errors=True)
-    step = step_dir(partial, 0)
-    step.mkdir(parents=True)
-    write_safetensors(((name, from_hf_tensor(name, tensor, args)) for name in names), step,
-                      max_shard_bytes=5 * 2**30, always_index=True)
-    if (model / MODEL_FILE).is_file():
-        card = describe_model(model / MODEL_FILE, partial / TOKENIZER_DIR, source=str(model))
-        config.data.tokenizer = str((out / TOKENIZER_DIR).resolve())
-        if card["vocab_size"] > args.vocab_size:
-            raise CheckpointError(f"{model}/{MODEL_FILE} has {card['vocab_size']} tokens, the model only "
-                                  f"{args.vocab_size}")
-    config.checkpoint.dir = str(out.resolve())
-    config.log.dir = str((out / "log").resolve())
-    client_state = {"step": 0, "tokens": 0, "data": {"consumed_samples": 0}, "config": to_yaml(config),
-                    "tokenizer": {"path": config.data.tokenizer, "sha256": card["sha256"] if config.data.tokenizer
-                                  else None}, "converted_from": str(model.resolve())}
-    write_marker(step, WEIGHTS, 0, layout_record(tp, pp, None), client_state=client_state)
-    (partial / LATEST).write_text(step.name + "\n")
-    (partial / "config.yaml").write_text(to_yaml(config))
-    if out.exists():
-        out.rmdir()
-    os.replace(partial, out)
+    with staged(out, "convert from-hf", refusal=CheckpointError) as partial:
+        step = step_dir(partial, 0)
+        step.mkdir()
+        write_safetensors(((name, from_hf_tensor(name, tensor, args)) for name in names), step,
+                          max_shard_bytes=5 * 2**30, always_index=True)
+        if (model / MODEL_FILE).is_file():
+            card = describe_model(model / MODEL_FILE, partial / TOKENIZER_DIR, source=str(model))
+            config.data.tokenizer = str((out / TOKENIZER_DIR).resolve())
+            if card["vocab_size"] > args.vocab_size:
+                raise CheckpointError(f"{model}/{MODEL_FILE} has {card['vocab_size']} tokens, the model only "
+                                      f"{args.vocab_size}")
+        config.checkpoint.dir = str(out.resolve())
+        config.log.dir = str((out / "log").resolve())
+        client_state = {"step": 0, "tokens": 0, "data": {"consumed_samples": 0}, "config": to_yaml(config),
+                        "tokenizer": {"path": config.data.tokenizer,
+                                      "sha256": card["sha256"] if config.data.tokenizer else None},
+                        "converted_from": str(model.resolve())}
+        write_marker(step, WEIGHTS, 0, layout_record(tp, pp, None), client_state=client_state)
+        (partial / LATEST).write_text(step.name + "\n")
+        (partial / "config.yaml").write_text(to_yaml(config))
     return out / "config.yaml"

@@ -20,6 +20,7 @@ from pretrain.checkpoint import (
 from pretrain.config import validate_without_data
 from pretrain.convert.reader import CheckpointReader
 from pretrain.model.pipeline import pipeline_name
+from pretrain.outputs import staged
 
 
 def reshard(checkpoint: str | Path, out: str | Path, tp: int, pp: int, step: int | None = None) -> Path:
@@ -40,27 +41,24 @@ def reshard(checkpoint: str | Path, out: str | Path, tp: int, pp: int, step: int
     validate_without_data(dataclasses.replace(  # the new layout fits the model and the optimizer stage
         config, parallel=dataclasses.replace(config.parallel, tp=tp, pp=pp, cp=1, sequence_parallel="auto"),
         train=dataclasses.replace(config.train, global_batch_size=config.train.micro_batch_size)), tp * pp)
-    if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"{out} exists and is not empty: choose a new --out folder")
-
-    final = step_dir(out, reader.step)
-    partial = partial_dir(final)
-    out.mkdir(parents=True, exist_ok=True)
-    if reader.format == UNIVERSAL_FORMAT:
-        shutil.copytree(reader.path, partial)
-    else:
-        verify_files(reader.path)  # before DeepSpeed's converter unpickles them
-        to_universal(reader.path, partial)
-        if tokenizer_dir(reader.path).is_dir():
-            store_tokenizer(partial, tokenizer_dir(reader.path))
-    args = reader.args
-    for name in reader.names():
-        source = name if reader.layout["pp"] == 1 else pipeline_name(name, args)
-        target = name if pp == 1 else pipeline_name(name, args)
-        if source != target:
-            os.replace(partial / "zero" / source, partial / "zero" / target)
-    write_marker(partial, UNIVERSAL_FORMAT, reader.step, layout_record(tp, pp, None), world_size=None,
-                 resharded_from=str(reader.path.resolve()))
-    publish(out, partial, final)
+    with staged(out, "convert reshard", refusal=CheckpointError) as staging:
+        final = step_dir(staging, reader.step)
+        partial = partial_dir(final)
+        if reader.format == UNIVERSAL_FORMAT:
+            shutil.copytree(reader.path, partial)
+        else:
+            verify_files(reader.path)  # before DeepSpeed's converter unpickles them
+            to_universal(reader.path, partial)
+            if tokenizer_dir(reader.path).is_dir():
+                store_tokenizer(partial, tokenizer_dir(reader.path))
+        args = reader.args
+        for name in reader.names():
+            source = name if reader.layout["pp"] == 1 else pipeline_name(name, args)
+            target = name if pp == 1 else pipeline_name(name, args)
+            if source != target:
+                os.replace(partial / "zero" / source, partial / "zero" / target)
+        write_marker(partial, UNIVERSAL_FORMAT, reader.step, layout_record(tp, pp, None), world_size=None,
+                     resharded_from=str(reader.path.resolve()))
+        publish(staging, partial, final)
     print(f"resharded {reader.path} in {time.perf_counter() - started:.1f} s", flush=True)
-    return final
+    return step_dir(out, reader.step)

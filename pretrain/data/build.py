@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from itertools import islice
@@ -26,7 +27,8 @@ from pretrain.data.shards import (
     FORMAT, MANIFEST, PACKING_UNIT_MB, TOKENIZER_DIR, VERSION, Manifest, ShardError, ShardWriter, file_sha256,
     index_path, sample_key, token_dtype,
 )
-from pretrain.tokenizer import Tokenizer, copy_tokenizer, split_flat
+from pretrain.outputs import MARKER, PARTIAL, Output, fresh
+from pretrain.tokenizer import TOKENIZER_FILES, Tokenizer, copy_tokenizer, split_flat
 
 _DOCS_PER_TASK = 64
 UNIT_BYTES = PACKING_UNIT_MB * 2**20
@@ -136,82 +138,89 @@ def build_shards(inputs: list[str | Path], tokenizer_dir: str | Path, seq_len: i
     out = Path(out)
     if (out / MANIFEST).exists():
         raise InputError(f"{out} already holds shards ({MANIFEST}); choose an empty --out or delete it first")
-    out.mkdir(parents=True, exist_ok=True)
-    copy_tokenizer(tokenizer.path, out / TOKENIZER_DIR)
+    with fresh(out, "data build") as output:  # a part that died halfway is built again from the start
+        _copy_tokenizer(output, tokenizer.path)
 
-    dtype = token_dtype(tokenizer.vocab_size)
-    stats = DocumentStats()
-    shards: list[dict] = []
-    writer: ShardWriter | None = None
-    unit_shards = 0
-    tokens = 0
+        dtype = token_dtype(tokenizer.vocab_size)
+        stats = DocumentStats()
+        shards: list[dict] = []
+        writer: ShardWriter | None = None
+        unit_shards = 0
+        tokens = 0
 
-    def write(unit: int, samples: Iterator[tuple[np.ndarray, list[int]]]) -> None:
-        nonlocal writer, unit_shards
-        for sample, doc_starts in samples:
-            if writer is None:
-                prefix = f"{unit:06d}{unit_shards:05d}"
-                writer = ShardWriter(out / f"shard-{unit:06d}-{unit_shards:05d}.tar", prefix)
-            writer.add(sample_key(writer.key_prefix, len(writer.offsets)), sample, doc_starts)
-            if len(writer.offsets) == shard_samples:
-                close_shard()
-
-    def close_shard() -> None:
-        nonlocal writer, unit_shards
-        if writer is not None:
-            shards.append(writer.close())
-            writer, unit_shards = None, unit_shards + 1
-
-    def unit_batches() -> Iterator[tuple[int, list[str]]]:
-        for unit in mine:
-            for batch in _batches(iter_documents(units[unit], text_field, stats), _DOCS_PER_TASK):
-                yield unit, batch
-
-    my_paths = [p for unit in mine for p in units[unit]]
-    bar = tqdm(desc="data build", total=input_bytes(my_paths), unit="B", unit_scale=True, disable=not progress)
-    started, packer, current = time.perf_counter(), None, None
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer.path),)) as pool:
-        for unit, ids, lengths in pool.imap(_encode, unit_batches()):
-            if unit != current:  # a new unit: finish the last one's packing and shard
-                if packer is not None:
-                    write(current, packer.finish(tokenizer.pad_id))
+        def write(unit: int, samples: Iterator[tuple[np.ndarray, list[int]]]) -> None:
+            nonlocal writer, unit_shards
+            for sample, doc_starts in samples:
+                if writer is None:
+                    name = Path(f"shard-{unit:06d}-{unit_shards:05d}.tar")
+                    output.claim(*ShardWriter.files(name))
+                    writer = ShardWriter(out / name, f"{unit:06d}{unit_shards:05d}")
+                writer.add(sample_key(writer.key_prefix, len(writer.offsets)), sample, doc_starts)
+                if len(writer.offsets) == shard_samples:
                     close_shard()
-                packer, current, unit_shards = Packer(seq_len + 1, tokenizer.eos_id, dtype), unit, 0
-            tokens += len(ids) + len(lengths)
-            write(unit, packer.add_documents(ids, lengths))
-            bar.update(stats.bytes_read - bar.n)
-            bar.set_postfix_str(f"{tokens / (time.perf_counter() - started):,.0f} tokens/s", refresh=False)
-    bar.close()
-    if packer is not None:
-        write(current, packer.finish(tokenizer.pad_id))
-        close_shard()
-    if not shards:
-        raise InputError(f"no non-empty documents in {describe(my_paths)}")
 
-    manifest = {
-        "format": FORMAT, "version": VERSION,
-        "seq_len": seq_len, "sample_tokens": seq_len + 1, "dtype": dtype.name,
-        "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
-        "tokenizer": {"path": TOKENIZER_DIR, "source": str(tokenizer.path), "sha256": tokenizer.sha256,
-                      "vocab_size": tokenizer.vocab_size},
-        "inputs": [{"path": str(p), "sha256": file_sha256(p), "documents": stats.per_file[str(p)]} for p in my_paths],
-        "documents": stats.documents, "tokens": tokens, "samples": sum(s["samples"] for s in shards),
-        "padding_tokens": sum(s["samples"] for s in shards) * (seq_len + 1) - tokens,
-        "empty_documents_skipped": stats.empty_skipped, "invalid_utf8_replaced": stats.invalid_utf8_replaced,
-        "shard_samples": shard_samples, "unit_bytes": unit_bytes, "units": len(mine), "shards": shards,
-    }
-    if num_parts > 1:
-        manifest["part"] = {"index": part, "of": num_parts, "units": [mine.start, mine.stop],
-                            "inputs_digest": _inputs_digest(paths, unit_bytes)}
-    _write_manifest(out, manifest)
+        def close_shard() -> None:
+            nonlocal writer, unit_shards
+            if writer is not None:
+                shards.append(writer.close())
+                writer, unit_shards = None, unit_shards + 1
+
+        def unit_batches() -> Iterator[tuple[int, list[str]]]:
+            for unit in mine:
+                for batch in _batches(iter_documents(units[unit], text_field, stats), _DOCS_PER_TASK):
+                    yield unit, batch
+
+        my_paths = [p for unit in mine for p in units[unit]]
+        bar = tqdm(desc="data build", total=input_bytes(my_paths), unit="B", unit_scale=True, disable=not progress)
+        started, packer, current = time.perf_counter(), None, None
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer.path),)) as pool:
+            for unit, ids, lengths in pool.imap(_encode, unit_batches()):
+                if unit != current:  # a new unit: finish the last one's packing and shard
+                    if packer is not None:
+                        write(current, packer.finish(tokenizer.pad_id))
+                        close_shard()
+                    packer, current, unit_shards = Packer(seq_len + 1, tokenizer.eos_id, dtype), unit, 0
+                tokens += len(ids) + len(lengths)
+                write(unit, packer.add_documents(ids, lengths))
+                bar.update(stats.bytes_read - bar.n)
+                bar.set_postfix_str(f"{tokens / (time.perf_counter() - started):,.0f} tokens/s", refresh=False)
+        bar.close()
+        if packer is not None:
+            write(current, packer.finish(tokenizer.pad_id))
+            close_shard()
+        if not shards:
+            raise InputError(f"no non-empty documents in {describe(my_paths)}")
+
+        manifest = {
+            "format": FORMAT, "version": VERSION,
+            "seq_len": seq_len, "sample_tokens": seq_len + 1, "dtype": dtype.name,
+            "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
+            "tokenizer": {"path": TOKENIZER_DIR, "source": str(tokenizer.path), "sha256": tokenizer.sha256,
+                          "vocab_size": tokenizer.vocab_size},
+            "inputs": [{"path": str(p), "sha256": file_sha256(p), "documents": stats.per_file[str(p)]}
+                       for p in my_paths],
+            "documents": stats.documents, "tokens": tokens, "samples": sum(s["samples"] for s in shards),
+            "padding_tokens": sum(s["samples"] for s in shards) * (seq_len + 1) - tokens,
+            "empty_documents_skipped": stats.empty_skipped, "invalid_utf8_replaced": stats.invalid_utf8_replaced,
+            "shard_samples": shard_samples, "unit_bytes": unit_bytes, "units": len(mine), "shards": shards,
+        }
+        if num_parts > 1:
+            manifest["part"] = {"index": part, "of": num_parts, "units": [mine.start, mine.stop],
+                                "inputs_digest": _inputs_digest(paths, unit_bytes)}
+        _write_manifest(output, manifest)
     return manifest
 
 
-def _write_manifest(out: Path, manifest: dict) -> None:
-    partial = out / (MANIFEST + ".partial")
+def _copy_tokenizer(output: Output, source: Path) -> None:
+    output.claim(*(Path(TOKENIZER_DIR) / name for name in TOKENIZER_FILES))
+    copy_tokenizer(source, output.root / TOKENIZER_DIR)
+
+
+def _write_manifest(output: Output, manifest: dict) -> None:
+    partial, final = output.claim(MANIFEST + PARTIAL, MANIFEST)
     partial.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(partial, out / MANIFEST)
+    os.replace(partial, final)
 
 
 SUMMED = ("documents", "tokens", "samples", "padding_tokens", "empty_documents_skipped", "invalid_utf8_replaced",
@@ -221,8 +230,8 @@ SHARED = ("seq_len", "sample_tokens", "dtype", "eos_id", "pad_id", "shard_sample
 
 def merge_parts(part_dirs: list[str | Path], out: str | Path) -> dict:
     """Move the shards of parts 0..N-1 of one build into `out` and write its manifest: the
-    shards and manifest one build would have made. The part folders are removed afterwards;
-    an interrupted merge can be run again."""
+    shards and manifest one build would have made. What the build made in the part folders is
+    removed afterwards (anything else stays, and is named); an interrupted merge can be run again."""
     out = Path(out)
     if (out / MANIFEST).exists():
         raise InputError(f"{out} already holds shards ({MANIFEST}); choose an empty --out or delete it first")
@@ -249,27 +258,39 @@ def merge_parts(part_dirs: list[str | Path], out: str | Path) -> dict:
         if differences:
             raise InputError(f"part {index} ({folder}) was built with other {', '.join(differences)} than part 0 "
                              f"({parts[0][1]}): rebuild it with the same command and --part {index}")
-    out.mkdir(parents=True, exist_ok=True)
+    output = Output.open(out, "data merge", allow=[folder for _, folder, _ in parts])  # resumes its own
     shards = []
     for _, folder, manifest in parts:
         for shard in manifest["shards"]:
             for name in (shard["name"], index_path(Path(shard["name"])).name):
+                [target] = output.claim(name)
                 if (folder / name).exists():
-                    shutil.move(folder / name, out / name)
-                elif not (out / name).exists():
+                    shutil.move(folder / name, target)
+                elif not target.exists():
                     raise ShardError(f"{folder / name} is missing (and not in {out} already): rebuild that part")
             shards.append(shard)
-    if not (out / TOKENIZER_DIR).is_dir():
-        shutil.copytree(parts[0][1] / TOKENIZER_DIR, out / TOKENIZER_DIR)
+    _copy_tokenizer(output, parts[0][1] / TOKENIZER_DIR)
     merged = {key: value for key, value in first.items() if key != "part"}
     merged.update({key: sum(m[key] for _, _, m in parts) for key in SUMMED})
     merged["inputs"] = [entry for _, _, m in parts for entry in m["inputs"]]
     merged["shards"] = shards
-    _write_manifest(out, merged)
+    _write_manifest(output, merged)
     for _, folder, _ in parts:
-        if folder.resolve() != out.resolve():
-            shutil.rmtree(folder)
+        _remove_part(folder)
         holder = folder.resolve().parent  # e.g. OUT/parts, where slurm-data builds them
         if holder != out.resolve() and holder.is_relative_to(out.resolve()) and not any(holder.iterdir()):
             holder.rmdir()
     return merged
+
+
+def _remove_part(folder: Path) -> None:
+    """Delete what `data build` made in a merged part's folder; name what it leaves there."""
+    part = Output.find(folder, "data build")
+    if part is None:
+        print(f"pretrain: {folder} has no record ({MARKER}) of the files `pretrain data build` made there: "
+              "left as it is; delete it yourself", file=sys.stderr)
+        return
+    left = part.remove()
+    if left:
+        print(f"pretrain: left {folder} with {', '.join(p.name for p in left)} in it: not made by "
+              "`pretrain data build`", file=sys.stderr)

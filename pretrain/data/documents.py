@@ -7,7 +7,7 @@ in a field), `.parquet` (a text column, as FineWeb), a Hugging Face `datasets` f
 as one plain-text document. A folder stands for the files of known formats below it (sorted),
 a glob for its matches. Plain text must be text: compressed data, archives or NUL bytes under a
 text name are refused with the file named. Invalid UTF-8 is replaced and counted; empty
-documents are skipped and counted."""
+documents and null texts are skipped and counted; a text that is not a string is refused."""
 
 import glob
 import gzip
@@ -145,6 +145,26 @@ def _open_json_lines(path: Path, suffix: str):
     return raw, raw, OSError
 
 
+def _text_value(value: object, path: Path, line: int, text_field: str) -> str:
+    """A JSON text field: null is an empty document (skipped and counted); other non-strings are refused."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        kind = {bool: "a boolean", int: "a number", float: "a number", list: "an array", dict: "an object"}[type(value)]
+        raise InputError(f"{path}:{line}: field '{text_field}' holds {kind}, not a string: fix that line, or name "
+                         "the text field with --text-field")
+    return value
+
+
+def _check_text_column(where: Path, text_field: str, column_type) -> None:
+    """Parquet and datasets columns: strings (nulls are empty documents), nothing else."""
+    import pyarrow as pa
+
+    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+        raise InputError(f"{where}: column '{text_field}' holds {column_type}, not strings: name the text column "
+                         "with --text-field")
+
+
 def _json_lines(path: Path, suffix: str, text_field: str, stats: DocumentStats) -> Iterator[tuple[str, int]]:
     lines, raw, damaged = _open_json_lines(path, suffix)
     number = 0
@@ -159,7 +179,8 @@ def _json_lines(path: Path, suffix: str, text_field: str, stats: DocumentStats) 
                     raise InputError(f"{path}:{number}: not a JSON object ({error.msg})") from None
                 if not isinstance(record, dict) or text_field not in record:
                     raise InputError(f"{path}:{number}: no field '{text_field}' (choose it with --text-field)")
-                yield _without_lone_surrogates(str(record[text_field]), stats), raw.tell()
+                text = _text_value(record[text_field], path, number, text_field)
+                yield _without_lone_surrogates(text, stats), raw.tell()
         except damaged as error:
             raise InputError(f"{path}: cannot be read after line {number} ({error}): it is damaged or not what "
                              "its name says") from None
@@ -174,6 +195,7 @@ def _parquet(path: Path, text_field: str) -> Iterator[tuple[str, int]]:
         raise InputError(f"{path}: not a readable parquet file ({error})") from None
     if text_field not in table.schema_arrow.names:
         raise InputError(f"{path}: no column '{text_field}' (choose it with --text-field)")
+    _check_text_column(path, text_field, table.schema_arrow.field(text_field).type)
     size, groups = path.stat().st_size, table.num_row_groups
     for group in range(groups):
         texts = table.read_row_group(group, columns=[text_field]).column(0).to_pylist()
@@ -191,6 +213,7 @@ def _datasets_file(path: Path, text_field: str) -> Iterator[tuple[str, int]]:
     if text_field not in dataset.column_names:
         raise InputError(f"{path.parent}: no column '{text_field}' (choose it with --text-field; it has "
                          f"{', '.join(dataset.column_names)})")
+    _check_text_column(path.parent, text_field, dataset.data.schema.field(text_field).type)
     size, rows, done = path.stat().st_size, max(len(dataset), 1), 0
     for batch in dataset.select_columns([text_field]).with_format("arrow").iter(batch_size=1000):
         done += batch.num_rows

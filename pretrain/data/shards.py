@@ -26,6 +26,9 @@ FORMAT = "pretrain-tokens"
 VERSION = 2  # 2: shards named by packing unit, key_prefix per shard, tokenizer copy
 READABLE_VERSIONS = (1, 2)
 TOKENIZER_DIR = "tokenizer"
+# what reading shards needs of a manifest (a run also checks the tokenizer's sha256 and vocabulary)
+REQUIRED_FIELDS = ("seq_len", "sample_tokens", "dtype", "eos_id", "pad_id", "tokenizer", "shards")
+REQUIRED_TOKENIZER_FIELDS = ("sha256", "vocab_size")
 PACKING_UNIT_MB = 256  # input per packing unit (pretrain.data.build): at most one padded sample each
 
 
@@ -46,9 +49,14 @@ class ShardWriter:
 
     def __init__(self, path: Path, key_prefix: str):
         self.path, self.key_prefix = path, key_prefix
-        self.partial = path.with_name(path.name + ".partial")
+        _, self.partial, _ = self.files(path)
         self.tar = tarfile.open(self.partial, "w", format=tarfile.USTAR_FORMAT)
         self.offsets: list[int] = []
+
+    @staticmethod
+    def files(path: Path) -> tuple[Path, Path, Path]:
+        """What a writer of shard `path` creates: the shard, the shard while written, its index."""
+        return path, path.with_name(path.name + ".partial"), index_path(path)
 
     def _member(self, name: str, payload: bytes) -> None:
         info = tarfile.TarInfo(name)
@@ -98,6 +106,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _missing_fields(data: dict) -> list[str]:
+    missing = [key for key in REQUIRED_FIELDS if key not in data]
+    tokenizer = data["tokenizer"] if isinstance(data.get("tokenizer"), dict) else {}
+    if "tokenizer" not in missing:
+        missing += [f"tokenizer.{key}" for key in REQUIRED_TOKENIZER_FIELDS if key not in tokenizer]
+    return missing
+
+
 @dataclass
 class Manifest:
     """A shards folder (or a URL prefix) and its manifest."""
@@ -120,9 +136,12 @@ class Manifest:
                 raise ShardError(f"{path} is not valid JSON ({error}); rebuild the shards") from None
             raise ShardError(f"no {MANIFEST} at {path} ({error}): build shards with `pretrain data build` "
                              "or point data.path at a shards folder") from None
-        if data.get("format") != FORMAT or data.get("version") not in READABLE_VERSIONS:
+        if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") not in READABLE_VERSIONS:
             raise ShardError(f"{path} is not a {FORMAT} manifest of version {' or '.join(map(str, READABLE_VERSIONS))}; "
                              "rebuild the shards")
+        if missing := _missing_fields(data):
+            raise ShardError(f"{path} has no {', '.join(missing)}: it was not written by `pretrain data build` or was "
+                             "edited since; rebuild the shards")
         return cls(path[: -len(MANIFEST) - 1], data)
 
     @property

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from pretrain.signals import EXIT_STOPPED
 from pretrain.config import load
-from pretrain.launch import (RESTART_SAFE_ENV, SLURM_DIR, _directives, _fill, _sbatch, _write_scripts,
-                             local_command)
+from pretrain.launch import (RESTART_SAFE_ENV, SLURM_DIR, _fill, _sbatch, _write_scripts, local_command,
+                             script_path, slurm_fields)
 from pretrain.scaling import ScalingError
 
 MANIFEST = "sweep.json"
@@ -233,19 +233,16 @@ class SweepJob:
 
 def render_sbatch(sweep: Sweep, job: SweepJob, indices: list[int], workdir: Path | None = None) -> str:
     workdir = (workdir or Path.cwd()).resolve()
-    log_dir = (workdir / job.log_dir).resolve() if job.log_dir else sweep.root / "slurm"
+    log_dir = workdir / job.log_dir if job.log_dir else sweep.root / "slurm"
     fields = {
-        "JOB_NAME": job.job_name,
+        **slurm_fields(job.job_name, job.partition, job.time, job.account, log_dir, workdir),
         "ARRAY": ",".join(map(str, indices)) + (f"%{job.parallel}" if job.parallel else ""),
         "GPU_DIRECTIVE": "" if job.cpu else f"#SBATCH --gpus-per-task={job.nproc}",
         "CPUS_PER_TASK": str(job.cpus_per_task or (job.nproc if job.cpu else 8 * job.nproc)),
-        "LOG_DIR": str(log_dir),
         "SIGNAL_SECONDS": str(job.signal_seconds),
-        "WORKDIR": str(workdir),
-        "EXTRA_DIRECTIVES": _directives(job.partition, job.time, job.account),
         "MAX_REQUEUES": str(job.max_requeues),
         "PYTHON": shlex.quote(sys.executable),
-        "SWEEP": shlex.quote(str(sweep.root)),
+        "SWEEP": shlex.quote(script_path("the sweep folder", str(sweep.root))),
         "NPROC": str(job.nproc),
     }
     return _fill(SLURM_DIR / "scaling.sbatch", fields)
