@@ -279,9 +279,10 @@ def validate(config: Config, world_size: int) -> Layout:
     problems += _rope_scaling_problems(model)
     need(model.num_layers >= pp, f"parallel.pp={pp} exceeds model.num_layers={model.num_layers}: "
                                  "each pipeline stage needs at least one layer")
+    sizes = {"parallel.tp": tp, "parallel.pp": pp, **({"parallel.cp": cp} if cp > 1 else {})}
     need(world_size % (tp * pp * cp) == 0,
-         f"world size {world_size} is not divisible by parallel.tp x parallel.pp x parallel.cp = {tp} x {pp} x {cp}: "
-         f"launch a multiple of {tp * pp * cp} processes or change parallel.tp/parallel.pp/parallel.cp")
+         f"world size {world_size} is not divisible by {' x '.join(sizes)} = {' x '.join(map(str, sizes.values()))}: "
+         f"launch a multiple of {tp * pp * cp} processes or change {'/'.join(sizes)}")
     sequence_parallel = tp > 1 if parallel.sequence_parallel == "auto" else parallel.sequence_parallel
     need(not (sequence_parallel and tp == 1),
          "parallel.sequence_parallel=true needs parallel.tp > 1 (it splits the sequence among tensor-parallel "

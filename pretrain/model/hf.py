@@ -152,7 +152,7 @@ def _rope_scaling(rope: dict, problems: list[str]) -> RopeScaling:
     kind = RopeScalingKind(rope_type)
     missing = [hf for hf in ROPE_FIELDS[kind].values() if rope.get(hf) is None]
     if missing:
-        problems.append(f"rope scaling {rope_type!r} gives no {', '.join(missing)}")
+        problems.append(f"rope scaling type {rope_type!r} gives no {', '.join(missing)}")
         return RopeScaling()
     if kind == RopeScalingKind.yarn:
         problems += [f"yarn's {key}={rope[key]!r} is not implemented (only {default!r})"
