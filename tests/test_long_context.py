@@ -19,11 +19,9 @@ from pretrain import parallel, plan
 from pretrain.accelerators import BY_KEY
 from pretrain.cli import main as cli
 from pretrain.config import load
-from pretrain.data.build import build_shards
 from pretrain.model.args import LlamaArgs, RopeScaling, RopeScalingKind
 from pretrain.model.context_parallel import chunk_positions, shard_batch
-from pretrain.tokenizer import train_tokenizer
-from test_data import random_documents
+from test_data_parallel import data  # noqa: F401 -- the shards fixture
 
 STEPS, BF16_STEPS = 5, 20
 # heads 8 / KV heads 4 keep grouped-query attention at TP4; seq 32 = 8 chunks of 4 tokens at CP4.
@@ -38,26 +36,14 @@ SAVED_RELATIVE_TOLERANCE = 1e-3  # a few scalars (the loss's token count) are no
 RESUME_STEP = 3
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """Shards of 32-token samples packing many short documents (for document masking)."""
-    root = tmp_path_factory.mktemp("lcdata")
-    for name, seed, count in (("train", 1, 300), ("valid", 2, 30)):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n"
-                                                    for d in random_documents(count, seed)))
-    train_tokenizer([root / "train.jsonl"], vocab_size=300, out=root / "tok")
-    for name in ("train", "valid"):
-        build_shards([root / f"{name}.jsonl"], root / "tok", 32, root / name, shard_samples=64, progress=False)
-    return root
-
-
-def doc_mask(shards) -> list[str]:
-    return ["data.source=shards", f"data.path={shards / 'train'}", f"data.valid_path={shards / 'valid'}",
+def doc_mask(data) -> list[str]:
+    """Shards of 32-token samples packing many short documents (test_data_parallel's), masked."""
+    return ["data.source=shards", f"data.path={data / 'train'}", f"data.valid_path={data / 'valid'}",
             "data.doc_mask=true", "data.num_workers=0", f"train.eval_interval={STEPS}", "train.eval_steps=2"]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, shards) -> dict:
+def runs(tmp_path_factory, data) -> dict:
     """Every run, in one launch per world size. The CP2 x DP2 run saves the checkpoint that the
     single-process launch resumes at CP1 and the 2-process launch, resharded, at TP2+SP."""
     root = tmp_path_factory.mktemp("long")
@@ -68,13 +54,13 @@ def runs(tmp_path_factory, shards) -> dict:
         "cp2_dp2_zero3": ["parallel.cp=2", "optimizer.zero_stage=3", "optimizer.zero3_param_persistence_threshold=0"],
     }, checks="long_context_checks")
     results |= run_layouts(root / "one", 1, BASE, {
-        "single": [], "single_doc_mask": doc_mask(shards), "single_bf16": BF16,
+        "single": [], "single_doc_mask": doc_mask(data), "single_bf16": BF16,
         "cp1_resumed": [f"checkpoint.dir={root / 'cp1_ckpt'}", f"checkpoint.resume={saved}/step_0000000{RESUME_STEP}"],
     })
     assert cli(["convert", "reshard", "--checkpoint", str(saved), "--step", str(RESUME_STEP), "--tp", "2", "--pp", "1",
                 "--out", str(root / "resharded")]) == 0
     results |= run_layouts(root / "two", 2, BASE, {
-        "tp2_sp": ["parallel.tp=2"], "cp2": ["parallel.cp=2"], "cp2_doc_mask": ["parallel.cp=2", *doc_mask(shards)],
+        "tp2_sp": ["parallel.tp=2"], "cp2": ["parallel.cp=2"], "cp2_doc_mask": ["parallel.cp=2", *doc_mask(data)],
         "tp2_sp_bf16": ["parallel.tp=2", *BF16], "cp2_bf16": ["parallel.cp=2", *BF16],
         "tp2_sp_resumed": ["parallel.tp=2", f"checkpoint.dir={root / 'resharded'}"],
     })

@@ -17,12 +17,14 @@ block, which keeps nothing anyway, plain autograd does (gather, attention; the r
 gathers again).
 """
 
+from functools import partial
+
 import torch
 import torch.distributed as dist
 from torch.nn.attention.flex_attention import create_block_mask
 
 from pretrain.model.attention import _flex_attention
-from pretrain.model.sequence_parallel import all_gather, reduce_scatter
+from pretrain.model.sequence_parallel import all_gather, exchange, reduce_scatter
 
 QUERY_BLOCK = 512  # query rows per CPU kernel call: bounds the explicit mask, [batch, 1, rows, keys]
 
@@ -71,19 +73,6 @@ def _reduce_scatter_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch
         for half, (start, end) in enumerate(chunk_spans(seq, cp, rank)):
             parts[rank, ..., half * c:(half + 1) * c, :] = x[..., start:end, :]
     return reduce_scatter(parts, group)
-
-
-class _GatherSequence(torch.autograd.Function):
-    """Every rank's chunks -> the whole sequence; backward reduce-scatters the gradient back to the chunks."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        return _gather_sequence(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _reduce_scatter_sequence(grad, ctx.group), None
 
 
 def _query_blocks(seq_len: int, cp: int, rank: int) -> list[tuple[int, int, int]]:
@@ -217,6 +206,7 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     with document_ids [batch, seq] (the whole sequence's), also within each document only.
     `recomputed`: the caller is an activation-checkpointed block."""
     if recomputed or not torch.is_grad_enabled():
-        keys, values = _GatherSequence.apply(torch.stack([k, v]), group)
+        keys, values = exchange(torch.stack([k, v]), partial(_gather_sequence, group=group),
+                                partial(_reduce_scatter_sequence, group=group))
         return _attend(q, keys, values, group, document_ids)
     return _ContextParallelAttention.apply(q, k, v, document_ids, group)

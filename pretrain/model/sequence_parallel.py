@@ -12,6 +12,9 @@ megatron-core has this path too, sequence-first and CUDA-only (it allocates on
 torch.cuda.current_device()); these functions are device-neutral, and torch.compile traces them.
 The replicated norm weights get their gradient summed over TP inside autograd (`reduce_grad`)."""
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
@@ -50,30 +53,31 @@ class _GatheredLinear(torch.autograd.Function):
         return reduce_scatter(grad_input, ctx.group), None, *grad_weights
 
 
-class _ScatterOutput(torch.autograd.Function):
-    """[tp, b, s/tp, h] partial sums -> this rank's [b, s/tp, h] summed over TP; backward all-gathers."""
+class _Exchange(torch.autograd.Function):
+    """A collective and its transpose: forward(x) going forward, backward(gradient) coming back."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        return reduce_scatter(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return all_gather(grad, ctx.group), None
-
-
-class _SplitTokens(torch.autograd.Function):
-    """[b, s, h], the same on every TP rank -> this rank's [b, s/tp, h]; backward gathers the gradient."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        return from_sequence_order(x, group.size())[group.rank()].contiguous()
+    def forward(ctx, x: torch.Tensor, forward: Callable, backward: Callable) -> torch.Tensor:
+        ctx.backward_exchange = backward
+        return forward(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return to_sequence_order(all_gather(grad, ctx.group)), None
+        return ctx.backward_exchange(grad), None, None
+
+
+def exchange(x: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor],
+             backward: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """forward(x), differentiable: its gradient is backward(the output's gradient)."""
+    return _Exchange.apply(x, forward, backward)
+
+
+def _own_tokens(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    return from_sequence_order(x, group.size())[group.rank()].contiguous()
+
+
+def _all_tokens(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    return to_sequence_order(all_gather(x, group))
 
 
 def gathered_linear(x: torch.Tensor, weights: tuple[torch.Tensor, ...], group: dist.ProcessGroup) -> tuple[torch.Tensor, ...]:
@@ -84,12 +88,12 @@ def gathered_linear(x: torch.Tensor, weights: tuple[torch.Tensor, ...], group: d
 
 def scatter_output(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """A row-parallel projection's partial output [tp, b, s/tp, h] -> this rank's tokens, summed over TP."""
-    return _ScatterOutput.apply(x, group)
+    return exchange(x, partial(reduce_scatter, group=group), partial(all_gather, group=group))
 
 
 def split_tokens(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """Tokens the TP ranks all hold [b, s, h] -> this rank's share [b, s/tp, h]."""
-    return _SplitTokens.apply(x, group)
+    return exchange(x, partial(_own_tokens, group=group), partial(_all_tokens, group=group))
 
 
 def reduce_grad(weight: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
