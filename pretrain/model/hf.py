@@ -2,6 +2,7 @@
 explicit regrouping of the fused, group-major qkv projection into q/k/v (see Attention), and the
 config fields, with every Llama variant we do not implement refused by name."""
 
+import json
 from collections.abc import Callable, Iterator
 from importlib import metadata
 
@@ -170,8 +171,12 @@ def args_from_hf_config(config: dict) -> LlamaArgs:
     if config.get("model_type") != "llama" or architectures != ["LlamaForCausalLM"]:
         problems.append(f"model_type={config.get('model_type')!r} architectures={architectures}: only "
                         "model_type 'llama' with LlamaForCausalLM is supported")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}  # transformers 5 / 4 spelling
-    rope_scaling = _rope_scaling(rope, problems)
+    ropes = [config.get(key) or {} for key in ("rope_parameters", "rope_scaling")]  # transformers 5 / 4 spelling
+    scaled = [rope for rope in ropes if rope.get("rope_type", rope.get("type", "default")) != "default"]
+    if len({json.dumps({k: v for k, v in rope.items() if k != "rope_theta"}, sort_keys=True) for rope in scaled}) > 1:
+        problems.append("rope_parameters and rope_scaling describe different RoPE scalings")
+    rope_scaling = _rope_scaling(scaled[0] if scaled else {}, problems)
+    rope = ropes[0] or ropes[1]
     missing = [key for key in REQUIRED_CONFIG if not isinstance(config.get(key), int)]
     if missing:
         raise UnsupportedModelError(f"config.json gives no integer {', '.join(missing)}: not a complete Llama config")
