@@ -121,6 +121,7 @@ ROPE_FIELDS = {
 }
 # YaRN settings of Hugging Face's we do not implement, and the values that mean "not used".
 YARN_DEFAULTS = {"attention_factor": None, "mscale": None, "mscale_all_dim": None, "truncate": True}
+OPTIONAL_ROPE_FIELDS = ("beta_fast", "beta_slow")  # transformers defaults them to 32 and 1, as RopeScaling does
 
 
 def _transformers_major() -> int:
@@ -151,14 +152,14 @@ def _rope_scaling(rope: dict, problems: list[str]) -> RopeScaling:
         problems.append(f"rope scaling type {rope_type!r} is not implemented (only llama3 and yarn)")
         return RopeScaling()
     kind = RopeScalingKind(rope_type)
-    missing = [hf for hf in ROPE_FIELDS[kind].values() if rope.get(hf) is None]
+    missing = [hf for hf in ROPE_FIELDS[kind].values() if rope.get(hf) is None and hf not in OPTIONAL_ROPE_FIELDS]
     if missing:
         problems.append(f"rope scaling type {rope_type!r} gives no {', '.join(missing)}")
         return RopeScaling()
     if kind == RopeScalingKind.yarn:
         problems += [f"yarn's {key}={rope[key]!r} is not implemented (only {default!r})"
                      for key, default in YARN_DEFAULTS.items() if rope.get(key, default) != default]
-    values = {ours: float(rope[hf]) for ours, hf in ROPE_FIELDS[kind].items()}
+    values = {ours: float(rope[hf]) for ours, hf in ROPE_FIELDS[kind].items() if rope.get(hf) is not None}
     return RopeScaling(kind=kind, **values | {"original_seq_len": int(values["original_seq_len"])})
 
 
