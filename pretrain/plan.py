@@ -246,7 +246,8 @@ def head_working_bytes(args: LlamaArgs, tp: int, micro_batch_size: int, dtype_by
     tokens = micro_batch_size * args.seq_len // cp
     local_vocab = args.padded_vocab_size(tp) // tp
     gathered = 2 * tokens * args.hidden_size * dtype_bytes if sequence_parallel else 0
-    return min(chunk_tokens, tokens) * local_vocab * (2 * dtype_bytes + 4) + local_vocab * args.hidden_size * 4 + gathered
+    chunk = min(chunk_tokens, tokens) * local_vocab * (2 * dtype_bytes + 4)
+    return chunk + local_vocab * args.hidden_size * 4 + gathered
 
 
 def ring_seconds(bytes_: float, ranks: int, gbps: float, passes: float) -> float:
@@ -299,7 +300,8 @@ def plan(config: Config, gpus: int, gpu: Accelerator, gpus_per_node: int = 8, ef
     layers = max(len(r) for r in stage_layers(args.num_layers, pp))
     activation = tokens_per_micro * args.hidden_size * e
     tp_bandwidth = gpu.intra_node_gbps if tp <= gpus_per_node else gpu.inter_node_gbps
-    tp_time = tensor_parallel_passes(layers, checkpointing, sequence_parallel) * ring_seconds(activation, tp, tp_bandwidth, 1)
+    tp_passes = tensor_parallel_passes(layers, checkpointing, sequence_parallel)
+    tp_time = tp_passes * ring_seconds(activation, tp, tp_bandwidth, 1)
     # per block the keys and values of the whole sequence: gathered forward, gathered again (or, in a
     # recomputed block, with its forward) and their gradients reduce-scattered backward
     keys_and_values = 2 * micro * args.seq_len * args.num_kv_heads / tp * args.head_dim * e

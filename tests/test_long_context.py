@@ -1,8 +1,9 @@
 """Long context: sequence parallelism (SP) with TP, context parallelism (CP), RoPE scaling.
 
 Every layout trains like one process (per-step loss over 5 steps with 4 micro-batches a step,
-fp32, within 1e-5): TP2+SP, TP4+SP, CP2, CP4, CP2 with document masking (and validation),
-CP2 x TP2(SP) x PP2, CP2 x DP2 with ZeRO-1 and ZeRO-3; in bf16 TP2+SP and CP2 stay within 2% of
+fp32, within 1e-5): TP2+SP, TP4+SP, CP2, CP4, CP2 with document masking (and validation), CP2 x
+DP2 with ZeRO-1 and ZeRO-3 (CP2 x TP2(SP) x PP2 shares test_parity.py's launch of 8 processes);
+in bf16 TP2+SP and CP2 stay within 2% of
 one process over 20 steps. A CP2 (x DP2) checkpoint resumes at CP1, and through `convert
 reshard` at TP2+SP, with the next losses of an uninterrupted run. What a forward saves for
 backward equals `pretrain plan`'s prediction (SP: the norms' share falls by tp, CP: all by cp), a
@@ -64,7 +65,6 @@ def runs(tmp_path_factory, data) -> dict:
         "tp2_sp_bf16": ["parallel.tp=2", *BF16], "cp2_bf16": ["parallel.cp=2", *BF16],
         "tp2_sp_resumed": ["parallel.tp=2", f"checkpoint.dir={root / 'resharded'}"],
     })
-    results |= run_layouts(root / "eight", 8, BASE, {"cp2_tp2_pp2": ["parallel.cp=2", "parallel.tp=2", "parallel.pp=2"]})
     return results
 
 
@@ -72,8 +72,7 @@ def loss_difference(run: dict, reference: dict, steps) -> float:
     return max(abs(run["loss"][s] - reference["loss"][s]) for s in steps)
 
 
-@pytest.mark.parametrize("layout", ["tp2_sp", "tp4_sp", "cp2", "cp4", "cp2_doc_mask", "cp2_tp2_pp2", "cp2_dp2_zero1",
-                                    "cp2_dp2_zero3"])
+@pytest.mark.parametrize("layout", ["tp2_sp", "tp4_sp", "cp2", "cp4", "cp2_doc_mask", "cp2_dp2_zero1", "cp2_dp2_zero3"])
 def test_layout_trains_like_one_process(layout, runs):
     reference = runs["single_doc_mask" if "doc_mask" in layout else "single"]
     run = runs[layout]
@@ -122,14 +121,15 @@ def test_sequence_and_context_parallelism_cut_activations():
     """What the plan predicts (checked above against what a forward saves), on a first pipeline stage (the
     head keeps its weight's gradient, the same at any sequence length)."""
     args = LlamaArgs(**{k.split(".")[1]: int(v) for k, v in (o.split("=") for o in MODEL)})
-    whole = plan.activation_bytes(args, 2, 2, 0, 2, 4, False)
+    tp2 = plan.activation_bytes(args, 2, 2, 0, 2, 4, False)
     norms = 2 * (4 * args.hidden_size + 4 + 2 * 4 * args.hidden_size) * 2 * args.seq_len * args.num_layers // 2
-    assert whole - plan.activation_bytes(args, 2, 2, 0, 2, 4, False, sequence_parallel=True) == norms / 2
-    assert plan.activation_bytes(args, 1, 2, 0, 2, 4, False, cp=4) == plan.activation_bytes(args, 1, 2, 0, 2, 4, False) / 4
+    assert tp2 - plan.activation_bytes(args, 2, 2, 0, 2, 4, False, sequence_parallel=True) == norms / 2
+    one_rank = plan.activation_bytes(args, 1, 2, 0, 2, 4, False)
+    assert plan.activation_bytes(args, 1, 2, 0, 2, 4, False, cp=4) == one_rank / 4
 
 
 def test_tp2_sequence_parallel_block_is_one_graph(checks):
-    for result in checks:
+    for result in checks[:2]:
         assert result["graph_breaks"] == {"breaks": 0, "graphs": 1}
 
 
@@ -147,7 +147,8 @@ def test_shard_batch_gives_each_rank_its_balanced_chunks():
     tokens = torch.arange(16)[None]
     assert chunk_positions(16, 2, 0).tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
     assert chunk_positions(16, 2, 1).tolist() == [4, 5, 6, 7, 8, 9, 10, 11]
-    shards = [shard_batch({"tokens": tokens, "labels": tokens + 1, "document_ids": tokens // 5}, 4, r) for r in range(4)]
+    batch = {"tokens": tokens, "labels": tokens + 1, "document_ids": tokens // 5}
+    shards = [shard_batch(batch, 4, rank) for rank in range(4)]
     assert sorted(torch.cat([s["tokens"] for s in shards], 1)[0].tolist()) == list(range(16))
     for shard in shards:
         assert torch.equal(shard["position_ids"], shard["tokens"]) and torch.equal(shard["labels"], shard["tokens"] + 1)

@@ -47,7 +47,8 @@ def shard_batch(batch: dict, cp: int, rank: int) -> dict:
     seq_len = tokens.shape[1]
     index = chunk_positions(seq_len, cp, rank)
     positions = batch.get("position_ids", torch.arange(seq_len).expand_as(tokens))
-    return {**batch, "tokens": tokens[:, index], "labels": batch["labels"][:, index], "position_ids": positions[:, index]}
+    return {**batch, "tokens": tokens[:, index], "labels": batch["labels"][:, index],
+            "position_ids": positions[:, index]}
 
 
 def _gather_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

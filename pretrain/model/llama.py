@@ -98,11 +98,12 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> tuple
     inv_freq = 1.0 / (theta ** exponents)
     if scaling.kind == RopeScalingKind.llama3:
         original, factor = scaling.original_seq_len, scaling.factor
+        low, high = scaling.low_freq_factor, scaling.high_freq_factor
         wavelength = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelength > original / scaling.low_freq_factor, inv_freq / factor, inv_freq)
-        smooth = (original / wavelength - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelength - low) / (high - low)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelength < original / scaling.high_freq_factor) * ~(wavelength > original / scaling.low_freq_factor)
+        medium = ~(wavelength < original / high) * ~(wavelength > original / low)
         return torch.where(medium, smoothed, scaled), 1.0
     if scaling.kind == RopeScalingKind.yarn:
         def correction_dim(rotations: float) -> float:
@@ -110,7 +111,8 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> tuple
 
         low = max(math.floor(correction_dim(scaling.beta_fast)), 0)
         high = min(math.ceil(correction_dim(scaling.beta_slow)), head_dim - 1)
-        ramp = ((torch.arange(head_dim // 2, dtype=torch.float) - low) / (high - low if high != low else 0.001)).clamp(0, 1)
+        ramp = (torch.arange(head_dim // 2, dtype=torch.float) - low) / (high - low if high != low else 0.001)
+        ramp = ramp.clamp(0, 1)
         frequencies = theta ** exponents
         extrapolated = 1 - ramp
         inv_freq = 1.0 / (scaling.factor * frequencies) * (1 - extrapolated) + 1.0 / frequencies * extrapolated

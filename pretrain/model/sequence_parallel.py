@@ -80,7 +80,8 @@ def _all_tokens(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return to_sequence_order(all_gather(x, group))
 
 
-def gathered_linear(x: torch.Tensor, weights: tuple[torch.Tensor, ...], group: dist.ProcessGroup) -> tuple[torch.Tensor, ...]:
+def gathered_linear(x: torch.Tensor, weights: tuple[torch.Tensor, ...],
+                    group: dist.ProcessGroup) -> tuple[torch.Tensor, ...]:
     """Column-parallel projections of this rank's tokens x [b, s/tp, h] gathered from the TP ranks:
     one [tp, b, s/tp, out/tp] output per weight [out/tp, h]; one gather serves every weight."""
     return _GatheredLinear.apply(x, group, *weights)
