@@ -5,7 +5,8 @@ fp32, within 1e-5): TP2+SP, TP4+SP, CP2, CP4, CP2 with document masking (and val
 DP2 with ZeRO-1 and ZeRO-3 (CP2 x TP2(SP) x PP2 shares test_parity.py's launch of 8 processes);
 in bf16 TP2+SP and CP2 stay within 2% of
 one process over 20 steps. A CP2 (x DP2) checkpoint resumes at CP1, and through `convert
-reshard` at TP2+SP, with the next losses of an uninterrupted run. What a forward saves for
+reshard` at TP2+SP, with the next losses of an uninterrupted run; its weights start a context
+extension (twice the length, RoPE scaled) at either layout. What a forward saves for
 backward equals `pretrain plan`'s prediction (SP: the norms' share falls by tp, CP: all by cp), a
 TP2+SP block compiles to one graph, a CP4 process needs a third of one process's activations.
 transformers reproduces our logits of a rope-scaled model at 4x its original length."""
@@ -35,6 +36,9 @@ BF16 = ["train.precision=bf16", f"train.max_steps={BF16_STEPS}", "train.global_b
 LOSS_TOLERANCE, BF16_RELATIVE_TOLERANCE = 1e-5, 0.02
 SAVED_RELATIVE_TOLERANCE = 1e-3  # a few scalars (the loss's token count) are not in the prediction
 RESUME_STEP = 3
+# a context extension: twice the length, Llama 3.1's RoPE scaling, from the CP2 x DP2 run's weights
+EXTENDED = ["model.seq_len=64", "model.rope_scaling.kind=llama3", "model.rope_scaling.factor=2",
+            "model.rope_scaling.original_seq_len=32", "train.max_steps=2"]
 
 
 def doc_mask(data) -> list[str]:
@@ -57,6 +61,7 @@ def runs(tmp_path_factory, data) -> dict:
     results |= run_layouts(root / "one", 1, BASE, {
         "single": [], "single_doc_mask": doc_mask(data), "single_bf16": BF16,
         "cp1_resumed": [f"checkpoint.dir={root / 'cp1_ckpt'}", f"checkpoint.resume={saved}/step_0000000{RESUME_STEP}"],
+        "extended_fresh": EXTENDED, "extended_cp1": [*EXTENDED, f"checkpoint.init_from={saved}"],
     })
     assert cli(["convert", "reshard", "--checkpoint", str(saved), "--step", str(RESUME_STEP), "--tp", "2", "--pp", "1",
                 "--out", str(root / "resharded")]) == 0
@@ -64,6 +69,7 @@ def runs(tmp_path_factory, data) -> dict:
         "tp2_sp": ["parallel.tp=2"], "cp2": ["parallel.cp=2"], "cp2_doc_mask": ["parallel.cp=2", *doc_mask(data)],
         "tp2_sp_bf16": ["parallel.tp=2", *BF16], "cp2_bf16": ["parallel.cp=2", *BF16],
         "tp2_sp_resumed": ["parallel.tp=2", f"checkpoint.dir={root / 'resharded'}"],
+        "extended_tp2_sp": ["parallel.tp=2", *EXTENDED, f"checkpoint.init_from={saved}"],
     })
     return results
 
@@ -101,6 +107,15 @@ def test_cp2_checkpoint_resumes_at_another_layout(resumed, uninterrupted, runs):
     difference = loss_difference(run, reference, range(RESUME_STEP + 1, STEPS + 1))
     print(f"CP2 x DP2 -> {resumed}: max |loss difference| {difference:.3g}")
     assert difference <= LOSS_TOLERANCE
+
+
+def test_context_extension_starts_from_a_short_runs_weights_at_any_layout(runs):
+    """checkpoint.init_from: the CP2 x DP2 run's newest weights, at twice the length with RoPE scaled,
+    at CP1 and at TP2+SP: the same losses from step 1 on, far below a fresh start's."""
+    fresh, cp1, tp2 = runs["extended_fresh"], runs["extended_cp1"], runs["extended_tp2_sp"]
+    assert sorted(cp1["loss"]) == sorted(tp2["loss"]) == [1, 2]
+    assert loss_difference(tp2, cp1, [1, 2]) <= LOSS_TOLERANCE
+    assert cp1["loss"][1] < fresh["loss"][1] - 0.1
 
 
 @pytest.fixture(scope="module")
