@@ -99,9 +99,14 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
-def layout_record(tp: int, pp: int, dp: int | None) -> dict:
-    """The parallel sizes a step was written with (dp None: loadable at any data-parallel size)."""
-    return {"tp": tp, "pp": pp, "dp": dp}
+def layout_record(tp: int, pp: int, dp: int | None, cp: int = 1) -> dict:
+    """The parallel sizes a step was written with (dp None: loadable at any data- and context-parallel size)."""
+    return {"tp": tp, "pp": pp, "dp": dp, "cp": cp}
+
+
+def replicas(layout: dict) -> int | None:
+    """The ranks DeepSpeed's files are partitioned over (its data axis: dp x cp); None: any."""
+    return None if layout["dp"] is None else layout["dp"] * layout.get("cp", 1)
 
 
 def write_marker(folder: Path, format: str, step: int, layout: dict, **fields) -> None:

@@ -18,15 +18,17 @@ import torch.distributed as dist
 
 from pretrain.checkpoint import (
     DEEPSPEED, MARKER, PARTIAL, UNIVERSAL, UNIVERSAL_FORMAT, WEIGHTS, CheckpointError, checkpoint_format, claim_run,
-    find_checkpoint, fsync, layout_record, partial_dir, prune, publish, read_marker, safe_load, step_dir,
+    find_checkpoint, fsync, layout_record, partial_dir, prune, publish, read_marker, replicas, safe_load, step_dir,
     store_tokenizer, to_universal, verify_files, write_marker,
 )
 from pretrain.config import CheckpointConfig, Config, DataSource, Layout, OptimizerConfig, OptimizerName, run_id, to_yaml
 from pretrain.lease import FolderLease
 
-# Model settings a checkpoint's weights must agree with (the others may change when resuming).
-ARCHITECTURE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
-                "rope_theta", "norm_eps", "tie_embeddings")
+# Model settings a checkpoint's weights must agree with to start from them (checkpoint.init_from) ...
+SHAPE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size", "norm_eps",
+         "tie_embeddings")
+# ... and to resume a run (the others, model.seq_len among them, may change).
+ARCHITECTURE = (*SHAPE, "rope_theta", "rope_scaling")
 
 
 @dataclass
@@ -66,36 +68,52 @@ class Checkpointer:
         self.settings: CheckpointConfig = config.checkpoint
         self.root = Path(config.checkpoint.dir) if config.checkpoint.dir else None
         self.config = config
-        self.layout = layout_record(layout.tp, layout.pp, layout.dp)
+        self.layout = layout_record(layout.tp, layout.pp, layout.dp, layout.cp)
         self.tokenizer_sha256 = tokenizer_sha256
         self.run_id = run_id(config)
         self.lease: FolderLease | None = None
+        self.weights_only = False  # the checkpoint start() found gives weights only: step 0, fresh optimizer
 
     def start(self) -> Path | None:
         """Claim checkpoint.dir (rank 0: the run record and the lease) and find the checkpoint
-        this run resumes from (checkpoint.resume), checked against this run's model and tokenizer
-        before anything of it is unpickled. One decision for all ranks, whatever their view of the disk."""
-        if self.root is None:
+        this run resumes from (checkpoint.resume) or, when checkpoint.dir holds none, whose weights
+        it starts from (checkpoint.init_from), checked against this run's model and tokenizer before
+        anything of it is unpickled. One decision for all ranks, whatever their view of the disk."""
+        if self.root is None and not self.settings.init_from:
             return None
-        outcome: list = [None]
+        outcome: list = [None, False]
         if dist.get_rank() == 0:
             try:
-                claim_run(self.root, self.run_id, str(Path(self.config.log.dir).resolve()))
-                self.lease = FolderLease(self.root, self.run_id, self.settings.lease_timeout_s)
-                self.lease.acquire()
-                found = find_checkpoint(self.root, self.settings.resume)
-                if found is not None:
-                    self._check_compatible(found)
-                outcome = [found]
+                outcome = self._find()
             except Exception as error:  # every rank raises it, rather than waiting for rank 0
-                outcome = [error]
+                outcome = [error, False]
         dist.broadcast_object_list(outcome, src=0)
         if isinstance(outcome[0], Exception):
             raise outcome[0]
-        return outcome[0]
+        found, self.weights_only = outcome
+        return found
 
-    def _check_compatible(self, path: Path) -> None:
-        """The checkpoint holds this run's model and was trained on data of this run's tokenizer."""
+    def _find(self) -> list:
+        """[the checkpoint to start from or None, whether only its weights are loaded] (rank 0)."""
+        from pretrain.convert.reader import resolve_step
+
+        found = None
+        if self.root is not None:
+            claim_run(self.root, self.run_id, str(Path(self.config.log.dir).resolve()))
+            self.lease = FolderLease(self.root, self.run_id, self.settings.lease_timeout_s)
+            self.lease.acquire()
+            found = find_checkpoint(self.root, self.settings.resume)
+        if found is None and self.settings.init_from:
+            found = resolve_step(self.settings.init_from)
+            self._check_compatible(found, SHAPE)
+            return [found, True]
+        if found is not None:
+            self._check_compatible(found, ARCHITECTURE)
+        return [found, found is not None and checkpoint_format(found) == WEIGHTS]
+
+    def _check_compatible(self, path: Path, settings: tuple[str, ...]) -> None:
+        """The checkpoint holds this run's model (`settings` of it agree) and was trained on data of
+        this run's tokenizer."""
         from pretrain.convert.reader import CheckpointReader
 
         verify_files(path)
@@ -103,7 +121,7 @@ class Checkpointer:
         args = self.config.model
         differences = [f"model.{key}: checkpoint {value!r}, this run {getattr(args, key)!r}"
                        for key, value in vars(reader.args).items()
-                       if key in ARCHITECTURE and getattr(args, key) != value]
+                       if key in settings and getattr(args, key) != value]
         if differences:
             raise CheckpointError(f"{path} holds another model than this run's config:\n  " + "\n  ".join(differences)
                                   + "\nResume with the checkpoint's model settings, or start a new checkpoint.dir")
@@ -162,7 +180,8 @@ class Checkpointer:
         return progress
 
     def load_weights(self, model: torch.nn.Module, path: Path, tp_rank: int, canonical) -> None:
-        """Start from a weights-only checkpoint (`pretrain convert from-hf`): step 0, fresh optimizer."""
+        """Start from the weights of a checkpoint of any layout (`pretrain convert from-hf`, or
+        checkpoint.init_from): step 0, fresh optimizer."""
         from pretrain.convert.reader import CheckpointReader, LazyTensors
         from pretrain.model.weights import load_full_state_dict
 
@@ -251,15 +270,18 @@ def check_layout(path: Path, saved: dict, current: dict, optimizer: OptimizerCon
             f"parallel.tp={current['tp']} parallel.pp={current['pp']}. Resume with the saved sizes, or reshard it: "
             f"`pretrain convert reshard --checkpoint {path} --tp {current['tp']} --pp {current['pp']} --out NEW_DIR`, "
             "then checkpoint.dir=NEW_DIR")
-    if saved["dp"] != current["dp"] and optimizer.zero_stage == 3:
+    if replicas(saved) != replicas(current) and optimizer.zero_stage == 3:
         raise CheckpointError(
-            f"{path} was saved with {saved['dp']} data-parallel ranks and ZeRO-3; this run has {current['dp']}. "
-            f"Resume with {saved['dp'] * saved['tp'] * saved['pp']} processes (ZeRO-3 resumes only at the same size)")
-    if saved["dp"] != current["dp"] and optimizer.name == OptimizerName.muon:
+            f"{path} was saved with {replicas(saved)} data- x context-parallel ranks and ZeRO-3; this run has "
+            f"{replicas(current)}. Resume with {replicas(saved) * saved['tp'] * saved['pp']} processes and the saved "
+            "parallel.cp (ZeRO-3 resumes only at the same size)")
+    if replicas(saved) != replicas(current) and optimizer.name == OptimizerName.muon:
+        saved_as = (f"with {replicas(saved)} data- x context-parallel ranks" if replicas(saved) is not None
+                    else "in DeepSpeed's universal format (resharded)")
         raise CheckpointError(
-            f"{path} was saved with {saved['dp']} data-parallel ranks and optimizer.name=muon; this run has "
-            f"{current['dp']}. Resume with {saved['dp']} data-parallel ranks: DeepSpeed's universal checkpoint, which "
-            "moves ZeRO state to another data-parallel size, carries Adam's moments but not Muon's momentum")
+            f"{path} was saved {saved_as} and optimizer.name=muon; this run has {replicas(current)}. Resume with the "
+            "saved data- and context-parallel sizes: DeepSpeed's universal checkpoint, which moves ZeRO state to "
+            "another data-parallel size, carries Adam's moments but not Muon's momentum")
 
 
 def universal_copy(path: Path) -> Path:
@@ -283,8 +305,8 @@ def universal_copy(path: Path) -> Path:
 
 def load(engine, path: Path, layout: dict, optimizer: OptimizerConfig) -> tuple[dict, dict | None]:
     """Load a complete checkpoint into the engine: returns (client state, this rank's own state
-    when the checkpoint was written by the same number of ranks, else None). A ZeRO-1/2
-    checkpoint of another data-parallel size is loaded through its universal form."""
+    when the checkpoint was written by the same number of ranks in the same layout, else None). A
+    ZeRO-1/2 checkpoint of another data- x context-parallel size is loaded through its universal form."""
     marker = read_marker(path)
     resharded, zero_stage = marker.get("format") == UNIVERSAL_FORMAT, optimizer.zero_stage
     if resharded and zero_stage not in (1, 2):
@@ -292,7 +314,7 @@ def load(engine, path: Path, layout: dict, optimizer: OptimizerConfig) -> tuple[
                               f"optimizer.zero_stage 1 or 2, not {zero_stage}")
     check_layout(path, marker["layout"], layout, optimizer)
     universal = path if resharded else None
-    if not resharded and marker["layout"]["dp"] != layout["dp"] and zero_stage in (1, 2):
+    if not resharded and replicas(marker["layout"]) != replicas(layout) and zero_stage in (1, 2):
         universal = universal_copy(path)
     if universal is not None:
         engine._config.load_universal_checkpoint = True  # for this one load only: it fails on regular ones
@@ -305,7 +327,8 @@ def load(engine, path: Path, layout: dict, optimizer: OptimizerConfig) -> tuple[
     if client_state is None:
         raise CheckpointError(f"DeepSpeed could not load {path}")
     own = _rank_file(path, dist.get_rank())
-    same_world = marker.get("world_size") == dist.get_world_size()
+    same_world = (marker.get("world_size") == dist.get_world_size()
+                  and (marker["layout"]["dp"], marker["layout"].get("cp", 1)) == (layout["dp"], layout["cp"]))
     rank_state = safe_load(own) if same_world and own.is_file() else None
     if rank_state is not None:
         set_rng_state(rank_state["rng"])

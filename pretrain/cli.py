@@ -68,6 +68,9 @@ def _add_plan(commands) -> None:
     plan.add_argument("--intra-node-gbps", type=float, help="all-reduce bus bandwidth inside a node, GB/s")
     plan.add_argument("--inter-node-gbps", type=float, help="bandwidth per GPU between nodes, GB/s")
     plan.add_argument("--search", action="store_true", help="rank every valid layout that fits by tokens/s")
+    plan.add_argument("--longest", action="store_true",
+                      help="the longest model.seq_len (the config's times a power of two) that some layout fits, "
+                           "and its fastest layout")
     plan.add_argument("--top", type=int, default=5, help="layouts --search shows")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(run=_plan)
@@ -222,8 +225,9 @@ def _add_bench(commands) -> None:
     data.add_argument("--out", help="write the figures as JSON here")
     data.set_defaults(run=_bench_data)
     train = bench.add_parser("train", help="training throughput beside Hugging Face Llama (eager, compiled)")
-    train.add_argument("--shape", choices=["tiny", "cpu", "1b", "wide"], default="tiny",
-                       help="tiny (seconds) and cpu (a 7M model) run on a CPU; 1b and wide are the GPU shapes")
+    train.add_argument("--shape", choices=["tiny", "cpu", "long", "1b", "wide"], default="tiny",
+                       help="tiny (seconds), cpu (a 7M model) and long (8192 tokens) run on a CPU; 1b and wide are "
+                            "the GPU shapes")
     train.add_argument("--work", default="runs/bench-train", help="folder for the tokenizer, shards and logs")
     train.add_argument("--warmup", type=int, default=5, help="steps before measuring (compilation included)")
     train.add_argument("--steps", type=int, default=10, help="measured steps")
@@ -269,6 +273,16 @@ def _plan(args: argparse.Namespace) -> int:
     gpu = dataclasses.replace(gpu, **{k: v for k, v in bandwidths.items() if v})
     config = load(args.config, args.overrides)
     efficiency = args.efficiency or plan.EFFICIENCY
+    if args.longest:
+        seq_len, best = plan.longest_seq_len(config, args.gpus, gpu, args.gpus_per_node, efficiency)
+        if args.json:
+            print(json.dumps({"seq_len": seq_len, "plan": best.to_json() if best else None}, indent=1))
+        elif best is None:
+            print(f"no model.seq_len fits {args.gpus} x {gpu.name}")
+        else:
+            print(f"longest model.seq_len that fits {args.gpus} x {gpu.name}: {seq_len:,}\n{plan.describe(best)}\n"
+                  f"overrides: model.seq_len={seq_len} {best.overrides()}")
+        return 0 if best else 1
     if args.search:
         ranked = plan.search(config, args.gpus, gpu, args.gpus_per_node, efficiency)
         if args.json:

@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pretrain.downstream.tasks import TaskError, read_spec
 from pretrain.errors import UserError
-from pretrain.model.args import ExecutionArgs, LlamaArgs
+from pretrain.model.args import ExecutionArgs, LlamaArgs, RopeScalingKind
 
 
 class ConfigError(UserError, ValueError):
@@ -62,7 +62,11 @@ class DataSource(str, enum.Enum):
 @dataclass
 class ParallelConfig:
     tp: int = 1  # tensor-parallel size
-    pp: int = 1  # pipeline-parallel size; data-parallel size = world size / (tp * pp)
+    pp: int = 1  # pipeline-parallel size; data-parallel size = world size / (tp * pp * cp)
+    cp: int = 1  # context-parallel size: each sequence split over cp ranks (2 * cp load-balanced chunks)
+    # outside the tensor-parallel layers each TP rank holds seq_len / tp of the tokens: true, false or
+    # auto (on when tp > 1)
+    sequence_parallel: Any = "auto"
     backend: Backend = Backend.auto
     pp_partition: PipelinePartition = PipelinePartition.blocks  # how layers are split among pipeline stages
     timeout_minutes: float = 30.0  # a collective waiting longer than this fails (a dead or hung peer)
@@ -170,6 +174,9 @@ class CheckpointConfig:
     keep_last: int = 3  # newest checkpoints kept; 0 = keep all
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0 = none
     resume: str = "auto"  # auto: newest complete checkpoint in dir, if any; none; or a checkpoint's path
+    # when dir holds no checkpoint: start from the weights of this checkpoint (a step folder or a checkpoint.dir,
+    # any layout; e.g. a short-context run's), at step 0 with a fresh optimizer and schedule
+    init_from: str = ""
     # the run holding dir renews its lease this often / 4; a crashed holder's lease is taken over after this
     lease_timeout_s: float = 120.0
 
@@ -210,6 +217,13 @@ class Layout:
     micro_batch_size: int
     global_batch_size: int
     grad_accumulation: int  # micro-batches per rank per optimizer step
+    cp: int = 1
+    sequence_parallel: bool = False  # parallel.sequence_parallel resolved
+
+    @property
+    def replicas(self) -> int:
+        """Ranks that hold the same parameters and average their gradients (DeepSpeed's data axis): dp x cp."""
+        return self.dp * self.cp
 
 
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -259,14 +273,15 @@ def _describe(error: OmegaConfBaseException) -> str:
 def validate(config: Config, world_size: int) -> Layout:
     """Check every rule that involves several settings; report all broken rules at once."""
     model, execution, parallel, train = config.model, config.execution, config.parallel, config.train
-    tp, pp = parallel.tp, parallel.pp
+    tp, pp, cp = parallel.tp, parallel.pp, parallel.cp
     problems: list[str] = []
 
     def need(ok: bool, message: str) -> None:
         if not ok:
             problems.append(message)
 
-    for key, value in [("parallel.tp", tp), ("parallel.pp", pp), ("model.num_layers", model.num_layers),
+    for key, value in [("parallel.tp", tp), ("parallel.pp", pp), ("parallel.cp", cp),
+                       ("model.num_layers", model.num_layers),
                        ("model.hidden_size", model.hidden_size), ("model.num_heads", model.num_heads),
                        ("model.num_kv_heads", model.num_kv_heads), ("model.ffn_hidden_size", model.ffn_hidden_size),
                        ("model.seq_len", model.seq_len),
@@ -278,6 +293,8 @@ def validate(config: Config, world_size: int) -> Layout:
     need(model.vocab_size >= 0, f"model.vocab_size={model.vocab_size} must be >= 0 (0 = from the data's tokenizer)")
     need(execution.compile in ("auto", True, False),
          f"execution.compile={execution.compile!r} must be true, false or auto")
+    need(parallel.sequence_parallel in ("auto", True, False),
+         f"parallel.sequence_parallel={parallel.sequence_parallel!r} must be true, false or auto")
     if problems:
         raise ConfigError(_report(problems))
 
@@ -291,11 +308,24 @@ def validate(config: Config, world_size: int) -> Layout:
                        ("model.ffn_hidden_size", model.ffn_hidden_size)]:
         need(value % tp == 0, f"{key}={value} is not divisible by parallel.tp={tp}: "
                               f"choose parallel.tp among {_divisors(value)} or change {key}")
+    problems += _rope_scaling_problems(model)
     need(model.num_layers >= pp, f"parallel.pp={pp} exceeds model.num_layers={model.num_layers}: "
                                  "each pipeline stage needs at least one layer")
-    need(world_size % (tp * pp) == 0,
-         f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {tp} x {pp}: "
-         f"launch a multiple of {tp * pp} processes or change parallel.tp/parallel.pp")
+    sizes = {"parallel.tp": tp, "parallel.pp": pp, **({"parallel.cp": cp} if cp > 1 else {})}
+    need(world_size % (tp * pp * cp) == 0,
+         f"world size {world_size} is not divisible by {' x '.join(sizes)} = {' x '.join(map(str, sizes.values()))}: "
+         f"launch a multiple of {tp * pp * cp} processes or change {'/'.join(sizes)}")
+    sequence_parallel = tp > 1 if parallel.sequence_parallel == "auto" else parallel.sequence_parallel
+    need(not (sequence_parallel and tp == 1),
+         "parallel.sequence_parallel=true needs parallel.tp > 1 (it splits the sequence among tensor-parallel "
+         "ranks); set it to auto or false, or raise parallel.tp")
+    need(model.seq_len % (2 * cp) == 0,
+         f"model.seq_len={model.seq_len} must be divisible by 2 x parallel.cp = {2 * cp}: each sequence is split "
+         "into 2 x cp chunks; change model.seq_len or parallel.cp")
+    need(not sequence_parallel or model.seq_len // cp % tp == 0,
+         f"model.seq_len / parallel.cp = {model.seq_len // cp} tokens per context-parallel rank must be divisible "
+         f"by parallel.tp={tp} under sequence parallelism; change model.seq_len or set "
+         "parallel.sequence_parallel=false")
     need(config.optimizer.zero_stage in (0, 1, 2, 3), f"optimizer.zero_stage={config.optimizer.zero_stage} must be 0, 1, 2 or 3")
     need(not (config.optimizer.zero_stage >= 2 and pp > 1),
          f"optimizer.zero_stage={config.optimizer.zero_stage} cannot be combined with parallel.pp={pp}: DeepSpeed's "
@@ -332,6 +362,9 @@ def validate(config: Config, world_size: int) -> Layout:
          "checkpoint.keep_last and checkpoint.keep_every must be >= 0")
     need(not (config.checkpoint.resume not in ("auto", "none") and not Path(config.checkpoint.resume).exists()),
          f"checkpoint.resume={config.checkpoint.resume} does not exist: give auto, none or a checkpoint directory")
+    need(not config.checkpoint.init_from or Path(config.checkpoint.init_from).exists(),
+         f"checkpoint.init_from={config.checkpoint.init_from} does not exist: give a checkpoint.dir or one of its "
+         "step_* folders")
     need(train.max_bad_steps >= 1, f"train.max_bad_steps={train.max_bad_steps} must be at least 1")
     need(not (config.debug.inject_nan_steps and pp > 1), "debug.inject_nan_steps (fault injection) needs parallel.pp=1")
     need(train.eval_interval >= 0, f"train.eval_interval={train.eval_interval} must be >= 0 (0 = no validation)")
@@ -383,7 +416,7 @@ def validate(config: Config, world_size: int) -> Layout:
     need(config.data.source != DataSource.raw or bool(config.data.tokenizer),
          "data.source=raw needs data.tokenizer (a folder from `pretrain tokenizer train`)")
 
-    dp = max(world_size // (tp * pp), 1)
+    dp = max(world_size // (tp * pp * cp), 1)
     per_step = train.micro_batch_size * dp
     need(train.global_batch_size % per_step == 0,
          f"train.global_batch_size={train.global_batch_size} must be a multiple of train.micro_batch_size "
@@ -392,7 +425,27 @@ def validate(config: Config, world_size: int) -> Layout:
     if problems:
         raise ConfigError(_report(problems))
     return Layout(world_size=world_size, tp=tp, pp=pp, dp=dp, micro_batch_size=train.micro_batch_size,
-                  global_batch_size=train.global_batch_size, grad_accumulation=train.global_batch_size // per_step)
+                  global_batch_size=train.global_batch_size, grad_accumulation=train.global_batch_size // per_step,
+                  cp=cp, sequence_parallel=sequence_parallel)
+
+
+def _rope_scaling_problems(model: LlamaArgs) -> list[str]:
+    scaling = model.rope_scaling
+    if scaling.kind == RopeScalingKind.none:
+        return []
+    kind, problems = scaling.kind.value, []
+    if not scaling.factor >= 1:
+        problems.append(f"model.rope_scaling.factor={scaling.factor} must be >= 1 (the new length over the original)")
+    if scaling.original_seq_len < 1:
+        problems.append(f"model.rope_scaling.kind={kind} needs model.rope_scaling.original_seq_len: the sequence "
+                        "length the model was trained at before the extension")
+    if scaling.kind == RopeScalingKind.llama3 and not 0 < scaling.low_freq_factor < scaling.high_freq_factor:
+        problems.append(f"model.rope_scaling.low_freq_factor={scaling.low_freq_factor} and high_freq_factor="
+                        f"{scaling.high_freq_factor} must satisfy 0 < low < high (Llama 3.1: 1 and 4)")
+    if scaling.kind == RopeScalingKind.yarn and not 0 < scaling.beta_slow < scaling.beta_fast:
+        problems.append(f"model.rope_scaling.beta_slow={scaling.beta_slow} and beta_fast={scaling.beta_fast} "
+                        "must satisfy 0 < beta_slow < beta_fast (YaRN: 1 and 32)")
+    return problems
 
 
 def _check_muon(optimizer: OptimizerConfig, precision: Precision, need: Callable[[bool, str], None]) -> None:
@@ -423,7 +476,7 @@ def validate_without_data(config: Config, world_size: int) -> Layout:
         train=dataclasses.replace(config.train, eval_interval=0),
         log=dataclasses.replace(config.log, sample_interval=0),
         downstream=dataclasses.replace(config.downstream, interval=0),
-        checkpoint=dataclasses.replace(config.checkpoint, resume="none")), world_size)
+        checkpoint=dataclasses.replace(config.checkpoint, resume="none", init_from="")), world_size)
 
 
 def total_steps(config: Config) -> int:
@@ -451,7 +504,8 @@ def data_path_list(path: Any) -> list[str]:
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted({*small, *(n // d for d in small)})
 
 
 def _report(problems: list[str]) -> str:

@@ -14,6 +14,7 @@ from pretrain.checkpoint import universal_checkpoint_info
 from pretrain.config import Config, Layout, OptimizerName, Precision
 from pretrain.model.execution import apply_execution
 from pretrain.model.llama import Llama
+from pretrain.model.parallelize import apply_context_parallel, apply_sequence_parallel
 from pretrain.model.pipeline import build_pipeline, canonical_name
 from pretrain.muon import Muon
 from pretrain.optim import build_optimizer, build_scheduler
@@ -45,6 +46,10 @@ def build_model(config: Config, layout: Layout, context: parallel.ParallelContex
     else:
         model = Llama(config.model, context.tp_group)
         model.init_weights(config.train.seed)
+    if layout.sequence_parallel:
+        apply_sequence_parallel(model, context.tp_group)
+    if layout.cp > 1:
+        apply_context_parallel(model, context.cp_group)
     apply_execution(model, config.execution, resolve_compile(config, context.device))
     return model
 
@@ -65,8 +70,8 @@ def deepspeed_config(config: Config, layout: Layout, precision: Precision) -> di
     zero = {"stage": stage, "compute_grad_norm": not device_update}
     if stage == 3:
         zero["stage3_param_persistence_threshold"] = config.optimizer.zero3_param_persistence_threshold
-    return {
-        "train_batch_size": layout.global_batch_size,
+    settings = {
+        "train_batch_size": layout.global_batch_size * layout.cp,  # DeepSpeed counts context-parallel ranks as replicas
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
         "gradient_accumulation_steps": layout.grad_accumulation,
         "gradient_clipping": 0.0 if device_update else config.optimizer.grad_clip,
@@ -77,6 +82,11 @@ def deepspeed_config(config: Config, layout: Layout, precision: Precision) -> di
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": config.optimizer.name == OptimizerName.muon,
     }
+    if layout.sequence_parallel:
+        # the pipeline engine sends 1/tp of an activation per TP rank, assuming TP peers hold the same
+        # one; under sequence parallelism each holds other tokens, so each sends its own whole
+        settings["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
+    return settings
 
 
 def build_engine(model: nn.Module, config: Config, layout: Layout, context: parallel.ParallelContext,

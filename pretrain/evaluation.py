@@ -25,11 +25,12 @@ class Validator:
     @torch.no_grad()
     def run(self, step: int) -> float:
         """Mean loss per predicted token over the fixed validation batches (collective)."""
-        batches = list(stream.validation_batches(self.config, self.data, self.layout, self.context.dp_rank))
+        batches = list(stream.validation_batches(self.config, self.data, self.layout, self.context.dp_rank,
+                                                 self.context.cp_rank))
         totals = torch.zeros(2, device=self.context.device)  # loss sum, predicted tokens
         totals[1] = sum(int((batch["labels"] != -100).sum()) for batch in batches)
         totals[0] = self.steps.loss_sum(batches)
-        dist.all_reduce(totals, group=self.context.dp_group)
+        dist.all_reduce(totals, group=self.context.replica_group)
         mean = (totals[0] / totals[1]).item()
         self.metrics.write(step, {"loss": mean, "ppl": math.exp(min(mean, 50.0))}, group="valid")
         return mean

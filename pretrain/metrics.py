@@ -101,12 +101,12 @@ class StepLog:
     model.z_loss, `loss` is the cross-entropy and `z_loss` the z-loss added to it in training."""
 
     def __init__(self, metrics: MetricsWriter, config: Config, layout: Layout, device: torch.device,
-                 dp_group: dist.ProcessGroup, last_step: int):
-        self.metrics, self.device, self.dp_group = metrics, device, dp_group
+                 replica_group: dist.ProcessGroup, last_step: int):
+        self.metrics, self.device, self.replica_group = metrics, device, replica_group
         self.interval, self.last_step = config.log.interval, last_step
         self.tokens_per_step = layout.global_batch_size * config.model.seq_len
         self.flops_per_token, self.peak = config.model.flops_per_token(), peak_flops(device)
-        self.world_size, self.loss_divisor = layout.world_size, layout.dp * layout.grad_accumulation
+        self.world_size, self.loss_divisor = layout.world_size, layout.replicas * layout.grad_accumulation
         self.logs_z_loss = config.model.z_loss > 0
         self.window_loss = torch.zeros(2, device=device)  # the loss, its z-loss part
         self.window_steps, self.window_start = 0, time.perf_counter()
@@ -121,8 +121,8 @@ class StepLog:
         self.window_steps += 1
 
     def write(self, step: int, lr: float, grad_norm: float, extra: dict[str, float]) -> dict[str, float]:
-        """Write the record of `step` (collective: reduces the loss over data-parallel ranks)."""
-        dist.all_reduce(self.window_loss, group=self.dp_group)
+        """Write the record of `step` (collective: reduces the loss over data- and context-parallel ranks)."""
+        dist.all_reduce(self.window_loss, group=self.replica_group)
         elapsed = time.perf_counter() - self.window_start
         loss, z_loss = self.window_loss.tolist()
         steps = self.loss_divisor * self.window_steps

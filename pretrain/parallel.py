@@ -1,10 +1,17 @@
 """Process groups: torch.distributed, megatron-core's parallel_state and DeepSpeed's topology,
-built once and checked to agree on every rank's (pipeline, data, tensor) coordinates."""
+built once and checked to agree on every rank's (pipeline, data, context, tensor) coordinates.
+
+Ranks are ordered tensor-parallel fastest, then context-parallel, data-parallel and pipeline
+(megatron-core's "tp-cp-dp-pp"). DeepSpeed's grid has only pipe/data/model axes: context-parallel
+ranks join its data axis (data coordinate = dp_rank x cp + cp_rank), so DeepSpeed reduces
+gradients, partitions ZeRO state and counts batch sizes over dp x cp ranks, while our own
+records (ParallelContext, the loader, checkpoints) keep dp and cp apart."""
 
 import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 
 import deepspeed
 import torch
@@ -15,7 +22,7 @@ from megatron.core import parallel_state
 
 @dataclass(frozen=True)
 class ParallelContext:
-    """This process's place in the TP x PP x DP grid and its device."""
+    """This process's place in the TP x CP x DP x PP grid and its device."""
 
     rank: int
     world_size: int
@@ -26,6 +33,8 @@ class ParallelContext:
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    cp: int
+    cp_rank: int
     device: torch.device
     backend: str
     topology: PipeModelDataParallelTopology
@@ -43,8 +52,13 @@ class ParallelContext:
         return parallel_state.get_tensor_model_parallel_group()
 
     @property
-    def dp_group(self) -> dist.ProcessGroup:
-        return parallel_state.get_data_parallel_group()
+    def cp_group(self) -> dist.ProcessGroup:
+        return parallel_state.get_context_parallel_group()
+
+    @property
+    def replica_group(self) -> dist.ProcessGroup:
+        """The dp x cp ranks holding the same parameters, over which gradients and losses are reduced."""
+        return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
 
 def _free_port() -> int:
@@ -59,7 +73,7 @@ def choose_backend(requested: str) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def initialize(tp: int, pp: int, backend: str = "auto", timeout_minutes: float = 30.0) -> ParallelContext:
+def initialize(tp: int, pp: int, backend: str = "auto", timeout_minutes: float = 30.0, cp: int = 1) -> ParallelContext:
     """Join (or, for a plain single-process run, create) the process group and build the grid.
 
     Under torchrun the environment names rank and world size; without it this process is a
@@ -86,24 +100,27 @@ def initialize(tp: int, pp: int, backend: str = "auto", timeout_minutes: float =
     else:
         device = torch.device("cpu")
 
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    dp = world_size // (tp * pp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                             context_parallel_size=cp)
+    dp = world_size // (tp * pp * cp)
     context = ParallelContext(
         rank=rank, world_size=world_size, local_rank=local_rank, tp=tp, pp=pp, dp=dp,
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
+        cp=cp, cp_rank=parallel_state.get_context_parallel_rank(),
         device=device, backend=dist.get_backend(),
-        topology=PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp),
+        topology=PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp * cp),
     )
     check_coordinates(context)
     return context
 
 
 def check_coordinates(context: ParallelContext) -> None:
-    """Stop if megatron-core and DeepSpeed disagree on any rank's (pipe, data, model) coordinates:
-    gradients would then be reduced over the wrong peers."""
-    mine = torch.tensor([context.pp_rank, context.dp_rank, context.tp_rank], dtype=torch.long)
+    """Stop if megatron-core and DeepSpeed disagree on any rank's (pipe, data, model) coordinates
+    (DeepSpeed's data coordinate counts dp x cp): gradients would then be reduced over the wrong peers."""
+    data = context.dp_rank * context.cp + context.cp_rank
+    mine = torch.tensor([context.pp_rank, data, context.tp_rank], dtype=torch.long)
     gathered = [torch.empty_like(mine) for _ in range(context.world_size)]
     dist.all_gather(gathered, mine)
     for rank, coords in enumerate(gathered):
@@ -127,7 +144,8 @@ def shutdown(destroy_process_group: bool = True) -> None:
 class MegatronMpu:
     """The model-parallel-unit interface DeepSpeed's engine expects (used when pp == 1: the
     pipeline engine takes its grid from the PipelineModule instead). Model parallel = tensor
-    parallel here; without this, DeepSpeed would treat TP peers as data-parallel replicas."""
+    parallel here; without this, DeepSpeed would treat TP peers as data-parallel replicas. Its
+    data-parallel group holds the context-parallel ranks too (they average gradients like replicas)."""
 
     get_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
     get_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
@@ -135,9 +153,10 @@ class MegatronMpu:
     get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
     get_tensor_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
     get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
-    get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
-    get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
-    get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
+    get_data_parallel_rank = staticmethod(partial(parallel_state.get_data_parallel_rank, with_context_parallel=True))
+    get_data_parallel_world_size = staticmethod(partial(parallel_state.get_data_parallel_world_size,
+                                                        with_context_parallel=True))
+    get_data_parallel_group = staticmethod(partial(parallel_state.get_data_parallel_group, with_context_parallel=True))
     get_pipeline_model_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)
     get_pipeline_model_parallel_world_size = staticmethod(parallel_state.get_pipeline_model_parallel_world_size)
     get_pipeline_model_parallel_group = staticmethod(parallel_state.get_pipeline_model_parallel_group)

@@ -3,14 +3,20 @@
 Memory is counted from this framework's own tensors: each rank's parameter shards (its TP slice
 of its pipeline stage), what DeepSpeed's ZeRO stage keeps of weights, gradients and optimizer
 state on a rank, what autograd saves for backward in one micro-batch of our blocks (tests check
-these against a real engine and a real forward), the micro-batches 1F1B keeps in flight on a
-stage, the output head's working set, DeepSpeed's buffers and an allowance for the CUDA context
-and the allocator. Step time is compute at a measured efficiency plus the communication that
-is not overlapped: tensor-parallel all-reduces per layer, the pipeline bubble, pipeline sends and
-the data-parallel gradient reduction (and ZeRO-3's parameter gathers) over a bandwidth table."""
+these against a real engine and a real forward; a context-parallel rank holds seq/cp tokens, and
+under sequence parallelism the norms' share of them is divided by tp), the micro-batches 1F1B
+keeps in flight on a stage, the output head's working set, the keys and values context
+parallelism gathers, DeepSpeed's buffers and an allowance for the CUDA context and the allocator.
+Step time is compute at a measured efficiency plus the communication that is not overlapped:
+tensor-parallel all-reduces (or, with sequence parallelism, all-gathers and reduce-scatters) per
+layer, the context-parallel key/value exchange, the pipeline bubble, pipeline sends and the
+data-parallel gradient reduction (and ZeRO-3's parameter gathers) over a bandwidth table."""
 
 import bisect
 import dataclasses
+import functools
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pretrain.accelerators import Accelerator, of_device
@@ -33,7 +39,7 @@ HOPELESS = 50  # a run predicted to need this many times the device's memory (a 
 
 @dataclass
 class Plan:
-    layout: Layout  # the sizes a launch of this many processes derives
+    layout: Layout  # the sizes a launch of this many processes derives (tp, pp, dp, cp, sequence parallel)
     zero_stage: int
     activation_checkpointing: bool
     gpu: Accelerator
@@ -52,8 +58,9 @@ class Plan:
     def overrides(self) -> str:
         """The settings that choose this layout, as `pretrain train` takes them."""
         layout = self.layout
-        return (f"parallel.tp={layout.tp} parallel.pp={layout.pp} optimizer.zero_stage={self.zero_stage} "
-                f"train.micro_batch_size={layout.micro_batch_size} "
+        return (f"parallel.tp={layout.tp} parallel.pp={layout.pp} parallel.cp={layout.cp} "
+                f"parallel.sequence_parallel={str(layout.sequence_parallel).lower()} "
+                f"optimizer.zero_stage={self.zero_stage} train.micro_batch_size={layout.micro_batch_size} "
                 f"execution.activation_checkpointing={str(self.activation_checkpointing).lower()}")
 
     def to_json(self) -> dict:
@@ -73,27 +80,33 @@ class Tensor:
     ndim: int
 
 
-def stage_tensors(args: LlamaArgs, tp: int, pp: int) -> list[list[Tensor]]:
+def stage_tensors(args: LlamaArgs, tp: int, pp: int) -> tuple[tuple[Tensor, ...], ...]:
     """Per pipeline stage, the parameter tensors a rank holds (its TP slices), in the order the
     module lists them. With tied embeddings and pp > 1 the last stage holds the embedding too."""
-    h, head_dim, vocab = args.hidden_size, args.head_dim, args.padded_vocab_size(tp)
+    return _stage_tensors(args.hidden_size, args.num_heads, args.num_kv_heads, args.ffn_hidden_size, args.num_layers,
+                          args.padded_vocab_size(tp), args.tie_embeddings, tp, pp)
+
+
+@functools.lru_cache(maxsize=256)
+def _stage_tensors(h: int, heads: int, kv_heads: int, ffn: int, num_layers: int, vocab: int, tied: bool, tp: int,
+                   pp: int) -> tuple[tuple[Tensor, ...], ...]:
+    head_dim = h // heads
     block = [("attention_norm.weight", h, 1),
-             ("attention.qkv_proj.weight", (args.num_heads + 2 * args.num_kv_heads) * head_dim * h // tp, 2),
-             ("attention.o_proj.weight", h * args.num_heads * head_dim // tp, 2), ("mlp_norm.weight", h, 1),
-             ("mlp.gate_proj.weight", args.ffn_hidden_size * h // tp, 2),
-             ("mlp.up_proj.weight", args.ffn_hidden_size * h // tp, 2),
-             ("mlp.down_proj.weight", h * args.ffn_hidden_size // tp, 2)]
+             ("attention.qkv_proj.weight", (heads + 2 * kv_heads) * head_dim * h // tp, 2),
+             ("attention.o_proj.weight", h * heads * head_dim // tp, 2), ("mlp_norm.weight", h, 1),
+             ("mlp.gate_proj.weight", ffn * h // tp, 2), ("mlp.up_proj.weight", ffn * h // tp, 2),
+             ("mlp.down_proj.weight", h * ffn // tp, 2)]
     embedding = Tensor("embedding.weight", vocab * h // tp, 2)
     stages = []
-    for stage, layers in enumerate(stage_layers(args.num_layers, pp)):
-        tensors = [embedding] if stage == 0 or (stage == pp - 1 and args.tie_embeddings) else []
+    for stage, layers in enumerate(stage_layers(num_layers, pp)):
+        tensors = [embedding] if stage == 0 or (stage == pp - 1 and tied) else []
         tensors += [Tensor(f"layers.{i}.{name}", numel, ndim) for i in layers for name, numel, ndim in block]
         if stage == pp - 1:
             tensors.append(Tensor("final_norm.weight", h, 1))
-            if not args.tie_embeddings:
+            if not tied:
                 tensors.append(Tensor("output.weight", vocab * h // tp, 2))
-        stages.append(tensors)
-    return stages
+        stages.append(tuple(tensors))
+    return tuple(stages)
 
 
 def stage_layers(num_layers: int, pp: int) -> list[range]:
@@ -105,32 +118,45 @@ def stage_layers(num_layers: int, pp: int) -> list[range]:
     return [range(bounds[s], bounds[s + 1]) for s in range(pp)]
 
 
-def block_activation_bytes_per_token(args: LlamaArgs, tp: int, dtype_bytes: int) -> float:
-    """Bytes one block saves for backward per token (no checkpointing), as autograd keeps them:
-    per RMSNorm its fp32 input, rsqrt, normalised and scaled outputs; cos and sin; the rotated q
-    and k, the fused qkv buffer that v views, the attention output (which o_proj's input views)
-    and its log-sum-exp; gate, silu(gate), up and their product."""
+def block_activation_bytes_per_token(args: LlamaArgs, tp: int, dtype_bytes: int,
+                                     sequence_parallel: bool = False) -> float:
+    """Bytes one block saves for backward per token of its sequence (no checkpointing), as autograd
+    keeps them: per RMSNorm its fp32 input, rsqrt, normalised and scaled outputs (under sequence
+    parallelism of seq/tp tokens); cos and sin; the rotated q and k, the fused qkv buffer that v
+    views, the attention output (which o_proj's input views) and its log-sum-exp; gate, silu(gate),
+    up and their product. Under context parallelism the same per token of this rank's chunks."""
     h, d, e = args.hidden_size, args.head_dim, dtype_bytes
     heads, kv, ffn = args.num_heads / tp, args.num_kv_heads / tp, args.ffn_hidden_size / tp
-    norms = 2 * (4 * h + 4 + 2 * e * h)
+    norms = 2 * (4 * h + 4 + 2 * e * h) / (tp if sequence_parallel else 1)
     attention = 2 * e * d + e * heads * d + e * kv * d + e * (heads + 2 * kv) * d + 4 * heads + e * heads * d
     return norms + attention + 4 * e * ffn
 
 
 def activation_bytes(args: LlamaArgs, tp: int, pp: int, stage: int, micro_batch_size: int, dtype_bytes: int,
-                     checkpointing: bool) -> float:
+                     checkpointing: bool, sequence_parallel: bool = False, cp: int = 1) -> float:
     """What autograd saves for backward in one micro-batch on `stage` (the head + loss keeps the
-    gradients it computed at once: of the hidden states and of its weight)."""
-    tokens, h, e = micro_batch_size * args.seq_len, args.hidden_size, dtype_bytes
+    gradients it computed at once: of the hidden states and of its weight). A context-parallel rank
+    holds seq/cp tokens; under sequence parallelism the residual stream holds seq/(cp x tp)."""
+    tokens, h, e = micro_batch_size * args.seq_len // cp, args.hidden_size, dtype_bytes
+    residual = tokens / (tp if sequence_parallel else 1)  # tokens outside the tensor-parallel layers
     layers = len(stage_layers(args.num_layers, pp)[stage])
-    per_block = e * h if checkpointing else block_activation_bytes_per_token(args, tp, e)
+    per_block = residual / tokens * e * h if checkpointing else block_activation_bytes_per_token(
+        args, tp, e, sequence_parallel)
     total = tokens * layers * per_block + (tokens * INDEX_BYTES if checkpointing else 0)  # positions, once
     if stage == 0:
         total += tokens * INDEX_BYTES  # the embedding keeps the token ids
     if stage == pp - 1:
-        total += tokens * (4 * h + 4 + e * h)  # final norm (the loss keeps a gradient instead of its output)
-        total += tokens * e * h + args.padded_vocab_size(tp) // tp * h * e  # head + loss gradients
+        total += residual * (4 * h + 4 + e * h)  # final norm (the loss keeps a gradient instead of its output)
+        total += residual * e * h + args.padded_vocab_size(tp) // tp * h * e  # head + loss gradients
     return total
+
+
+def context_parallel_working_bytes(args: LlamaArgs, tp: int, micro_batch_size: int, dtype_bytes: int) -> float:
+    """The largest short-lived allocation of context-parallel attention, in backward: the keys and
+    values of the whole sequence gathered again (as received, in sequence order and refilled), their
+    gradients and those laid out for the reduce-scatter."""
+    keys_and_values = 2 * micro_batch_size * args.seq_len * args.num_kv_heads / tp * args.head_dim
+    return 5 * keys_and_values * dtype_bytes
 
 
 # DeepSpeed 0.19 ZeRO settings the engine runs with (deepspeed_config leaves them at their defaults)
@@ -147,7 +173,7 @@ def _muon_trains(tensor: Tensor) -> bool:
     return tensor.ndim == 2 and tensor.name.startswith("layers.")
 
 
-def _groups(tensors: list[Tensor], muon: bool = False) -> list[tuple[list[int], int]]:
+def _groups(tensors: Sequence[Tensor], muon: bool = False) -> list[tuple[list[int], int]]:
     """The optimizer's parameter groups (pretrain.optim), each with its state tensors per element:
     matrices (decay), then vectors; with Muon, its matrices first."""
     if not muon:
@@ -173,18 +199,24 @@ def _zero12_partition(group: list[int], dp: int, rank: int) -> tuple[int, int, i
     return flat, part, kept + min(part, max(0, end - sum(group)))
 
 
-def state_bytes(tensors: list[Tensor], zero_stage: int, dp: int, bf16: bool, persistence_threshold: int = 100_000,
+def state_bytes(tensors: Sequence[Tensor], zero_stage: int, dp: int, bf16: bool, persistence_threshold: int = 100_000,
                 dp_rank: int | None = None, muon: bool = False) -> dict[str, float]:
     """Weights, gradients (as the optimizer step finds them), optimizer state (fp32 masters, Adam
     moments and step counters, Muon's momentum) and DeepSpeed's lasting buffers on data-parallel
     rank `dp_rank` (None: the worst), as DeepSpeed 0.19 lays them out for torch's fused AdamW and
     pretrain.muon (tests check them against the tensors a real engine holds)."""
-    ranks = range(dp) if dp_rank is None else [dp_rank]
-    per_rank = [_state_on_rank(tensors, zero_stage, dp, rank, bf16, persistence_threshold, muon) for rank in ranks]
+    ranks = range(dp) if dp_rank is None else (dp_rank,)
+    per_rank = _states_on_ranks(tuple(tensors), zero_stage, dp, tuple(ranks), bf16, persistence_threshold, muon)
     return {key: max(values) for key, values in zip(("weights", "gradients", "optimizer", "buffers"), zip(*per_rank))}
 
 
-def _state_on_rank(tensors: list[Tensor], zero_stage: int, dp: int, rank: int, bf16: bool,
+@functools.lru_cache(maxsize=1024)  # --search asks for the same stages under many micro-batch sizes and settings
+def _states_on_ranks(tensors: tuple[Tensor, ...], zero_stage: int, dp: int, ranks: tuple[int, ...], bf16: bool,
+                     persistence_threshold: int, muon: bool) -> list[tuple[int, int, int, int]]:
+    return [_state_on_rank(tensors, zero_stage, dp, rank, bf16, persistence_threshold, muon) for rank in ranks]
+
+
+def _state_on_rank(tensors: Sequence[Tensor], zero_stage: int, dp: int, rank: int, bf16: bool,
                    persistence_threshold: int, muon: bool) -> tuple[int, int, int, int]:
     e = 2 if bf16 else 4
     groups = _groups(tensors, muon)
@@ -205,7 +237,7 @@ def _state_on_rank(tensors: list[Tensor], zero_stage: int, dp: int, rank: int, b
         e * REDUCE_BUCKET
 
 
-def deepspeed_transient_bytes(tensors: list[Tensor], zero_stage: int, dp: int, bf16: bool, pipelined: bool,
+def deepspeed_transient_bytes(tensors: Sequence[Tensor], zero_stage: int, dp: int, bf16: bool, pipelined: bool,
                               persistence_threshold: int = 100_000, muon: bool = False) -> float:
     """DeepSpeed's largest short-lived allocation: ZeRO-1 keeps full gradients and a reduction
     bucket through the accumulation (two buckets while a pipeline reduces), ZeRO-2 a bucket per
@@ -250,7 +282,7 @@ class MuonWork:
     largest: tuple[int, int]  # shape of the largest whole parameter it orthogonalises
 
 
-def muon_work(tensors: list[Tensor], args: LlamaArgs, dp: int, zero_stage: int, steps: int) -> MuonWork:
+def muon_work(tensors: Sequence[Tensor], args: LlamaArgs, dp: int, zero_stage: int, steps: int) -> MuonWork:
     """At ZeRO-1/2 a rank orthogonalises the matrices its partition touches; at ZeRO-0 all of them."""
     parts = muon_parts(args)
     matrices = [t for t in tensors if _muon_trains(t)]
@@ -289,12 +321,16 @@ def muon_working_bytes(work: MuonWork, tp: int, ns_bytes: int) -> float:
         + ns_bytes * (3 * whole + 3 * min(rows, columns) ** 2)
 
 
-def head_working_bytes(args: LlamaArgs, tp: int, micro_batch_size: int, dtype_bytes: int, chunk_tokens: int) -> float:
+def head_working_bytes(args: LlamaArgs, tp: int, micro_batch_size: int, dtype_bytes: int, chunk_tokens: int,
+                       cp: int = 1, sequence_parallel: bool = False) -> float:
     """The output head + loss's transient memory: one chunk's logits (matmul output, fp32 copy,
-    gradient in the weights' dtype) and the fp32 accumulator of the weight's gradient."""
-    chunk = min(chunk_tokens, micro_batch_size * args.seq_len)
+    gradient in the weights' dtype) and the fp32 accumulator of the weight's gradient; under
+    sequence parallelism also the gathered hidden states and their whole gradient."""
+    tokens = micro_batch_size * args.seq_len // cp
     local_vocab = args.padded_vocab_size(tp) // tp
-    return chunk * local_vocab * (2 * dtype_bytes + 4) + local_vocab * args.hidden_size * 4
+    gathered = 2 * tokens * args.hidden_size * dtype_bytes if sequence_parallel else 0
+    chunk = min(chunk_tokens, tokens) * local_vocab * (2 * dtype_bytes + 4)
+    return chunk + local_vocab * args.hidden_size * 4 + gathered
 
 
 def ring_seconds(bytes_: float, ranks: int, gbps: float, passes: float) -> float:
@@ -309,14 +345,18 @@ def plan(config: Config, gpus: int, gpu: Accelerator, gpus_per_node: int = 8, ef
         raise ConfigError("model.vocab_size=0 takes the data's tokenizer's: give model.vocab_size to plan with")
     layout = validate_without_data(config, gpus)
     args, execution, zero_stage = config.model, config.execution, config.optimizer.zero_stage
-    tp, pp, dp = layout.tp, layout.pp, layout.dp
+    tp, pp, dp, cp, sequence_parallel = layout.tp, layout.pp, layout.dp, layout.cp, layout.sequence_parallel
+    checkpointing = execution.activation_checkpointing
     notes = []
-    if tp > gpus_per_node:
-        notes.append(f"parallel.tp={tp} spans nodes of {gpus_per_node} GPUs: its all-reduces run over the network")
+    if tp * cp > gpus_per_node:
+        notes.append(f"parallel.tp x parallel.cp = {tp * cp} spans nodes of {gpus_per_node} GPUs: their "
+                     "collectives run over the network")
     bf16 = config.train.precision != Precision.fp32
     e = 2 if bf16 else 4
     micro, accumulation = layout.micro_batch_size, layout.grad_accumulation
     threshold = config.optimizer.zero3_param_persistence_threshold
+    tokens_per_micro = micro * args.seq_len // cp  # on one rank
+    residual = tokens_per_micro // (tp if sequence_parallel else 1)  # tokens outside the tensor-parallel layers
 
     optimizer = config.optimizer
     muon = optimizer.name == OptimizerName.muon
@@ -326,57 +366,62 @@ def plan(config: Config, gpus: int, gpu: Accelerator, gpus_per_node: int = 8, ef
                      "run several times slower")
     worst, busiest = None, MuonWork(0.0, 0, 0, (0, 0))
     for stage, tensors in enumerate(stage_tensors(args, tp, pp)):
-        state = state_bytes(tensors, zero_stage, dp, bf16, threshold, muon=muon)
+        state = state_bytes(tensors, zero_stage, layout.replicas, bf16, threshold, muon=muon)
         in_flight = min(pp - stage, accumulation) if pp > 1 else 1
-        saved = activation_bytes(args, tp, pp, stage, micro, e, execution.activation_checkpointing)
+        saved = activation_bytes(args, tp, pp, stage, micro, e, checkpointing, sequence_parallel, cp)
         activations = in_flight * saved
         if pp > 1:  # the pipeline engine's input and output buffers of each micro-batch in flight
-            activations += in_flight * micro * args.seq_len * (2 * e * args.hidden_size + 2 * INDEX_BYTES)
-        working = [deepspeed_transient_bytes(tensors, zero_stage, dp, bf16, pp > 1, threshold, muon)]
+            activations += in_flight * (residual * 2 * e * args.hidden_size + tokens_per_micro * 2 * INDEX_BYTES)
+        working = [deepspeed_transient_bytes(tensors, zero_stage, layout.replicas, bf16, pp > 1, threshold, muon)]
         if muon:
-            work = muon_work(tensors, args, dp, zero_stage, optimizer.muon_ns_steps)
+            work = muon_work(tensors, args, layout.replicas, zero_stage, optimizer.muon_ns_steps)
             working.append(muon_working_bytes(work, tp, ns_bytes))
             busiest = max(busiest, work, key=lambda w: w.flops)
         if stage == pp - 1:
-            working.append(head_working_bytes(args, tp, micro, e, execution.loss_chunk_tokens))
-        if execution.activation_checkpointing:  # one block recomputed in backward at a time
-            working.append(micro * args.seq_len * block_activation_bytes_per_token(args, tp, e))
+            working.append(head_working_bytes(args, tp, micro, e, execution.loss_chunk_tokens, cp, sequence_parallel))
+        if checkpointing:  # one block recomputed in backward at a time
+            working.append(tokens_per_micro * block_activation_bytes_per_token(args, tp, e, sequence_parallel))
+        if cp > 1:
+            working.append(context_parallel_working_bytes(args, tp, micro, e))
         memory = {**state, "activations": activations, "working": max(working), "allowance": ALLOWANCE_GIB * GIB}
         memory["total"] = sum(memory.values())
         if worst is None or memory["total"] > worst["total"]:
             worst = memory
 
-    tokens_per_micro = micro * args.seq_len
-    flops_per_gpu_micro = args.flops_per_token() * tokens_per_micro / (tp * pp)
-    compute = flops_per_gpu_micro * (4 / 3 if execution.activation_checkpointing else 1) / (gpu.peak_tflops * 1e12 * efficiency)
+    flops_per_gpu_micro = args.flops_per_token() * micro * args.seq_len / (tp * pp * cp)
+    compute = flops_per_gpu_micro * (4 / 3 if checkpointing else 1) / (gpu.peak_tflops * 1e12 * efficiency)
     layers = max(len(r) for r in stage_layers(args.num_layers, pp))
     activation = tokens_per_micro * args.hidden_size * e
     tp_bandwidth = gpu.intra_node_gbps if tp <= gpus_per_node else gpu.inter_node_gbps
-    # per block: 2 all-reduces forward (attention and MLP outputs), 2 backward (their inputs'
-    # gradients), 2 more when the forward is recomputed; the head and embedding add two
-    all_reduces = layers * (6 if execution.activation_checkpointing else 4) + 2
-    tp_time = all_reduces * ring_seconds(activation, tp, tp_bandwidth, 2)
-    pp_bandwidth = gpu.intra_node_gbps if tp * dp * pp <= gpus_per_node else gpu.inter_node_gbps
-    send = 0.0 if pp == 1 else 2 * activation / (pp_bandwidth * 1e9)
-    per_micro = compute + tp_time + send + MICRO_BATCH_OVERHEAD_S
+    tp_passes = tensor_parallel_passes(layers, checkpointing, sequence_parallel)
+    tp_time = tp_passes * ring_seconds(activation, tp, tp_bandwidth, 1)
+    # per block the keys and values of the whole sequence: gathered forward, gathered again (or, in a
+    # recomputed block, with its forward) and their gradients reduce-scattered backward
+    keys_and_values = 2 * micro * args.seq_len * args.num_kv_heads / tp * args.head_dim * e
+    cp_bandwidth = gpu.intra_node_gbps if tp * cp <= gpus_per_node else gpu.inter_node_gbps
+    cp_time = layers * 3 * ring_seconds(keys_and_values, cp, cp_bandwidth, 1)
+    pp_bandwidth = gpu.intra_node_gbps if tp * cp * dp * pp <= gpus_per_node else gpu.inter_node_gbps
+    send = 0.0 if pp == 1 else 2 * residual * args.hidden_size * e / (pp_bandwidth * 1e9)
+    per_micro = compute + tp_time + cp_time + send + MICRO_BATCH_OVERHEAD_S
     pipeline = (accumulation + pp - 1) * per_micro
     local = max(sum(t.numel for t in stage) for stage in stage_tensors(args, tp, pp))
-    dp_bandwidth = gpu.intra_node_gbps if tp * dp <= gpus_per_node else gpu.inter_node_gbps
+    dp_bandwidth = gpu.intra_node_gbps if tp * cp * dp <= gpus_per_node else gpu.inter_node_gbps
     passes = {0: 2, 1: 2, 2: 2, 3: 3}[zero_stage]  # ZeRO-3 also gathers the weights for backward
-    dp_time = ring_seconds(local * e, dp, dp_bandwidth, passes)
+    dp_time = ring_seconds(local * e, layout.replicas, dp_bandwidth, passes)
     # Muon: Newton-Schulz on the busiest rank, its TP all-gather and the pieces fetched from its neighbours
     muon_time = busiest.flops / (gpu.peak_tflops * 1e12 * efficiency) \
         + ring_seconds(4 * tp * busiest.window, tp, tp_bandwidth, 1) \
-        + (4 * (busiest.window - busiest.partition) / (dp_bandwidth * 1e9) if dp > 1 else 0.0)
+        + (4 * (busiest.window - busiest.partition) / (dp_bandwidth * 1e9) if layout.replicas > 1 else 0.0)
     step = pipeline + dp_time + muon_time
     tokens_per_step = config.train.global_batch_size * args.seq_len
     tokens_per_sec = tokens_per_step / step
     steps = total_steps(config)
     run_hours = steps * step / 3600
-    return Plan(layout=layout, zero_stage=zero_stage, activation_checkpointing=execution.activation_checkpointing,
+    return Plan(layout=layout, zero_stage=zero_stage, activation_checkpointing=checkpointing,
                 gpu=gpu, memory_gib={k: round(v / GIB, 2) for k, v in worst.items()},
                 fits=worst["total"] <= gpu.memory_gib * GIB, step_time_s=step,
                 time_s={"compute": accumulation * compute, "tensor_parallel": accumulation * tp_time,
+                        "context_parallel": accumulation * cp_time,
                         "overhead": accumulation * MICRO_BATCH_OVERHEAD_S,
                         "pipeline_bubble": (pp - 1) * per_micro, "pipeline_sends": accumulation * send,
                         "data_parallel": dp_time, **({"muon": muon_time} if muon else {})},
@@ -384,10 +429,23 @@ def plan(config: Config, gpus: int, gpu: Accelerator, gpus_per_node: int = 8, ef
                 steps=steps, run_hours=run_hours, gpu_hours=run_hours * gpus, parameters=args.num_params(), notes=notes)
 
 
-def with_layout(config: Config, tp: int, pp: int, zero_stage: int, micro_batch_size: int,
-                checkpointing: bool) -> Config:
+def tensor_parallel_passes(layers: int, checkpointing: bool, sequence_parallel: bool) -> int:
+    """Ring passes over one micro-batch's activations that tensor parallelism makes per step of a
+    stage (an all-reduce is two passes, an all-gather or a reduce-scatter one). Per block without
+    sequence parallelism: 2 all-reduces forward (attention and MLP outputs), 2 backward (their
+    inputs' gradients); with it: 2 all-gathers + 2 reduce-scatters forward, and backward 2
+    reduce-scatters, 2 all-gathers of output gradients and 2 of the inputs again (for the weight
+    gradients). Recomputing a block repeats its forward. The embedding and the head add 2
+    all-reduces, or under sequence parallelism an all-reduce, the split's all-gather and the head's
+    all-gather and reduce-scatter."""
+    forward, backward, ends = (4, 6, 5) if sequence_parallel else (4, 4, 4)
+    return layers * (forward + backward + (forward if checkpointing else 0)) + ends
+
+
+def with_layout(config: Config, tp: int, pp: int, zero_stage: int, micro_batch_size: int, checkpointing: bool,
+                cp: int = 1, sequence_parallel: bool = False) -> Config:
     return dataclasses.replace(
-        config, parallel=dataclasses.replace(config.parallel, tp=tp, pp=pp),
+        config, parallel=dataclasses.replace(config.parallel, tp=tp, pp=pp, cp=cp, sequence_parallel=sequence_parallel),
         optimizer=dataclasses.replace(config.optimizer, zero_stage=zero_stage),
         train=dataclasses.replace(config.train, micro_batch_size=micro_batch_size),
         execution=dataclasses.replace(config.execution, activation_checkpointing=checkpointing))
@@ -395,31 +453,53 @@ def with_layout(config: Config, tp: int, pp: int, zero_stage: int, micro_batch_s
 
 def search(config: Config, gpus: int, gpu: Accelerator, gpus_per_node: int = 8, efficiency: float = EFFICIENCY) -> list[Plan]:
     """Every layout of `gpus` GPUs that validation accepts and that fits, fastest first: tensor
-    parallel inside a node, any pipeline depth, ZeRO 0-3, micro-batches of powers of two,
-    activation checkpointing off and on."""
+    parallel inside a node with sequence parallelism on and off, context parallel sizes of powers
+    of two, any pipeline depth, ZeRO 0-3, micro-batches of powers of two, activation checkpointing
+    off and on (a micro-batch that does not fit ends its series: larger ones need more memory)."""
     plans = []
     for tp in (t for t in range(1, min(gpus, gpus_per_node) + 1) if gpus_per_node % t == 0 and gpus % t == 0):
-        for pp in (p for p in range(1, config.model.num_layers + 1) if gpus % (tp * p) == 0):
-            for zero_stage in (1,) if pp > 1 else (0, 1, 2, 3):
-                micro = 1
-                while micro <= config.train.global_batch_size:
-                    for checkpointing in (False, True):
-                        candidate = with_layout(config, tp, pp, zero_stage, micro, checkpointing)
+        for cp in (c for c in (2**k for k in range(gpus.bit_length())) if gpus % (tp * c) == 0):
+            for pp in (p for p in range(1, config.model.num_layers + 1) if gpus % (tp * cp * p) == 0):
+                for zero_stage, sequence_parallel, checkpointing in itertools.product(
+                        (1,) if pp > 1 else (0, 1, 2, 3), (False, True) if tp > 1 else (False,), (False, True)):
+                    micro = 1
+                    while micro <= config.train.global_batch_size:
+                        candidate = with_layout(config, tp, pp, zero_stage, micro, checkpointing, cp, sequence_parallel)
                         try:
                             result = plan(candidate, gpus, gpu, gpus_per_node, efficiency)
                         except ConfigError:
-                            continue
-                        if result.fits:
-                            plans.append(result)
-                    micro *= 2
+                            break
+                        if not result.fits:
+                            break
+                        plans.append(result)
+                        micro *= 2
     return sorted(plans, key=lambda p: (-p.tokens_per_sec, p.memory_gib["total"]))
+
+
+def longest_seq_len(config: Config, gpus: int, gpu: Accelerator, gpus_per_node: int = 8,
+                    efficiency: float = EFFICIENCY) -> tuple[int, Plan | None]:
+    """The longest model.seq_len, model.seq_len times a power of two, at which some layout of `gpus`
+    GPUs fits (with train.global_batch_size sequences per step), and the fastest such layout."""
+    best, seq_len = (0, None), config.model.seq_len
+    while seq_len >= 16:
+        candidate = dataclasses.replace(config, model=dataclasses.replace(config.model, seq_len=seq_len))
+        found = search(candidate, gpus, gpu, gpus_per_node, efficiency)
+        if found:
+            best = (seq_len, found[0])
+            seq_len *= 2
+        elif best[1] is not None:
+            break
+        else:
+            seq_len //= 2
+    return best
 
 
 def describe(result: Plan) -> str:
     layout, memory = result.layout, result.memory_gib
     lines = [
-        f"{result.parameters / 1e9:.2f}B parameters on {layout.world_size} x {result.gpu.name}: tp {layout.tp} x pp "
-        f"{layout.pp} x dp {layout.dp}, ZeRO-{result.zero_stage}, micro-batch {layout.micro_batch_size} x "
+        f"{result.parameters / 1e9:.2f}B parameters on {layout.world_size} x {result.gpu.name}: tp {layout.tp}"
+        f"{' (sequence parallel)' if layout.sequence_parallel else ''} x cp {layout.cp} x pp {layout.pp} x dp "
+        f"{layout.dp}, ZeRO-{result.zero_stage}, micro-batch {layout.micro_batch_size} x "
         f"{layout.grad_accumulation} accumulated, activation checkpointing "
         f"{'on' if result.activation_checkpointing else 'off'}",
         "memory per GPU (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in memory.items() if k != "total")

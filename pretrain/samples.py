@@ -1,6 +1,7 @@
 """Samples during training: every log.sample_interval steps the model completes
 log.sample_prompts (greedy) as the training ranks hold it — TP peers together, pipeline stages in
-turn, one data-parallel replica — and the completions go to samples.jsonl, TensorBoard and W&B.
+turn, one data- and context-parallel replica — and the completions go to samples.jsonl,
+TensorBoard and W&B.
 Nothing of the training state changes (the weights are only read; sampling has its own generator)."""
 
 from torch import nn
@@ -29,7 +30,7 @@ class TrainingSamples:
 
     def sample(self, step: int) -> None:
         """Complete the prompts with the current weights and write the completions (collective)."""
-        if self.context.dp_rank != 0:
+        if self.context.dp_rank != 0 or self.context.cp_rank != 0:
             return
         decoder = training_decoder(self.model, self.config.model, self.context.tp_group, self.context.pp > 1)
         ids = generate(decoder, self.prompt_ids, self.sampling, self.tokenizer.eos_id, self.tokenizer.pad_id)

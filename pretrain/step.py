@@ -26,20 +26,19 @@ class ModelSteps:
     def input(self, batches: Iterator[dict]) -> Iterator[dict]:
         return batches
 
-    def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean loss of a micro-batch and its number of predicted tokens."""
+    def _loss(self, batch: dict, reduction: str = "mean") -> torch.Tensor:
+        """Mean loss of a micro-batch (or with reduction="sum", this rank's sum over its tokens)."""
         labels = _on(self.device, batch["labels"])
         position_ids = _on(self.device, batch["position_ids"]) if "position_ids" in batch else None
         document_ids = _on(self.device, batch["document_ids"]) if "document_ids" in batch else None
-        loss = self.engine(_on(self.device, batch["tokens"]), position_ids, document_ids, labels)
-        return loss, (labels != -100).sum()
+        return self.engine(_on(self.device, batch["tokens"]), position_ids, document_ids, labels, reduction=reduction)
 
     def train(self, batches: Iterator[dict], step: int, log_step: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step; returns this rank's contributions to the loss and to the z-loss part
         of it (summed over DP ranks and divided by dp x accumulation: the step's means)."""
         total, z_total = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         for micro in range(self.accumulation):
-            loss, _ = self._loss(next(batches))
+            loss = self._loss(next(batches))
             if step in self.nan_steps:
                 loss = loss * float("nan")
             self.engine.backward(loss)
@@ -55,8 +54,7 @@ class ModelSteps:
         total = torch.zeros((), device=self.device)
         self.engine.eval()
         for batch in batches:
-            loss, count = self._loss(batch)
-            total += loss * count
+            total += self._loss(batch, reduction="sum")
         self.engine.train()
         return total
 

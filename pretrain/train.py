@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain import parallel, plan
-from pretrain.checkpointer import Checkpointer, Progress, starts_from_weights
+from pretrain.checkpointer import Checkpointer, Progress
 from pretrain.config import Config, Layout, Precision, to_yaml, total_steps, validate
 from pretrain.data import stream
 from pretrain.downstream.evaluator import DownstreamEvaluator
@@ -52,7 +52,7 @@ def train(config: Config) -> TrainResult:
     data = stream.resolve(config)
     owns_process_group = not dist.is_initialized()
     context = parallel.initialize(layout.tp, layout.pp, config.parallel.backend.value,
-                                  config.parallel.timeout_minutes)
+                                  config.parallel.timeout_minutes, layout.cp)
     try:
         return Trainer(config, layout, context, data).run()
     finally:
@@ -86,12 +86,12 @@ class Trainer:
     def _build(self, resume_from: Path | None, log_dir: Path) -> None:
         config, layout, context, data = self.config, self.layout, self.context, self.data
         self.model = build_model(config, layout, context)
-        if starts_from_weights(resume_from):  # before DeepSpeed copies the weights into its optimizer
+        if self.checkpointer.weights_only:  # before DeepSpeed copies the weights into its optimizer
             self.checkpointer.load_weights(self.model, resume_from, context.tp_rank, single_stage_names(config, layout))
         precision = resolve_precision(config.train.precision, context.device)
         self.engine = build_engine(self.model, config, layout, context, precision, self.last_step)
         self.progress = Progress()
-        if resume_from is not None and not starts_from_weights(resume_from):
+        if resume_from is not None and not self.checkpointer.weights_only:
             with loading_checkpoint(self.engine, config.optimizer.zero_stage):
                 self.progress = self.checkpointer.resume(self.engine, resume_from)
         self.start_step = self.progress.step
@@ -101,7 +101,7 @@ class Trainer:
 
         self.metrics = MetricsWriter(log_dir, self.last_step, enabled=context.rank == 0,
                                      wandb=wandb_settings(config))
-        self.step_log = StepLog(self.metrics, config, layout, context.device, context.dp_group, self.last_step)
+        self.step_log = StepLog(self.metrics, config, layout, context.device, context.replica_group, self.last_step)
         if layout.pp > 1:
             self.steps = PipelineSteps(self.engine, self.model, context.device, layout.grad_accumulation,
                                        reads_data=context.is_first_stage or context.is_last_stage)

@@ -186,17 +186,18 @@ def tp2_model_checks(tmp_path_factory) -> list[dict]:
 
 
 def run_layouts(tmp_path: Path, nproc: int, base: list[str], runs: dict[str, list[str]],
-                config: str | None = None, split_check: list[str] | None = None) -> dict:
-    """Train each named layout in one launch of `nproc` processes.
+                config: str | None = None, split_check: list[str] | None = None, checks: str | None = None) -> dict:
+    """Train each named layout in one launch of `nproc` processes (then, with `checks`, run that
+    module's checks() in the same launch: its result is under "checks").
     Returns name -> {"loss": {step: value}, "grad_norm": {step: value}}."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     spec, out = tmp_path / f"spec{nproc}.json", tmp_path / f"losses{nproc}.json"
     runs = {name: overrides + [f"log.dir={tmp_path / name}"] for name, overrides in runs.items()}
-    extra = {"split_check": split_check} if split_check else {}
+    extra = ({"split_check": split_check} if split_check else {}) | ({"checks": checks} if checks else {})
     spec.write_text(json.dumps({"config": config, "base": base, "runs": runs, **extra}))
     launch(nproc, str(TESTS / "dist_runs.py"), str(spec), str(out))
     results = json.loads(out.read_text())
-    return {name: run if name == "split_check" else
+    return {name: run if name in ("split_check", "checks") else
             {metric: {int(step): value for step, value in series.items()} for metric, series in run.items()}
             for name, run in results.items()}
 

@@ -3,9 +3,11 @@ run's per-step losses and gradient norms as JSON: python dist_runs.py SPEC.json 
 
 SPEC is {"config": yaml or null, "base": [overrides], "runs": {name: [overrides]}, and optionally
 "split_check": [overrides]}: then the start-up batch check is also run on batches split by data-
-parallel rank (must pass) and by global rank (must fail), with its message recorded. Launch
+parallel rank (must pass) and by global rank (must fail), with its message recorded; and
+"checks": a module of tests/ whose checks() (collective) returns what to record. Launch
 costs dominate on small machines, so tests put many runs of one world size into one launch."""
 
+import importlib
 import json
 import sys
 import time
@@ -35,6 +37,8 @@ def main(spec_path: str, out_path: str) -> None:
                          "downstream": result.downstream}
     if "split_check" in spec:
         results["split_check"] = split_check(load(spec.get("config"), spec["base"] + spec["split_check"]))
+    if "checks" in spec:
+        results["checks"] = importlib.import_module(spec["checks"]).checks()
     if dist.get_rank() == 0:
         with open(out_path, "w") as out:
             json.dump(results, out, indent=1)

@@ -1,7 +1,9 @@
 """The GPU path (`pytest -m gpu`, run by bench/gpu.sh on a lent GPU; skipped without one):
 bf16 + compiled blocks training in a world of one NCCL process, a bitwise resume, TP2 (two
-gloo ranks on one GPU) against TP1, FlexAttention document masking against the dense mask,
-and no host synchronisation inside a training step (torch.cuda.set_sync_debug_mode)."""
+gloo ranks on one GPU) against TP1, TP2 with sequence parallelism and CP2 with document masking
+(FlexAttention across chunks) against one process, FlexAttention document masking and
+context-parallel attention against the dense mask, and no host synchronisation inside a
+training step (torch.cuda.set_sync_debug_mode)."""
 
 import json
 import subprocess
@@ -67,6 +69,39 @@ def test_tp2_over_gloo_on_one_gpu_matches_tp1(shards, tmp_path):
     worst = max(abs(tp2[s] / reference[s] - 1) for s in reference)
     print(f"TP2 vs TP1 in bf16: losses within {100 * worst:.2f}%")
     assert worst < 0.02
+
+
+def test_sequence_and_context_parallel_over_gloo_on_one_gpu_match_one_process(shards, tmp_path):
+    base = [*MODEL, *TRAIN, f"data.path={shards}", "train.precision=bf16", "model.compile=true"]
+    reference = run_layouts(tmp_path / "one", 1, base, {"tp1": []})["tp1"]["loss"]
+    runs = run_layouts(tmp_path / "two", 2, base, {"tp2_sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],
+                                                    "cp2": ["parallel.cp=2"]})
+    for name, run in runs.items():
+        worst = max(abs(run["loss"][s] / reference[s] - 1) for s in reference)
+        print(f"{name} vs TP1 in bf16 (document masking): losses within {100 * worst:.2f}%")
+        assert worst < 0.02
+
+
+def test_context_parallel_attention_equals_the_dense_mask():
+    """A context-parallel group of one rank: FlexAttention over the load-balanced chunk order with
+    the gathered keys and values released and refilled, against SDPA with the dense mask."""
+    import torch.distributed as dist
+
+    from pretrain import parallel
+    from pretrain.model.context_parallel import context_parallel_attention
+
+    q, k, v, document_ids = (t.cuda() for t in random_inputs(2, 1024, documents_per_token=1 / 90))
+    context = parallel.initialize(tp=1, pp=1)
+    try:
+        group = dist.new_group([0])
+        for documents in (None, document_ids):
+            got = output_and_grads(lambda q, k, v: context_parallel_attention(q, k, v, group, documents), q, k, v)
+            expected = output_and_grads(
+                lambda q, k, v: dense_document_attention(q, k, v, torch.zeros_like(document_ids) if documents is None
+                                                         else documents), q, k, v)
+            assert max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, expected)) < 1e-3
+    finally:
+        parallel.shutdown()
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])

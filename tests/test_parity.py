@@ -1,7 +1,8 @@
 """Every parallel layout trains like one process: same initial weights (seeded per parameter),
 same global batch, accumulation >= 2, clipping active, per-step loss within 1e-5 and gradient
 norm within 1e-4 (relative). Layouts: TP2, DP2 x ZeRO 0-3, PP2 (untied, tied, activation
-checkpointing), TP2 x PP2, TP2 x PP2 x DP2 in one launch and as two torchrun "nodes". With
+checkpointing), TP2 x PP2, TP2 x PP2 x DP2 in one launch and as two torchrun "nodes", and
+(sharing that launch) CP2 x TP2 x PP2, sequence parallel as TP is by default. With
 compiled blocks (model.compile=true) TP1, TP2 and PP2 stay within 1e-4 of the eager losses."""
 
 import json
@@ -59,7 +60,8 @@ def layouts(tmp_path_factory) -> dict:
         "pp2_compiled": PP2 + COMPILED,
     })
     runs |= run_layouts(tmp_path_factory.mktemp("four"), 4, BASE, {"tp2_pp2": TP2_PP2})
-    runs |= run_layouts(tmp_path_factory.mktemp("eight"), 8, BASE, {"tp2_pp2_dp2": TP2_PP2})
+    runs |= run_layouts(tmp_path_factory.mktemp("eight"), 8, BASE, {"tp2_pp2_dp2": TP2_PP2,
+                                                                     "cp2_tp2_pp2": TP2_PP2 + ["parallel.cp=2"]})
     return runs
 
 
@@ -80,7 +82,7 @@ def assert_matches(name: str, run: dict, reference: dict, loss_tolerance: float 
 
 
 @pytest.mark.parametrize("layout", ["tp2", "dp2_zero0", "dp2_zero1", "dp2_zero2", "dp2_zero3", "pp2", "pp2_tied",
-                                    "pp2_recompute", "tp2_pp2", "tp2_pp2_dp2"])
+                                    "pp2_recompute", "tp2_pp2", "tp2_pp2_dp2", "cp2_tp2_pp2"])
 def test_layout_matches_one_process(layout, references, layouts):
     assert_matches(layout, layouts[layout], references["single_tied" if "tied" in layout else "single"])
 

@@ -38,6 +38,9 @@ SHAPES = {
                       vocab_size=8000), 256, 8),
     "tiny": Shape(dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=176,
                        vocab_size=512), 64, 4),
+    # long sequences on a CPU: attention is most of the work (70% of the FLOPs; 82% for llama-8b-128k)
+    "long": Shape(dict(hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=704,
+                       vocab_size=8000), 8192, 1),
 }
 TOKENIZER_VOCAB = 8000  # the larger GPU vocabularies train on the same 8k tokenizer's shards
 ROWS = ("hf_eager_sdpa", "hf_compiled", "ours_eager", "ours")

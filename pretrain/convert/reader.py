@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from pretrain.checkpoint import (
-    DEEPSPEED, MARKER, UNIVERSAL_FORMAT, WEIGHTS, CheckpointError, find_checkpoint, read_marker, safe_load,
-    step_dir, tokenizer_dir, torn_reason,
+    DEEPSPEED, MARKER, UNIVERSAL_FORMAT, WEIGHTS, CheckpointError, find_checkpoint, read_marker, replicas,
+    safe_load, step_dir, tokenizer_dir, torn_reason,
 )
 from pretrain.config import Config, from_yaml
 from pretrain.model.args import LlamaArgs
@@ -123,9 +123,9 @@ class CheckpointReader:
         return self._file(f"mp_rank_{tp_rank:02d}_model_states.pt")["module"][name]
 
     def _zero3_shard(self, name: str, tp_rank: int) -> torch.Tensor:
-        """ZeRO-3 keeps no whole weights: each data-parallel rank holds ceil(numel / dp) elements
-        of every parameter (fp32, zero-padded at the end), parameters one after the other."""
-        dp = self.layout["dp"]
+        """ZeRO-3 keeps no whole weights: each of DeepSpeed's data-parallel ranks (dp x cp) holds
+        ceil(numel / ranks) elements of every parameter (fp32, zero-padded at the end), one after the other."""
+        dp = replicas(self.layout)
         shapes = self._file(f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt")["param_shapes"]
         for group_index, group in enumerate(shapes):
             offset = 0

@@ -4,7 +4,8 @@ weights, Adam moments and step, scheduler, data position) for another TP/PP layo
 It goes through DeepSpeed's universal checkpoint format (one full tensor per parameter and
 optimizer state, re-sliced for the TP rank when loaded; vocabulary padding stripped and re-added
 for the new TP size). Parameter folders are renamed between the single-stage names (PP=1) and
-DeepSpeed's layer-indexed pipeline names (PP>1). The result resumes at any data-parallel size."""
+DeepSpeed's layer-indexed pipeline names (PP>1). The result resumes at any data- and
+context-parallel size, with or without sequence parallelism."""
 
 import dataclasses
 import os
@@ -43,7 +44,7 @@ def reshard(checkpoint: str | Path, out: str | Path, tp: int, pp: int, step: int
             "through, carries Adam's moments but not Muon's momentum. For the weights alone: `pretrain convert to-hf` "
             "then `pretrain convert from-hf --tp N --pp M`")
     validate_without_data(dataclasses.replace(  # the new layout fits the model and the optimizer stage
-        config, parallel=dataclasses.replace(config.parallel, tp=tp, pp=pp),
+        config, parallel=dataclasses.replace(config.parallel, tp=tp, pp=pp, cp=1, sequence_parallel="auto"),
         train=dataclasses.replace(config.train, global_batch_size=config.train.micro_batch_size)), tp * pp)
     with staged(out, "convert reshard", refusal=CheckpointError) as staging:
         final = step_dir(staging, reader.step)

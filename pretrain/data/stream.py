@@ -18,6 +18,7 @@ from pretrain.data.loader import StreamSpec, micro_batch_loader
 from pretrain.data.raw import RawSpec, RawState, raw_batches, raw_shard_files
 from pretrain.data.shards import Manifest, ShardError, file_sha256, index_path, is_url
 from pretrain.data.synthetic import synthetic_batches
+from pretrain.model.context_parallel import shard_batch
 from pretrain.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -166,11 +167,18 @@ def training_batches(config: Config, info: DataInfo | None, layout: Layout, dp_r
     return iter(micro_batch_loader(spec, config.data.num_workers, pin_memory))
 
 
-def validation_batches(config: Config, info: DataInfo, layout: Layout, dp_rank: int) -> Iterator[dict]:
+def context_shards(batches: Iterator[dict], layout: Layout, cp_rank: int) -> Iterator[dict]:
+    """This context-parallel rank's chunks of each micro-batch (the batches as they are at cp=1)."""
+    return batches if layout.cp == 1 else (shard_batch(batch, layout.cp, cp_rank) for batch in batches)
+
+
+def validation_batches(config: Config, info: DataInfo, layout: Layout, dp_rank: int,
+                       cp_rank: int = 0) -> Iterator[dict]:
     """The first train.eval_steps global batches of the validation shards, this rank's share."""
     spec = stream_spec(config, info, layout, dp_rank, start_sample=0, validation=True)
     stream = iter(micro_batch_loader(spec, num_workers=0, pin_memory=False))
-    return (next(stream) for _ in range(config.train.eval_steps * layout.grad_accumulation))
+    batches = (next(stream) for _ in range(config.train.eval_steps * layout.grad_accumulation))
+    return context_shards(batches, layout, cp_rank)
 
 
 def batch_fingerprint(tokens: torch.Tensor) -> int:
@@ -198,7 +206,8 @@ class TrainingStream:
     """This rank's endless training micro-batches from the job's `start_sample` (data.source=raw:
     from this rank's `raw_state`), checked at the start to agree within each model replica. It
     keeps the raw stream position after the last batch (checkpointed per rank) and counts damaged
-    samples, reported at log steps."""
+    samples, reported at log steps. Context-parallel ranks read the same micro-batches and keep their
+    chunks of them."""
 
     def __init__(self, config: Config, info: DataInfo | None, layout: Layout, context: "ParallelContext",
                  start_sample: int, raw_state: RawState | None):
@@ -211,7 +220,7 @@ class TrainingStream:
                                    pin_memory=self.device.type == "cuda", raw_state=raw_state)
         first = next(batches)
         check_batch_agreement(first["tokens"], context.dp_rank)
-        self.batches = itertools.chain([first], batches)
+        self.batches = context_shards(itertools.chain([first], batches), layout, context.cp_rank)
 
     def __iter__(self) -> Iterator[dict]:
         for batch in self.batches:

@@ -1,8 +1,28 @@
 """Shape and numerics of the Llama model: the only input the model takes besides its TP group.
 How it runs (checkpointing, compilation, loss chunks) is applied from outside: pretrain.model.execution."""
 
-from dataclasses import dataclass
+import enum
+from dataclasses import dataclass, field
 from typing import Any
+
+
+class RopeScalingKind(str, enum.Enum):
+    none = "none"  # plain RoPE
+    llama3 = "llama3"  # Llama 3.1: low frequencies divided by `factor`, high ones kept, a smooth ramp between
+    yarn = "yarn"  # YaRN: per-frequency ramp between interpolation and extrapolation, cos/sin scaled
+
+
+@dataclass
+class RopeScaling:
+    """RoPE scaling for context extension (Hugging Face's rope_parameters / rope_scaling)."""
+
+    kind: RopeScalingKind = RopeScalingKind.none  # rope_type
+    factor: float = 1.0  # factor: the new length over original_seq_len
+    original_seq_len: int = 0  # original_max_position_embeddings: the length the model was trained at
+    low_freq_factor: float = 1.0  # llama3: wavelengths above original_seq_len / this are divided by factor
+    high_freq_factor: float = 4.0  # llama3: wavelengths below original_seq_len / this are kept
+    beta_fast: float = 32.0  # yarn: rotations within original_seq_len above which a frequency is kept
+    beta_slow: float = 1.0  # yarn: rotations below which a frequency is interpolated
 
 
 @dataclass
@@ -17,6 +37,7 @@ class LlamaArgs:
     ffn_hidden_size: int = 5632  # intermediate_size
     seq_len: int = 2048  # training sequence length (max_position_embeddings on export)
     rope_theta: float = 10000.0  # rope_theta
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)  # rope_parameters (rope_scaling before v5)
     norm_eps: float = 1e-5  # rms_norm_eps
     tie_embeddings: bool = False  # tie_word_embeddings
     init_std: float = 0.02  # initializer_range

@@ -5,7 +5,7 @@ and on the pipeline stages cut from one; none of it changes what the model compu
 from torch import nn
 
 from pretrain.model.args import ExecutionArgs
-from pretrain.model.llama import Block, Llama
+from pretrain.model.llama import Attention, Block, Llama
 from pretrain.model.pipeline import HeadLoss
 
 
@@ -13,7 +13,7 @@ def apply_execution(model: nn.Module, execution: ExecutionArgs, compile_blocks: 
     """Set `execution` on `model`; `compile_blocks` is execution.compile resolved for this run
     (its `auto` depends on the device and the ZeRO stage)."""
     for module in model.modules():
-        if isinstance(module, Block):
+        if isinstance(module, (Block, Attention)):
             module.recompute = execution.activation_checkpointing
         if isinstance(module, Llama):
             module.loss_chunk_tokens = execution.loss_chunk_tokens

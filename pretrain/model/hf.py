@@ -2,12 +2,14 @@
 explicit regrouping of the fused, group-major qkv projection into q/k/v (see Attention), and the
 config fields, with every Llama variant we do not implement refused by name."""
 
+import json
 from collections.abc import Callable, Iterator
+from importlib import metadata
 
 import torch
 
 from pretrain.errors import UserError
-from pretrain.model.args import LlamaArgs
+from pretrain.model.args import LlamaArgs, RopeScaling, RopeScalingKind
 
 # Ours -> Hugging Face, per block ("{i}" = layer number) and for the whole model.
 BLOCK_NAMES = {
@@ -96,8 +98,7 @@ def hf_config(args: LlamaArgs, dtype: torch.dtype, bos_id: int, eos_id: int, pad
         "max_position_embeddings": args.seq_len,
         "initializer_range": args.init_std,
         "rms_norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta,
-        "rope_scaling": None,
+        **rope_config(args),
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
@@ -111,17 +112,71 @@ def hf_config(args: LlamaArgs, dtype: torch.dtype, bos_id: int, eos_id: int, pad
     }
 
 
+# Our RoPE scaling fields -> Hugging Face's rope parameters, per kind.
+ROPE_FIELDS = {
+    RopeScalingKind.llama3: {"factor": "factor", "original_seq_len": "original_max_position_embeddings",
+                             "low_freq_factor": "low_freq_factor", "high_freq_factor": "high_freq_factor"},
+    RopeScalingKind.yarn: {"factor": "factor", "original_seq_len": "original_max_position_embeddings",
+                           "beta_fast": "beta_fast", "beta_slow": "beta_slow"},
+}
+# YaRN settings of Hugging Face's we do not implement, and the values that mean "not used".
+YARN_DEFAULTS = {"attention_factor": None, "mscale": None, "mscale_all_dim": None, "truncate": True}
+OPTIONAL_ROPE_FIELDS = ("beta_fast", "beta_slow")  # transformers defaults them to 32 and 1, as RopeScaling does
+
+
+def _transformers_major() -> int:
+    try:
+        return int(metadata.version("transformers").split(".")[0])
+    except metadata.PackageNotFoundError:
+        return 5
+
+
+def rope_config(args: LlamaArgs) -> dict:
+    """config.json's RoPE fields, under the key the installed transformers reads: `rope_parameters`
+    (transformers 5, rope_theta inside) or `rope_theta` and `rope_scaling` (before)."""
+    scaling = args.rope_scaling
+    parameters = {"rope_type": "default" if scaling.kind == RopeScalingKind.none else scaling.kind.value}
+    parameters |= {hf: getattr(scaling, ours) for ours, hf in ROPE_FIELDS.get(scaling.kind, {}).items()}
+    if _transformers_major() >= 5:
+        return {"rope_parameters": {**parameters, "rope_theta": args.rope_theta}}
+    return {"rope_theta": args.rope_theta, "rope_scaling": None if scaling.kind == RopeScalingKind.none else parameters}
+
+
+def _rope_scaling(rope: dict, problems: list[str]) -> RopeScaling:
+    """Our RoPE scaling from Hugging Face's parameters (either spelling); what we would only approximate
+    is added to `problems`."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return RopeScaling()
+    if rope_type not in (kind.value for kind in ROPE_FIELDS):
+        problems.append(f"rope scaling type {rope_type!r} is not implemented (only llama3 and yarn)")
+        return RopeScaling()
+    kind = RopeScalingKind(rope_type)
+    missing = [hf for hf in ROPE_FIELDS[kind].values() if rope.get(hf) is None and hf not in OPTIONAL_ROPE_FIELDS]
+    if missing:
+        problems.append(f"rope scaling type {rope_type!r} gives no {', '.join(missing)}")
+        return RopeScaling()
+    if kind == RopeScalingKind.yarn:
+        problems += [f"yarn's {key}={rope[key]!r} is not implemented (only {default!r})"
+                     for key, default in YARN_DEFAULTS.items() if rope.get(key, default) != default]
+    values = {ours: float(rope[hf]) for ours, hf in ROPE_FIELDS[kind].items() if rope.get(hf) is not None}
+    return RopeScaling(kind=kind, **values | {"original_seq_len": int(values["original_seq_len"])})
+
+
 def args_from_hf_config(config: dict) -> LlamaArgs:
     """Our model arguments for a Hugging Face Llama config; anything we would only approximate
-    (another architecture, rope scaling, biases, another activation or head size) is refused."""
+    (another architecture, rope scaling other than llama3 and yarn, biases, another activation or
+    head size) is refused."""
     problems = []
     architectures = config.get("architectures") or ["LlamaForCausalLM"]
     if config.get("model_type") != "llama" or architectures != ["LlamaForCausalLM"]:
         problems.append(f"model_type={config.get('model_type')!r} architectures={architectures}: only "
                         "model_type 'llama' with LlamaForCausalLM is supported")
     ropes = [config.get(key) or {} for key in ("rope_parameters", "rope_scaling")]  # transformers 5 / 4 spelling
-    for rope_type in {rope.get("rope_type", rope.get("type", "default")) for rope in ropes} - {"default"}:
-        problems.append(f"rope scaling type {rope_type!r} is not implemented (only plain RoPE)")
+    scaled = [rope for rope in ropes if rope.get("rope_type", rope.get("type", "default")) != "default"]
+    if len({json.dumps({k: v for k, v in rope.items() if k != "rope_theta"}, sort_keys=True) for rope in scaled}) > 1:
+        problems.append("rope_parameters and rope_scaling describe different RoPE scalings")
+    rope_scaling = _rope_scaling(scaled[0] if scaled else {}, problems)
     rope = ropes[0] or ropes[1]
     missing = [key for key in REQUIRED_CONFIG if not isinstance(config.get(key), int)]
     if missing:
@@ -140,6 +195,6 @@ def args_from_hf_config(config: dict) -> LlamaArgs:
         vocab_size=config["vocab_size"], hidden_size=hidden, num_layers=config["num_hidden_layers"],
         num_heads=heads, num_kv_heads=config.get("num_key_value_heads") or heads,
         ffn_hidden_size=config["intermediate_size"], seq_len=config.get("max_position_embeddings", 2048),
-        rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+        rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))), rope_scaling=rope_scaling,
         norm_eps=config.get("rms_norm_eps", 1e-6), tie_embeddings=config.get("tie_word_embeddings", False),
         init_std=config.get("initializer_range", 0.02))

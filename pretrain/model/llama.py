@@ -8,7 +8,15 @@ Tensor layout is [batch, sequence, hidden]. The model is a sequence of stages
 (embedding, blocks, head) so that the pipeline path can cut it between blocks. Each block traces
 into one torch.compile graph at any TP size (pretrain.model.execution): the tensor-parallel layers hand
 their process group to megatron-core explicitly and all-reduce input gradients synchronously.
+
+Sequence and context parallelism are switched on from outside (pretrain.model.parallelize): with
+`sequence_parallel` the residual stream holds seq/tp of the tokens per TP rank (column-parallel
+projections gather them, row-parallel ones reduce-scatter: pretrain.model.sequence_parallel);
+with a `cp_group` each rank holds its chunks of the sequence and attention reads the keys and
+values of all of them (pretrain.model.context_parallel).
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +30,13 @@ from megatron.core.tensor_parallel import (
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pretrain.model.args import ExecutionArgs, LlamaArgs
+from pretrain.model.args import ExecutionArgs, LlamaArgs, RopeScaling, RopeScalingKind
 from pretrain.model.attention import attention
+from pretrain.model.context_parallel import context_parallel_attention
 from pretrain.model.loss import linear_cross_entropy
+from pretrain.model.sequence_parallel import (
+    from_sequence_order, gathered_linear, reduce_grad, scatter_output, split_tokens, to_sequence_order,
+)
 from pretrain.model.weights import drop_empty_extra_state, initialize, mark_tensor_parallel
 
 
@@ -70,25 +82,59 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.grad_reduce_group = None  # sequence parallel: the TP group, over which the weight's gradient is summed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        weight = self.weight if self.grad_reduce_group is None else reduce_grad(self.weight, self.grad_reduce_group)
+        return weight * x32.to(x.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies and the factor cos/sin are scaled by, as Hugging Face computes them
+    for rope_type default, llama3 and yarn."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim
+    inv_freq = 1.0 / (theta ** exponents)
+    if scaling.kind == RopeScalingKind.llama3:
+        original, factor = scaling.original_seq_len, scaling.factor
+        low, high = scaling.low_freq_factor, scaling.high_freq_factor
+        wavelength = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelength - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelength < original / high) * ~(wavelength > original / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if scaling.kind == RopeScalingKind.yarn:
+        def correction_dim(rotations: float) -> float:
+            return head_dim * math.log(scaling.original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low = max(math.floor(correction_dim(scaling.beta_fast)), 0)
+        high = min(math.ceil(correction_dim(scaling.beta_slow)), head_dim - 1)
+        ramp = (torch.arange(head_dim // 2, dtype=torch.float) - low) / (high - low if high != low else 0.001)
+        ramp = ramp.clamp(0, 1)
+        frequencies = theta ** exponents
+        extrapolated = 1 - ramp
+        inv_freq = 1.0 / (scaling.factor * frequencies) * (1 - extrapolated) + 1.0 / frequencies * extrapolated
+        return inv_freq, 0.1 * math.log(scaling.factor) + 1.0 if scaling.factor > 1 else 1.0
+    return inv_freq, 1.0
 
 
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for rotary position embedding, computed in fp32 like Hugging Face."""
 
-    def __init__(self, head_dim: int, theta: float):
+    def __init__(self, head_dim: int, theta: float, scaling: RopeScaling):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        inv_freq, self.scale = rope_frequencies(head_dim, theta, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)
         angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        cos, sin = angles.cos(), angles.sin()
+        if self.scale != 1.0:
+            cos, sin = cos * self.scale, sin * self.scale
+        return cos.to(dtype), sin.to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -110,6 +156,9 @@ class Attention(nn.Module):
     def __init__(self, args: LlamaArgs, layer_config: ModelParallelConfig, tp_group):
         super().__init__()
         self.tp_group = tp_group
+        self.sequence_parallel = False  # x holds this TP rank's seq/tp tokens (set by pretrain.model.parallelize)
+        self.cp_group = None  # context parallel: x holds this rank's chunks of the sequence
+        self.recompute = False  # its block is recomputed in backward (set by pretrain.model.execution)
         self.head_dim = args.head_dim
         self.queries_per_group = args.num_heads // args.num_kv_heads
         self.local_groups = args.num_kv_heads // tp_group.size()
@@ -117,10 +166,13 @@ class Attention(nn.Module):
         self.qkv_proj = column_parallel(args.hidden_size, qkv_size, layer_config, tp_group)
         self.o_proj = row_parallel(args.num_heads * self.head_dim, args.hidden_size, layer_config, tp_group)
 
-    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sequence_parallel: bool = False):
         """q [batch, heads/tp, seq, head_dim], k and v [batch, kv_heads/tp, seq, head_dim], rotated."""
-        batch, seq, _ = x.shape
-        qkv, _ = self.qkv_proj(copy_to_tensor_model_parallel_region(x, group=self.tp_group))
+        if sequence_parallel:
+            qkv = to_sequence_order(gathered_linear(x, (self.qkv_proj.weight,), self.tp_group)[0])
+        else:
+            qkv, _ = self.qkv_proj(copy_to_tensor_model_parallel_region(x, group=self.tp_group))
+        batch, seq, _ = qkv.shape
         qkv = qkv.view(batch, seq, self.local_groups, self.queries_per_group + 2, self.head_dim)
         q, k, v = qkv.split([self.queries_per_group, 1, 1], dim=3)
         q = q.reshape(batch, seq, -1, self.head_dim).transpose(1, 2)
@@ -128,14 +180,23 @@ class Attention(nn.Module):
         v = v.reshape(batch, seq, -1, self.head_dim).transpose(1, 2)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-    def _output(self, out: torch.Tensor) -> torch.Tensor:
-        out, _ = self.o_proj(out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1))
+    def _output(self, out: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
+        out = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+        if sequence_parallel:
+            partial = F.linear(out, self.o_proj.weight)
+            return scatter_output(from_sequence_order(partial, self.tp_group.size()), self.tp_group)
+        out, _ = self.o_proj(out)
         return out
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        q, k, v = self._project(x, cos, sin)
-        return self._output(attention(q, k, v, document_ids))
+        """document_ids: [batch, seq] of the whole sequence, also under context parallelism."""
+        q, k, v = self._project(x, cos, sin, self.sequence_parallel)
+        if self.cp_group is not None:
+            out = context_parallel_attention(q, k, v, self.cp_group, document_ids, self.recompute)
+        else:
+            out = attention(q, k, v, document_ids)
+        return self._output(out, self.sequence_parallel)
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                cache: "KVCache | None") -> torch.Tensor:
@@ -168,11 +229,19 @@ class SwiGLU(nn.Module):
     def __init__(self, args: LlamaArgs, layer_config: ModelParallelConfig, tp_group):
         super().__init__()
         self.tp_group = tp_group
+        self.sequence_parallel = False  # set by pretrain.model.parallelize
         self.gate_proj = column_parallel(args.hidden_size, args.ffn_hidden_size, layer_config, tp_group)
         self.up_proj = column_parallel(args.hidden_size, args.ffn_hidden_size, layer_config, tp_group)
         self.down_proj = row_parallel(args.ffn_hidden_size, args.hidden_size, layer_config, tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.sequence_parallel:
+            return self.forward_whole(x)
+        gate, up = gathered_linear(x, (self.gate_proj.weight, self.up_proj.weight), self.tp_group)
+        return scatter_output(F.linear(F.silu(gate) * up, self.down_proj.weight), self.tp_group)
+
+    def forward_whole(self, x: torch.Tensor) -> torch.Tensor:
+        """x holds whole sequences on every TP rank (no sequence parallelism: decoding, or switched off)."""
         x = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
         gate, _ = self.gate_proj(x)
         up, _ = self.up_proj(x)
@@ -189,7 +258,7 @@ class Block(nn.Module):
         self.attention = Attention(args, layer_config, tp_group)
         self.mlp_norm = RMSNorm(args.hidden_size, args.norm_eps)
         self.mlp = SwiGLU(args, layer_config, tp_group)
-        self.rotary = RotaryEmbedding(args.head_dim, args.rope_theta)
+        self.rotary = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling)
         self.recompute = False  # activation checkpointing: set by pretrain.model.execution
 
     def _forward(self, x: torch.Tensor, position_ids: torch.Tensor,
@@ -209,7 +278,7 @@ class Block(nn.Module):
         """Inference on new positions (pretrain.generate), with or without a cache; never compiled."""
         cos, sin = self.rotary(position_ids, x.dtype)
         h = x + self.attention.decode(self.attention_norm(x), cos, sin, mask, cache)
-        return h + self.mlp(self.mlp_norm(h))
+        return h + self.mlp.forward_whole(self.mlp_norm(h))
 
     def new_cache(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> KVCache:
         attention = self.attention
@@ -242,6 +311,8 @@ class Llama(nn.Module):
         super().__init__()
         self.args = args
         self.tp_group = tp_group
+        self.sequence_parallel = False  # set by pretrain.model.parallelize, like cp_group
+        self.cp_group = None
         layer_config = megatron_layer_config(tp_group.size())
         self.embedding = vocab_embedding(args, layer_config, tp_group)
         self.layers = nn.ModuleList(Block(args, layer_config, tp_group) for _ in range(args.num_layers))
@@ -261,18 +332,27 @@ class Llama(nn.Module):
         return self.embedding.weight if self.args.tie_embeddings else self.output.weight
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
-                document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+                document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                reduction: str = "mean") -> torch.Tensor:
         """document_ids (optional, [batch, seq]): attention stays within each document.
-        labels (optional, [batch, seq], -100 = no loss): return the mean loss instead of logits."""
+        labels (optional, [batch, seq], -100 = no loss): return the mean loss (reduction="sum": this
+        rank's sum over its tokens) instead of logits.
+        Under context parallelism tokens, labels and position_ids (global positions: required) are
+        this rank's chunks (pretrain.model.context_parallel.shard_batch), document_ids the whole sequence's."""
         if position_ids is None:
             position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         x = self.embedding(tokens)
+        if self.sequence_parallel:
+            x = split_tokens(x, self.tp_group)
         for block in self.layers:
             x = block(x, position_ids, document_ids)
         x = self.final_norm(x)
         if labels is not None:
-            loss, self.last_z_loss = linear_cross_entropy(x, labels, self.output_weight(), self.args.vocab_size,
-                                                          self.tp_group, self.loss_chunk_tokens, z_loss=self.args.z_loss)
+            loss, self.last_z_loss = linear_cross_entropy(
+                x, labels, self.output_weight(), self.args.vocab_size, self.tp_group, self.loss_chunk_tokens, reduction,
+                self.sequence_parallel, self.cp_group, z_loss=self.args.z_loss)
             return loss
+        if self.sequence_parallel:
+            return to_sequence_order(gathered_linear(x, (self.output_weight(),), self.tp_group)[0])
         logits, _ = self.output(x, weight=self.output_weight() if self.args.tie_embeddings else None)
         return logits

@@ -9,7 +9,10 @@ backward merely scales them by the incoming gradient, so no matmul is repeated.
 
 Under tensor parallelism each rank holds a contiguous slice of the (padded) vocabulary; the
 softmax is completed with two all-reduces per chunk over `tp_group`, as in megatron-core's
-vocab_parallel_cross_entropy. Vocabulary padding rows never enter the softmax.
+vocab_parallel_cross_entropy. Vocabulary padding rows never enter the softmax. Under sequence
+parallelism each TP rank brings its seq/tp tokens: they are gathered, and the gradient of the
+hidden states is reduce-scattered at once, so only this rank's share of it is kept. Under context
+parallelism the mean is over the tokens of the whole sequence (all context-parallel ranks).
 
 PaLM's z-loss, z_loss x log(Z)^2 per token (Z the softmax normaliser, log Z = the logits'
 logsumexp), comes out of the same chunks: log Z is what the softmax already completes, and its
@@ -19,6 +22,8 @@ gradient, 2 z_loss log Z x softmax, scales the probabilities the gradient is mad
 import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+from pretrain.model.sequence_parallel import all_gather, from_sequence_order, reduce_scatter
 
 IGNORE_INDEX = -100
 
@@ -35,7 +40,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,
                 tp_group: dist.ProcessGroup, chunk_tokens: int, wants_grad: bool,
-                z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
+                z_loss: float, sequence_parallel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """sequence_parallel: hidden holds this TP rank's tokens, labels those of every TP rank in
+        gathered order; the gradient returned is of this rank's tokens."""
+        if sequence_parallel:
+            hidden = all_gather(hidden, tp_group).flatten(0, 1)
         local_vocab = weight.shape[0]
         first_column = tp_group.rank() * local_vocab
         padding = torch.arange(first_column, first_column + local_vocab, device=weight.device) >= vocab_size
@@ -72,6 +81,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_hidden[start:start + chunk_tokens] = grad_logits @ weight
                 grad_weight += (grad_logits.t() @ chunk).float()
         if wants_grad:
+            if sequence_parallel:
+                grad_hidden = reduce_scatter(grad_hidden.view(tp_group.size(), -1, grad_hidden.shape[-1]), tp_group)
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         z_total *= z_loss
         ctx.mark_non_differentiable(z_total)
@@ -81,26 +92,38 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total: torch.Tensor, _grad_z: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight * grad_total.to(grad_weight.dtype),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, vocab_size: int,
                          tp_group: dist.ProcessGroup, chunk_tokens: int, reduction: str = "mean",
+                         sequence_parallel: bool = False, cp_group: dist.ProcessGroup | None = None,
                          z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token loss of `hidden` [..., h] (identical on every TP rank) projected by this rank's
-    vocabulary slice `weight` [vocab/tp, h], against `labels` [...] (IGNORE_INDEX = no loss), and
-    the z-loss part of it (detached).
+    """Next-token loss of `hidden` [batch, seq, h] (identical on every TP rank; with
+    `sequence_parallel` this TP rank's [batch, seq/tp, h]) projected by this rank's vocabulary slice
+    `weight` [vocab/tp, h], against `labels` [batch, seq] (IGNORE_INDEX = no loss), and the z-loss
+    part of it (detached).
 
-    Mean over the predicted tokens (or with reduction="sum", their sum); equals
+    Mean over the predicted tokens (or with reduction="sum", this rank's sum); equals
     cross_entropy(logits, labels) of the full logits, whose fp32 copy is never materialised, plus,
     when gradients are wanted (training), z_loss x logsumexp(logits)^2 per token; a pass without
-    gradients (evaluation) gives the cross-entropy alone."""
-    flat_hidden = copy_to_tensor_model_parallel_region(hidden.reshape(-1, hidden.shape[-1]), group=tp_group)
+    gradients (evaluation) gives the cross-entropy alone. With a context-parallel `cp_group` the
+    mean is the whole sequence's: each rank returns its sum times cp over the group's token count,
+    which averaged over the group (as gradients are) is that mean."""
+    if sequence_parallel:
+        flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+        labels = from_sequence_order(labels, tp_group.size())  # the order the gathered tokens come in
+    else:
+        flat_hidden = copy_to_tensor_model_parallel_region(hidden.reshape(-1, hidden.shape[-1]), group=tp_group)
     flat_labels = labels.reshape(-1)
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     total, z_part = _LinearCrossEntropy.apply(flat_hidden, weight, flat_labels, vocab_size, tp_group, chunk_tokens,
-                                              wants_grad, z_loss if wants_grad else 0.0)
+                                              wants_grad, z_loss if wants_grad else 0.0, sequence_parallel)
     if reduction == "sum":
         return total, z_part
-    count = (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
+    count = (flat_labels != IGNORE_INDEX).sum()
+    if cp_group is not None and cp_group.size() > 1:
+        dist.all_reduce(count, group=cp_group)
+        total, z_part = total * cp_group.size(), z_part * cp_group.size()
+    count = count.clamp(min=1)
     return total / count, z_part / count

@@ -21,6 +21,7 @@ from pretrain.model.llama import (
     Block, RMSNorm, megatron_layer_config, output_projection, vocab_embedding,
 )
 from pretrain.model.loss import linear_cross_entropy
+from pretrain.model.sequence_parallel import split_tokens
 from pretrain.model.weights import drop_empty_extra_state, initialize, mark_tensor_parallel
 
 TIED_KEY = "embedding"
@@ -32,11 +33,14 @@ class EmbeddingStage(nn.Module):
 
     def __init__(self, args: LlamaArgs, tp_group):
         super().__init__()
+        self.tp_group = tp_group
+        self.sequence_parallel = False  # set by pretrain.model.parallelize
         self.embedding = vocab_embedding(args, megatron_layer_config(tp_group.size()), tp_group)
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         tokens, *rest = inputs
-        return (self.embedding(tokens), *rest)
+        hidden = self.embedding(tokens)
+        return (split_tokens(hidden, self.tp_group) if self.sequence_parallel else hidden, *rest)
 
 
 class PipelineBlock(Block):
@@ -70,11 +74,13 @@ class HeadLoss:
     def __init__(self, weight: nn.Parameter, vocab_size: int, tp_group, z_loss: float):
         self.weight, self.vocab_size, self.tp_group, self.z_loss = weight, vocab_size, tp_group, z_loss
         self.chunk_tokens = ExecutionArgs.loss_chunk_tokens  # set by pretrain.model.execution
+        self.sequence_parallel, self.cp_group = False, None  # set by pretrain.model.parallelize
         self.last_z_loss = torch.zeros(())
 
     def __call__(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         loss, self.last_z_loss = linear_cross_entropy(hidden, labels, self.weight, self.vocab_size, self.tp_group,
-                                                      self.chunk_tokens, reduction, self.z_loss)
+                                                      self.chunk_tokens, reduction, self.sequence_parallel,
+                                                      self.cp_group, self.z_loss)
         return loss
 
 
