@@ -1,6 +1,6 @@
 """Muon and the z-loss: the update of a TP-sharded, ZeRO-partitioned matrix is the whole matrix's
-(TP2, TP4, ZeRO-0/1/2, PP2, TP2 x DP2, matrices straddling partitions: per-step losses within 1e-5
-of TP1), the fused qkv is orthogonalised as q, k and v (against Newton-Schulz on the unfused
+(TP2 and TP4 with sequence parallelism, ZeRO-0/1/2, PP2, TP2 x DP2, TP2 x CP2, matrices straddling
+partitions: per-step losses within 1e-5 of TP1), the fused qkv is orthogonalised as q, k and v (against Newton-Schulz on the unfused
 matrices), a skipped update changes nothing, resumes are bitwise or refused, `pretrain plan`
 counts Muon's memory and Newton-Schulz FLOPs, and the z-loss equals its direct computation."""
 
@@ -56,7 +56,7 @@ def runs(tmp_path_factory, generate_data) -> dict:
            "nan": ZERO1 + ["debug.inject_nan_steps=[3]"], "dp2_valid": ZERO1 + valid,
            "pp2_valid": ["parallel.pp=2"] + ZERO1 + valid}
     four = {"tp4": ["parallel.tp=4"] + ZERO1, "tp2_dp2_zero2": TP2 + ["optimizer.zero_stage=2"],
-            "dp4_zero2": ["optimizer.zero_stage=2"],
+            "dp4_zero2": ["optimizer.zero_stage=2"], "tp2_cp2": TP2 + ["parallel.cp=2"] + ZERO1,
             "full": TP2 + ZERO1 + [f"checkpoint.dir={tmp / 'full'}", "checkpoint.interval=2"],
             "resumed": TP2 + ZERO1 + [f"checkpoint.dir={tmp / 'resumed'}",
                                       f"checkpoint.resume={tmp / 'full' / 'step_00000002'}"]}
@@ -64,7 +64,7 @@ def runs(tmp_path_factory, generate_data) -> dict:
     return {"tmp": tmp, **results}
 
 
-@pytest.mark.parametrize("layout", ["tp2", "tp4", "zero1", "zero2", "pp2", "tp2_dp2_zero2", "dp4_zero2"])
+@pytest.mark.parametrize("layout", ["tp2", "tp4", "zero1", "zero2", "pp2", "tp2_dp2_zero2", "dp4_zero2", "tp2_cp2"])
 def test_muon_matches_tp1_per_step(layout, runs):
     reference = runs["tp1"]
     assert reference["loss"][STEPS] < reference["loss"][1] - 0.2  # it learns
@@ -78,7 +78,7 @@ def records(log_dir: Path) -> dict[int, dict]:
 
 
 def test_z_loss_is_logged_alike_at_every_layout(runs):
-    logged = {name: records(runs["tmp"] / name) for name in ("tp1", "tp2", "tp4", "pp2")}
+    logged = {name: records(runs["tmp"] / name) for name in ("tp1", "tp2", "tp4", "pp2", "tp2_cp2")}
     for step in range(1, STEPS + 1):
         z = [rows[step]["z_loss"] for rows in logged.values()]
         assert z[0] > 1e-3 and max(z) - min(z) <= 1e-6 * z[0], (step, z)  # log(Z)^2 > 1 at the start
