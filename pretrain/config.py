@@ -4,6 +4,7 @@ overrides, validated before any process group exists. Values derived from severa
 
 import dataclasses
 import enum
+import functools
 import hashlib
 import math
 import warnings
@@ -226,11 +227,16 @@ class Layout:
         return self.dp * self.cp
 
 
+@functools.cache
+def _schema() -> DictConfig:
+    """The defaults as omegaconf's typed schema, built once (merging copies it, never changes it)."""
+    return OmegaConf.structured(Config)
+
+
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Defaults <- YAML file <- `section.key=value` overrides, type-checked against the schema."""
-    schema = OmegaConf.structured(Config)
     try:
-        layers = [schema]
+        layers = [_schema()]
         if path is not None:
             path = Path(path)
             if not path.is_file():
