@@ -28,5 +28,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not multiprocess and not gpu" $(PYTEST_ARGS)
 
+# Only what make made: the venv and the demo's outputs. runs/ may hold your own checkpoints (the
+# README's examples put them there): it is never removed whole.
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV)
+	launch/demo.sh --clean

@@ -7,19 +7,22 @@
 # `pretrain data build` takes: JSON lines plain or compressed, parquet, folders, globs, text).
 # Everything goes to DEMO_DIR (runs/demo): a folder the demo made (it holds .demo), whose outputs a
 # rerun replaces, or a new or empty one; any other is refused, and nothing else is deleted.
+# `launch/demo.sh --clean` (`make clean`) only removes those outputs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DEMO_DIR=${DEMO_DIR:-runs/demo}
 STEPS=${STEPS:-300}
 
+clean_only=$([ "${1:-}" = "--clean" ] && echo 1 || echo 0)
 if [ -f "$DEMO_DIR/.demo" ]; then
   for made in tokenizer shards valid log checkpoints hf; do rm -rf "${DEMO_DIR:?}/$made"; done
-elif [ -d "$DEMO_DIR" ] && [ -n "$(ls -A "$DEMO_DIR")" ]; then
+elif [ "$clean_only" = 0 ] && [ -d "$DEMO_DIR" ] && [ -n "$(ls -A "$DEMO_DIR")" ]; then
   echo "demo: $DEMO_DIR is not empty and was not made by the demo (no .demo in it): run it with another" \
     "DEMO_DIR=..., or empty that folder yourself" >&2
   exit 2
 fi
+[ "$clean_only" = 1 ] && exit 0
 mkdir -p "$DEMO_DIR"
 touch "$DEMO_DIR/.demo"
 

@@ -209,6 +209,23 @@ def test_demo_writes_only_its_own_folder(tmp_path):
     assert not (made / "shards").exists() and (made / "notes.txt").read_text() == "kept"
 
 
+def test_make_clean_removes_the_venv_and_the_demos_outputs_only(tmp_path):
+    """In a copy of the project's Makefile and demo script: runs/ may hold the user's checkpoints."""
+    (tmp_path / "launch").mkdir()
+    for name in ("Makefile", "launch/demo.sh"):
+        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
+        (tmp_path / name).chmod((ROOT / name).stat().st_mode)
+    for made in (".venv/bin/python", "runs/demo/.demo", "runs/demo/shards/shard-0.tar", "runs/demo/notes.txt",
+                 "runs/llama-8b/checkpoints/latest"):
+        (tmp_path / made).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / made).write_text("x")
+    proc = subprocess.run(["make", "clean"], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == ["Makefile", "launch/demo.sh", "runs/demo/.demo", "runs/demo/notes.txt",
+                    "runs/llama-8b/checkpoints/latest"]
+
+
 # ---- Slurm scripts ----
 
 @pytest.mark.parametrize("option, value, message", [
