@@ -100,7 +100,7 @@ def render_sbatch(job: SlurmJob, workdir: Path | None = None) -> str:
         "PRETRAIN_ARGS": shlex.join(train_arguments(job.config, job.overrides)),
         "PROCS_PER_NODE": str(job.procs_per_node),
     }
-    return _fill(TEMPLATE, fields)
+    return fill_template(TEMPLATE, fields)
 
 
 def slurm_fields(job_name: str, partition: str | None, time: str | None, account: str | None, log_dir: Path,
@@ -140,14 +140,15 @@ def _sbatch_word(value: str) -> str:
     return '"' + re.sub(r'([\\"#])', r"\\\1", value) + '"'
 
 
-def _fill(template: Path, fields: dict[str, str]) -> str:
+def fill_template(template: Path, fields: dict[str, str]) -> str:
+    """A script of slurm/: `template` with each {{name}} replaced by its (already quoted) field."""
     script = template.read_text()
     for name, value in fields.items():
         script = script.replace("{{" + name + "}}", value)
     return script
 
 
-def _sbatch(path: Path, *options: str) -> str | None:
+def submit_sbatch(path: Path, *options: str) -> str | None:
     """sbatch a written script; its job id, or None (after saying why)."""
     proc = subprocess.run(["sbatch", "--parsable", *options, str(path)], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -156,7 +157,8 @@ def _sbatch(path: Path, *options: str) -> str | None:
     return proc.stdout.strip().split(";")[0]
 
 
-def _write_scripts(log_dir: str, scripts: dict[str, str]) -> list[Path]:
+def write_scripts(log_dir: str, scripts: dict[str, str]) -> list[Path]:
+    """Write each named script under `log_dir` (created if needed); their paths."""
     folder = Path(log_dir)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / name for name in scripts]
@@ -171,8 +173,8 @@ def launch_slurm(job: SlurmJob, submit: bool) -> int:
     if not submit:
         print(script, end="")
         return 0
-    [path] = _write_scripts(job.log_dir, {f"{job.job_name}.sbatch": script})
-    job_id = _sbatch(path)
+    [path] = write_scripts(job.log_dir, {f"{job.job_name}.sbatch": script})
+    job_id = submit_sbatch(path)
     if job_id is None:
         return 1
     print(job_id)
@@ -215,7 +217,8 @@ def render_data_sbatch(job: DataJob, workdir: Path | None = None) -> tuple[str, 
         "CPUS_PER_TASK": str(job.workers + 1), "PYTHON": shlex.quote(sys.executable), "BUILD_ARGS": shlex.join(build),
         "OUT": shlex.quote(script_path("--out", absolute(job.out))),
     }
-    return _fill(SLURM_DIR / "data-build.sbatch", fields), _fill(SLURM_DIR / "data-merge.sbatch", fields)
+    return (fill_template(SLURM_DIR / "data-build.sbatch", fields),
+            fill_template(SLURM_DIR / "data-merge.sbatch", fields))
 
 
 def launch_slurm_data(job: DataJob, submit: bool) -> int:
@@ -228,10 +231,10 @@ def launch_slurm_data(job: DataJob, submit: bool) -> int:
         print("\n# ---- then, with --dependency=afterok:<the array's job id>:\n")
         print(merge, end="")
         return 0
-    build_path, merge_path = _write_scripts(job.log_dir, {f"{job.job_name}-build.sbatch": build,
+    build_path, merge_path = write_scripts(job.log_dir, {f"{job.job_name}-build.sbatch": build,
                                                           f"{job.job_name}-merge.sbatch": merge})
-    array = _sbatch(build_path)
-    merged = array and _sbatch(merge_path, f"--dependency=afterok:{array}")
+    array = submit_sbatch(build_path)
+    merged = array and submit_sbatch(merge_path, f"--dependency=afterok:{array}")
     if not merged:
         return 1
     print(f"{array} {merged}")

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from pretrain.signals import EXIT_STOPPED
 from pretrain.config import load
-from pretrain.launch import (RESTART_SAFE_ENV, SLURM_DIR, _fill, _sbatch, _write_scripts, local_command,
-                             script_path, slurm_fields)
+from pretrain.launch import (RESTART_SAFE_ENV, SLURM_DIR, fill_template, local_command, script_path, slurm_fields,
+                             submit_sbatch, write_scripts)
 from pretrain.scaling import ScalingError
 
 MANIFEST = "sweep.json"
@@ -245,7 +245,7 @@ def render_sbatch(sweep: Sweep, job: SweepJob, indices: list[int], workdir: Path
         "SWEEP": shlex.quote(script_path("the sweep folder", str(sweep.root))),
         "NPROC": str(job.nproc),
     }
-    return _fill(SLURM_DIR / "scaling.sbatch", fields)
+    return fill_template(SLURM_DIR / "scaling.sbatch", fields)
 
 
 def launch_slurm(sweep: Sweep, job: SweepJob, submit: bool) -> int:
@@ -259,8 +259,8 @@ def launch_slurm(sweep: Sweep, job: SweepJob, submit: bool) -> int:
         print(script, end="")
         return 0
     log_dir = job.log_dir or str(sweep.root / "slurm")
-    [path] = _write_scripts(log_dir, {f"{job.job_name}.sbatch": script})
-    job_id = _sbatch(path)
+    [path] = write_scripts(log_dir, {f"{job.job_name}.sbatch": script})
+    job_id = submit_sbatch(path)
     if job_id is None:
         return 1
     print(job_id)
