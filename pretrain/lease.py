@@ -1,4 +1,5 @@
-"""A lease on a folder, so that two live runs never write one checkpoint.dir: a small JSON file
+"""A lease on a folder, so that two live processes never write one folder (a checkpoint.dir, a
+command's output folder, pretrain.outputs): a small JSON file
 naming its holder, taken by an exclusive create and kept alive by a heartbeat thread that
 rewrites it every timeout/4 seconds. No flock and no PID file alone: it works across nodes and on
 network file systems. A lease whose holder has died is taken over — at once when the holder is
@@ -46,8 +47,11 @@ def _alive(pid: int) -> bool:
 
 
 class FolderLease:
-    def __init__(self, folder: Path, run_id: str, timeout_s: float):
-        self.path, self.timeout_s = folder / LEASE, timeout_s
+    """`what` names the folder and `advice` what to do in the refusal of a second live writer."""
+
+    def __init__(self, folder: Path, run_id: str, timeout_s: float, what: str = "checkpoint folder",
+                 advice: str = "Wait for it to end or stop it, or give this run another log.dir and checkpoint.dir"):
+        self.path, self.timeout_s, self.what, self.advice = folder / LEASE, timeout_s, what, advice
         self.me = _identity(run_id)
         self.lost: str | None = None  # why the lease is no longer ours, once it is not
         self._stop = threading.Event()
@@ -105,8 +109,7 @@ class FolderLease:
             if time.time() > deadline:
                 raise LeaseError(
                     f"{self.path.parent} is in use by a live run ({_describe(holder)}, heartbeat "
-                    f"{self._age(holder):.0f} s ago): two processes must not write one checkpoint folder. Wait for "
-                    "it to end or stop it, or give this run another log.dir and checkpoint.dir")
+                    f"{self._age(holder):.0f} s ago): two processes must not write one {self.what}. {self.advice}")
             time.sleep(min(1.0, self.timeout_s / 8))
         self._thread = threading.Thread(target=self._heartbeat, name="checkpoint-lease", daemon=True)
         self._thread.start()

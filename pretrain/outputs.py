@@ -5,7 +5,8 @@ It records there, in MARKER, which command it is and every file before creating 
 refuse any other folder by name, clean up after an unfinished run of its own (a Slurm task killed
 halfway builds its part again) and delete what it made and nothing else: a file someone put beside
 its own stays. A staged output (OUT.partial, renamed to OUT once complete) is a folder the command
-writes whole."""
+writes whole. While a command writes a folder it holds a lease on it (pretrain.lease): a second
+live command on the same folder is refused instead of taking the first's files for leftovers."""
 
 import json
 import os
@@ -15,10 +16,12 @@ from contextlib import contextmanager
 from pathlib import Path, PurePath
 
 from pretrain.errors import UserError
+from pretrain.lease import LEASE, FolderLease
 
 MARKER = ".pretrain-output"
 FORMAT, VERSION = "pretrain-output", 1
 PARTIAL = ".partial"
+LEASE_TIMEOUT_S = 30.0  # a writer silent this long is taken for dead
 
 
 class OutputError(UserError, ValueError):
@@ -105,7 +108,7 @@ class Output:
         that leaves empty; anything else stays."""
         if self.whole:  # the caller's word, never the marker's: a marker may come from anyone
             for entry in self.root.iterdir():
-                if entry.name == MARKER:
+                if entry.name in (MARKER, LEASE):
                     continue
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)
@@ -173,15 +176,30 @@ def _read(marker: Path) -> tuple[dict, set[str]]:
 
 @contextmanager
 def fresh(root: str | Path, command: str, option: str = "--out", whole: bool = False) -> Iterator[Output]:
-    """The folder for a command that writes it from the start: what an unfinished run of the same
-    command made there is deleted first; if the body fails, what it made is deleted again."""
+    """The folder for a command that writes it from the start, leased for the body (a live command
+    writing it already is refused): what an unfinished run of the same command made there is
+    deleted first; if the body fails, what it made is deleted again."""
     output = Output.open(root, command, option, whole=whole)
-    output.clean()
+    lease = FolderLease(output.root, command, LEASE_TIMEOUT_S, what=f"output folder of `pretrain {command}`",
+                        advice=f"Wait for it to end or stop it, or choose another {option}")
+    lease.acquire()
     try:
+        output.clean()
         yield output
     except BaseException:
-        output.remove()
+        lease.check()
+        lost = lease.lost  # then the files are the new holder's
+        if not lost:
+            output.clean()
+        lease.release()
+        if not lost:
+            output.remove()
         raise
+    lease.check()
+    lease.release()
+    if lease.lost:
+        raise OutputError(f"{lease.lost} while this command wrote it: the files there may mix both commands' "
+                          "output; run it again once the other has ended")
 
 
 @contextmanager

@@ -5,8 +5,10 @@ and `pretrain generate`'s settings."""
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,9 @@ from pretrain.data.build import build_shards
 from pretrain.data.documents import DocumentStats, InputError, iter_documents
 from pretrain.data.shards import FORMAT, MANIFEST, VERSION, Manifest, ShardError
 from pretrain.launch import DataJob, SlurmJob, render_data_sbatch, render_sbatch
-from pretrain.outputs import MARKER, Output, OutputError, staged
+from pretrain import outputs
+from pretrain.lease import LEASE, LeaseError
+from pretrain.outputs import MARKER, Output, OutputError, fresh, staged
 from pretrain.scaling.sweep import Sweep, SweepJob
 from pretrain.scaling.sweep import render_sbatch as render_sweep_sbatch
 from pretrain.tokenizer import CARD_FILE, MODEL_FILE, Tokenizer, TokenizerError, copy_tokenizer, train_tokenizer
@@ -159,6 +163,35 @@ def test_a_forged_ledger_deletes_nothing_outside_its_folder(corpus, tmp_path, ca
     assert victim.read_text() == "precious" and (shared / MANIFEST).is_file()
 
 
+def test_a_folder_a_live_command_writes_is_refused_and_a_dead_ones_taken_over(tmp_path, monkeypatch):
+    monkeypatch.setattr(outputs, "LEASE_TIMEOUT_S", 1.0)
+    out = tmp_path / "shards"
+    with fresh(out, "data build") as first:
+        [shard] = first.claim("shard-00000.tar")
+        shard.write_text("first")
+        with pytest.raises(LeaseError, match=f"{out} is in use by a live run .* two processes must not write one "
+                                             "output folder of `pretrain data build`. Wait for it to end or stop "
+                                             "it, or choose another --out"):
+            with fresh(out, "data build"):
+                pass
+        assert shard.read_text() == "first"
+    assert files(out).keys() == {MARKER, "shard-00000.tar"}  # the lease is gone with the command
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / LEASE).write_text(json.dumps({"run_id": "data build", "token": "t", "host": socket.gethostname(),
+                                         "pid": int(dead.stdout), "heartbeat": time.time()}))
+    with fresh(out, "data build") as second:  # a killed build's lease: taken over at once
+        assert not shard.exists()  # and its files deleted as leftovers
+
+    with pytest.raises(OutputError, match="was taken over by run other.* the files there may mix both commands"):
+        with fresh(out, "data build") as third:
+            [shard] = third.claim("shard-00000.tar")
+            shard.write_text("third")
+            (out / LEASE).write_text(json.dumps({"run_id": "other", "token": "u", "host": "elsewhere", "pid": 1,
+                                                 "heartbeat": time.time()}))
+    assert shard.read_text() == "third"  # not deleted: the folder is the other command's now
+
+
 def test_staged_outputs_for_convert_commands(tmp_path):
     out = tmp_path / "hf"
     with staged(out, "convert to-hf") as folder:
@@ -178,7 +211,7 @@ def test_staged_outputs_for_convert_commands(tmp_path):
     left = Output.open(tmp_path / "again.partial", "convert to-hf", whole=True)  # a run killed halfway
     (left.root / "model.safetensors").write_bytes(b"half")
     with staged(tmp_path / "again", "convert to-hf") as folder:
-        assert not any(p.name != MARKER for p in folder.iterdir())
+        assert not any(p.name not in (MARKER, LEASE) for p in folder.iterdir())
     theirs = tmp_path / "theirs.partial"
     theirs.mkdir()
     (theirs / "weights.bin").write_bytes(b"theirs")
