@@ -111,7 +111,7 @@ class FolderLease:
                     f"{self.path.parent} is in use by a live run ({_describe(holder)}, heartbeat "
                     f"{self._age(holder):.0f} s ago): two processes must not write one {self.what}. {self.advice}")
             time.sleep(min(1.0, self.timeout_s / 8))
-        self._thread = threading.Thread(target=self._heartbeat, name="checkpoint-lease", daemon=True)
+        self._thread = threading.Thread(target=self._heartbeat, name="folder-lease", daemon=True)
         self._thread.start()
 
     def _heartbeat(self) -> None:
