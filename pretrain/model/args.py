@@ -43,6 +43,7 @@ class LlamaArgs:
     init_std: float = 0.02  # initializer_range
     vocab_pad_multiple: int = 128  # embedding rows are padded to a multiple of this times TP
     z_loss: float = 0.0  # PaLM's z-loss: z_loss x log(Z)^2 per token added to the training loss (PaLM: 1e-4)
+    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3, OLMo 2): q_norm, k_norm
 
     @property
     def head_dim(self) -> int:
@@ -58,7 +59,7 @@ class LlamaArgs:
         h, kv_dim = self.hidden_size, self.num_kv_heads * self.head_dim
         attention = h * h * 2 + h * kv_dim * 2
         mlp = 3 * h * self.ffn_hidden_size
-        per_layer = attention + mlp + 2 * h
+        per_layer = attention + mlp + 2 * h + (2 * self.head_dim if self.qk_norm else 0)
         head = 0 if self.tie_embeddings else self.vocab_size * h
         total = self.num_layers * per_layer + h + head
         return total + (self.vocab_size * h if include_embedding else 0)

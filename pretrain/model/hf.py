@@ -1,9 +1,11 @@
-"""Hugging Face LlamaForCausalLM <-> our parameter names and config: one name table, the
-explicit regrouping of the fused, group-major qkv projection into q/k/v (see Attention), and the
-config fields, with every Llama variant we do not implement refused by name."""
+"""Hugging Face causal LMs <-> our parameter names and config: one name table per architecture
+(LlamaForCausalLM, and Qwen3ForCausalLM for models with qk_norm), the explicit regrouping of the
+fused, group-major qkv projection into q/k/v (see Attention), and the config fields, with every
+variant we do not implement refused by name."""
 
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from importlib import metadata
 
 import torch
@@ -20,6 +22,10 @@ BLOCK_NAMES = {
     "mlp.up_proj.weight": "mlp.up_proj.weight",
     "mlp.down_proj.weight": "mlp.down_proj.weight",
 }
+QK_NORM_NAMES = {
+    "attention.q_norm.weight": "self_attn.q_norm.weight",
+    "attention.k_norm.weight": "self_attn.k_norm.weight",
+}
 MODEL_NAMES = {
     "embedding.weight": "model.embed_tokens.weight",
     "final_norm.weight": "model.norm.weight",
@@ -28,6 +34,21 @@ MODEL_NAMES = {
 QKV = "attention.qkv_proj.weight"
 REQUIRED_CONFIG = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 HF_QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A Hugging Face model class we export to and import from, and what our model must be for it."""
+
+    name: str  # config.json's architectures[0]
+    model_type: str
+    qk_norm: bool
+    block_names: dict[str, str]  # ours -> Hugging Face, per block
+
+
+LLAMA = Architecture("LlamaForCausalLM", "llama", qk_norm=False, block_names=BLOCK_NAMES)
+QWEN3 = Architecture("Qwen3ForCausalLM", "qwen3", qk_norm=True, block_names=BLOCK_NAMES | QK_NORM_NAMES)
+ARCHITECTURES = (LLAMA, QWEN3)
 
 
 class UnsupportedModelError(UserError, ValueError):
@@ -59,34 +80,40 @@ def _block_name(name: str) -> tuple[str, str] | None:
     return f"model.layers.{index}.", rest
 
 
-def hf_names(name: str) -> list[str]:
+def architecture(args: LlamaArgs) -> Architecture:
+    """The Hugging Face architecture a model of `args` is exported as: Qwen3 with qk_norm, else Llama."""
+    return QWEN3 if args.qk_norm else LLAMA
+
+
+def hf_names(name: str, args: LlamaArgs) -> list[str]:
     """The Hugging Face tensors one of our parameters becomes."""
     block = _block_name(name)
     if block is None:
         return [MODEL_NAMES[name]]
     prefix, rest = block
-    return [prefix + hf for hf in HF_QKV] if rest == QKV else [prefix + BLOCK_NAMES[rest]]
+    return [prefix + hf for hf in HF_QKV] if rest == QKV else [prefix + architecture(args).block_names[rest]]
 
 
 def to_hf_tensors(name: str, tensor: torch.Tensor, args: LlamaArgs) -> Iterator[tuple[str, torch.Tensor]]:
     """One of our full, unpadded tensors -> its Hugging Face (name, tensor) pairs."""
-    names = hf_names(name)
+    names = hf_names(name, args)
     yield from zip(names, split_qkv(tensor, args)) if len(names) == 3 else [(names[0], tensor)]
 
 
 def from_hf_tensor(name: str, hf_tensor: Callable[[str], torch.Tensor], args: LlamaArgs) -> torch.Tensor:
     """Our tensor `name`, built from the Hugging Face tensors that `hf_tensor` returns by name."""
-    names = hf_names(name)
+    names = hf_names(name, args)
     if len(names) == 3:
         return merge_qkv(*(hf_tensor(n) for n in names), args)
     return hf_tensor(names[0])
 
 
 def hf_config(args: LlamaArgs, dtype: torch.dtype, bos_id: int, eos_id: int, pad_id: int | None) -> dict:
-    """config.json of the exported LlamaForCausalLM."""
+    """config.json of the exported model (see architecture)."""
+    target = architecture(args)
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [target.name],
+        "model_type": target.model_type,
         "vocab_size": args.vocab_size,
         "hidden_size": args.hidden_size,
         "intermediate_size": args.ffn_hidden_size,
@@ -101,8 +128,8 @@ def hf_config(args: LlamaArgs, dtype: torch.dtype, bos_id: int, eos_id: int, pad
         **rope_config(args),
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "pretraining_tp": 1,
+        **({"mlp_bias": False, "pretraining_tp": 1} if target == LLAMA else
+           {"use_sliding_window": False, "sliding_window": None, "max_window_layers": args.num_layers}),
         "tie_word_embeddings": args.tie_embeddings,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
@@ -163,15 +190,29 @@ def _rope_scaling(rope: dict, problems: list[str]) -> RopeScaling:
     return RopeScaling(kind=kind, **values | {"original_seq_len": int(values["original_seq_len"])})
 
 
+def _source_architecture(config: dict, problems: list[str]) -> Architecture:
+    """The architecture config.json names, among ARCHITECTURES (else a problem, and Llama's)."""
+    by_type = {arch.model_type: arch for arch in ARCHITECTURES}
+    source = by_type.get(config.get("model_type"), LLAMA)
+    architectures = config.get("architectures") or [source.name]
+    if config.get("model_type") not in by_type or architectures != [source.name]:
+        supported = ", ".join(f"model_type {arch.model_type!r} with {arch.name}" for arch in ARCHITECTURES)
+        problems.append(f"model_type={config.get('model_type')!r} architectures={architectures}: only {supported} "
+                        "are supported")
+    if source == QWEN3:
+        if config.get("use_sliding_window"):
+            problems.append("use_sliding_window=True is not implemented (only full attention)")
+        if any(kind != "full_attention" for kind in config.get("layer_types") or ()):
+            problems.append(f"layer_types={config['layer_types']}: only full_attention is implemented")
+    return source
+
+
 def args_from_hf_config(config: dict) -> LlamaArgs:
-    """Our model arguments for a Hugging Face Llama config; anything we would only approximate
-    (another architecture, rope scaling other than llama3 and yarn, biases, another activation or
-    head size) is refused."""
+    """Our model arguments for a Hugging Face config of an architecture in ARCHITECTURES; anything we
+    would only approximate (another architecture, rope scaling other than llama3 and yarn, biases,
+    another activation or head size, sliding windows) is refused."""
     problems = []
-    architectures = config.get("architectures") or ["LlamaForCausalLM"]
-    if config.get("model_type") != "llama" or architectures != ["LlamaForCausalLM"]:
-        problems.append(f"model_type={config.get('model_type')!r} architectures={architectures}: only "
-                        "model_type 'llama' with LlamaForCausalLM is supported")
+    source = _source_architecture(config, problems)
     ropes = [config.get(key) or {} for key in ("rope_parameters", "rope_scaling")]  # transformers 5 / 4 spelling
     scaled = [rope for rope in ropes if rope.get("rope_type", rope.get("type", "default")) != "default"]
     if len({json.dumps({k: v for k, v in rope.items() if k != "rope_theta"}, sort_keys=True) for rope in scaled}) > 1:
@@ -197,4 +238,4 @@ def args_from_hf_config(config: dict) -> LlamaArgs:
         ffn_hidden_size=config["intermediate_size"], seq_len=config.get("max_position_embeddings", 2048),
         rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))), rope_scaling=rope_scaling,
         norm_eps=config.get("rms_norm_eps", 1e-6), tie_embeddings=config.get("tie_word_embeddings", False),
-        init_std=config.get("initializer_range", 0.02))
+        init_std=config.get("initializer_range", 0.02), qk_norm=source.qk_norm)

@@ -151,7 +151,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Attention(nn.Module):
     """Grouped-query attention. The fused qkv projection is stored group-major: for each KV head
     g, the query heads it serves, then key g, then value g. A contiguous TP slice therefore holds
-    whole groups, and the layout of the full tensor does not depend on TP."""
+    whole groups, and the layout of the full tensor does not depend on TP. With `qk_norm` each
+    query and key head is RMS-normalised (weights shared by the heads) before RoPE, as in Qwen3."""
 
     def __init__(self, args: LlamaArgs, layer_config: ModelParallelConfig, tp_group):
         super().__init__()
@@ -165,6 +166,12 @@ class Attention(nn.Module):
         qkv_size = (args.num_heads + 2 * args.num_kv_heads) * self.head_dim
         self.qkv_proj = column_parallel(args.hidden_size, qkv_size, layer_config, tp_group)
         self.o_proj = row_parallel(args.num_heads * self.head_dim, args.hidden_size, layer_config, tp_group)
+        if args.qk_norm:  # one weight for all heads; a TP rank sees its heads only, so gradients sum over TP
+            self.q_norm, self.k_norm = RMSNorm(self.head_dim, args.norm_eps), RMSNorm(self.head_dim, args.norm_eps)
+            if tp_group.size() > 1:
+                self.q_norm.grad_reduce_group = self.k_norm.grad_reduce_group = tp_group
+        else:
+            self.q_norm = self.k_norm = None
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sequence_parallel: bool = False):
         """q [batch, heads/tp, seq, head_dim], k and v [batch, kv_heads/tp, seq, head_dim], rotated."""
@@ -175,8 +182,10 @@ class Attention(nn.Module):
         batch, seq, _ = qkv.shape
         qkv = qkv.view(batch, seq, self.local_groups, self.queries_per_group + 2, self.head_dim)
         q, k, v = qkv.split([self.queries_per_group, 1, 1], dim=3)
-        q = q.reshape(batch, seq, -1, self.head_dim).transpose(1, 2)
-        k = k.reshape(batch, seq, -1, self.head_dim).transpose(1, 2)
+        q, k = q.reshape(batch, seq, -1, self.head_dim), k.reshape(batch, seq, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.reshape(batch, seq, -1, self.head_dim).transpose(1, 2)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 

@@ -14,17 +14,25 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from torch import nn
 
+from pretrain.model.args import LlamaArgs
+
 VOCAB_PARAMETERS = ("embedding.weight", "output.weight")
 OUTPUT_PROJECTIONS = ("attention.o_proj.weight", "mlp.down_proj.weight")  # row-parallel: split along dim 1
 REPLICATED_SUFFIX = "norm.weight"  # the RMSNorm weights: whole on every TP rank
-BLOCK_PARAMETERS = ("attention_norm.weight", "attention.qkv_proj.weight", "attention.o_proj.weight",
-                    "mlp_norm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+ATTENTION_PARAMETERS = ("attention_norm.weight", "attention.qkv_proj.weight", "attention.o_proj.weight")
+QK_NORM_PARAMETERS = ("attention.q_norm.weight", "attention.k_norm.weight")
+MLP_PARAMETERS = ("mlp_norm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
 
 
-def parameter_names(num_layers: int, tie_embeddings: bool) -> list[str]:
+def block_parameter_names(args: LlamaArgs) -> list[str]:
+    """The parameters of one block, in its order."""
+    return [*ATTENTION_PARAMETERS, *(QK_NORM_PARAMETERS if args.qk_norm else ()), *MLP_PARAMETERS]
+
+
+def parameter_names(args: LlamaArgs) -> list[str]:
     """Every parameter of the single-stage model, in its order."""
-    blocks = [f"layers.{i}.{name}" for i in range(num_layers) for name in BLOCK_PARAMETERS]
-    return ["embedding.weight", *blocks, "final_norm.weight", *([] if tie_embeddings else ["output.weight"])]
+    blocks = [f"layers.{i}.{name}" for i in range(args.num_layers) for name in block_parameter_names(args)]
+    return ["embedding.weight", *blocks, "final_norm.weight", *([] if args.tie_embeddings else ["output.weight"])]
 
 _PARTITION_DIM = {ColumnParallelLinear: 0, RowParallelLinear: 1, VocabParallelEmbedding: 0}
 
