@@ -309,6 +309,9 @@ def validate(config: Config, world_size: int) -> Layout:
         need(value % tp == 0, f"{key}={value} is not divisible by parallel.tp={tp}: "
                               f"choose parallel.tp among {_divisors(value)} or change {key}")
     problems += _rope_scaling_problems(model)
+    if model.moe.num_experts > 0:
+        _check_moe(config, need)
+    need(model.moe.num_experts >= 0, f"model.moe.num_experts={model.moe.num_experts} must be >= 0 (0 = dense model)")
     need(model.num_layers >= pp, f"parallel.pp={pp} exceeds model.num_layers={model.num_layers}: "
                                  "each pipeline stage needs at least one layer")
     sizes = {"parallel.tp": tp, "parallel.pp": pp, **({"parallel.cp": cp} if cp > 1 else {})}
@@ -446,6 +449,39 @@ def _rope_scaling_problems(model: LlamaArgs) -> list[str]:
         problems.append(f"model.rope_scaling.beta_slow={scaling.beta_slow} and beta_fast={scaling.beta_fast} "
                         "must satisfy 0 < beta_slow < beta_fast (YaRN: 1 and 32)")
     return problems
+
+
+def _check_moe(config: Config, need: Callable[[bool, str], None]) -> None:
+    """model.moe with num_experts > 0: its settings, and the layouts it is not yet built for."""
+    moe, model, parallel = config.model.moe, config.model, config.parallel
+    need(1 <= moe.top_k <= moe.num_experts,
+         f"model.moe.top_k={moe.top_k} must be between 1 and model.moe.num_experts={moe.num_experts}")
+    need(moe.expert_ffn_hidden_size >= 1,
+         f"model.moe.expert_ffn_hidden_size={moe.expert_ffn_hidden_size} must be at least 1: set each expert's "
+         "SwiGLU width (e.g. model.ffn_hidden_size / model.moe.top_k)")
+    need(moe.shared_experts >= 0, f"model.moe.shared_experts={moe.shared_experts} must be >= 0 (0 = none)")
+    need(0 <= moe.first_dense_layers < model.num_layers,
+         f"model.moe.first_dense_layers={moe.first_dense_layers} must be in [0, model.num_layers={model.num_layers}): "
+         "at least one block must have experts (for a dense model set model.moe.num_experts=0)")
+    for key in ("aux_loss_coeff", "z_loss_coeff", "capacity_factor"):
+        value = getattr(moe, key)
+        need(math.isfinite(value) and value >= 0, f"model.moe.{key}={value} must be >= 0 (0 = off)")
+    need(moe.capacity_factor == 0 or moe.capacity_factor * moe.top_k >= 1,
+         f"model.moe.capacity_factor={moe.capacity_factor} with top_k={moe.top_k} would drop most tokens: use 0 "
+         "(dropless) or at least 1 / top_k (typical: 1.25)")
+    unbuilt = {"parallel.tp": parallel.tp, "parallel.pp": parallel.pp, "parallel.cp": parallel.cp}
+    for key, value in unbuilt.items():
+        need(value == 1, f"model.moe.num_experts={moe.num_experts} cannot be combined with {key}={value} yet (mixtures "
+                         f"of experts train with data parallelism only); set {key}=1")
+    need(config.optimizer.zero_stage != 3,
+         "model.moe cannot be combined with optimizer.zero_stage=3 (DeepSpeed refuses mixtures of experts there); "
+         "use optimizer.zero_stage 0, 1 or 2")
+    need(config.execution.compile is not True,
+         "model.moe cannot be combined with execution.compile=true yet (routing has data-dependent shapes); set "
+         "execution.compile=auto (off for mixtures of experts) or false")
+    need(config.optimizer.name != OptimizerName.muon,
+         "model.moe cannot be combined with optimizer.name=muon yet (Muon orthogonalises 2-D matrices, the experts "
+         "are stacked 3-D tensors); use optimizer.name=adamw")
 
 
 def _check_muon(optimizer: OptimizerConfig, precision: Precision, need: Callable[[bool, str], None]) -> None:

@@ -28,9 +28,10 @@ def resolve_precision(precision: Precision, device: torch.device) -> Precision:
 
 
 def resolve_compile(config: Config, device: torch.device) -> bool:
-    """execution.compile=auto: compiled blocks on GPU, except under ZeRO-3 (its hooks break the graphs)."""
+    """execution.compile=auto: compiled blocks on GPU, except under ZeRO-3 (its hooks break the graphs) and
+    for mixtures of experts (not built yet)."""
     if config.execution.compile == "auto":
-        return device.type == "cuda" and config.optimizer.zero_stage != 3
+        return device.type == "cuda" and config.optimizer.zero_stage != 3 and not config.model.moe.num_experts
     return config.execution.compile
 
 
@@ -92,7 +93,7 @@ def deepspeed_config(config: Config, layout: Layout, precision: Precision) -> di
 def build_engine(model: nn.Module, config: Config, layout: Layout, context: parallel.ParallelContext,
                  precision: Precision, total_steps: int):
     """The DeepSpeed engine training `model` (its pipeline engine for a pipeline stage)."""
-    model.universal_checkpoint_info = universal_checkpoint_info(config.model.vocab_size)
+    model.universal_checkpoint_info = universal_checkpoint_info(config.model)
     ns_dtype = torch.bfloat16 if resolve_precision(config.optimizer.muon_ns_dtype, context.device) == Precision.bf16 \
         else torch.float32
     optimizer = build_optimizer(model, config.optimizer, config.model, context.tp_group, ns_dtype)

@@ -7,6 +7,7 @@ from functools import partial
 
 import torch
 
+from pretrain.model.llama import LOSS_PARTS
 from pretrain.model.pipeline import Z_LOSS
 from pretrain.update import UpdateGuard
 
@@ -34,9 +35,10 @@ class ModelSteps:
         return self.engine(_on(self.device, batch["tokens"]), position_ids, document_ids, labels, reduction=reduction)
 
     def train(self, batches: Iterator[dict], step: int, log_step: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step; returns this rank's contributions to the loss and to the z-loss part
-        of it (summed over DP ranks and divided by dp x accumulation: the step's means)."""
-        total, z_total = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        """One optimizer step; returns this rank's contributions to the loss and to its parts
+        besides the cross-entropy (pretrain.model.llama.LOSS_PARTS), summed over DP ranks and divided
+        by dp x accumulation: the step's means."""
+        total, parts = torch.zeros((), device=self.device), torch.zeros(len(LOSS_PARTS), device=self.device)
         for micro in range(self.accumulation):
             loss = self._loss(next(batches))
             if step in self.nan_steps:
@@ -46,8 +48,8 @@ class ModelSteps:
                 self.guard.gradients_ready(log_step)
             self.engine.step()
             total += loss.detach()
-            z_total += self.engine.module.last_z_loss
-        return total, z_total
+            parts += self.engine.module.last_loss_parts
+        return total, parts
 
     def loss_sum(self, batches: list[dict]) -> torch.Tensor:
         """Sum of the loss over every predicted token of `batches` (this rank's share)."""
@@ -84,7 +86,9 @@ class PipelineSteps:
               log_step: bool) -> tuple[torch.Tensor, torch.Tensor]:
         loss = self.engine.train_batch(data_iter=batches)  # already averaged over micro-batches and DP
         z_loss = (self.engine.agg_additional_losses or {}).get(Z_LOSS, torch.zeros((), device=self.device))
-        return loss.detach() * self.accumulation, z_loss * self.accumulation
+        parts = torch.zeros(len(LOSS_PARTS), device=self.device)
+        parts[LOSS_PARTS.index(Z_LOSS)] = z_loss  # mixtures of experts do not run as pipeline stages yet
+        return loss.detach() * self.accumulation, parts * self.accumulation
 
     def loss_sum(self, batches: list[dict]) -> torch.Tensor:
         mean_loss = self.model.loss_fn  # None but on the last stage

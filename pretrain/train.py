@@ -143,9 +143,9 @@ class Trainer:
         self.metrics.advance(self.start_step)
         for step in range(self.start_step + 1, self.last_step + 1):
             log_step = self.step_log.should_log(step)
-            loss, z_loss, lr = self._step(step, log_step)
+            loss, parts, lr = self._step(step, log_step)
             self.watchdog.progress(f"step {step}")
-            self.step_log.add(loss, z_loss)
+            self.step_log.add(loss, parts)
             self._advance(progress, step)
             if log_step:
                 self._log(step, lr, result)
@@ -174,12 +174,12 @@ class Trainer:
         return result
 
     def _step(self, step: int, log_step: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """One optimizer step: this rank's contributions to the loss and its z-loss part, and the
-        learning rate it used."""
+        """One optimizer step: this rank's contributions to the loss and its parts besides the
+        cross-entropy (pretrain.model.llama.LOSS_PARTS), and the learning rate it used."""
         lr = self.engine.get_lr()[0]
-        loss, z_loss = self.steps.train(self.batches, step, log_step)
+        loss, parts = self.steps.train(self.batches, step, log_step)
         self.guard.step_finished(step, loss)
-        return loss, z_loss, lr
+        return loss, parts, lr
 
     def _advance(self, progress: Progress, step: int) -> None:
         progress.step = step

@@ -34,10 +34,14 @@ from pretrain.model.args import ExecutionArgs, LlamaArgs, RopeScaling, RopeScali
 from pretrain.model.attention import attention
 from pretrain.model.context_parallel import context_parallel_attention
 from pretrain.model.loss import linear_cross_entropy
+from pretrain.model.moe import MoE
 from pretrain.model.sequence_parallel import (
     from_sequence_order, gathered_linear, reduce_grad, scatter_output, split_tokens, to_sequence_order,
 )
 from pretrain.model.weights import drop_empty_extra_state, initialize, mark_tensor_parallel
+
+
+LOSS_PARTS = ("z_loss", "moe_aux_loss", "moe_z_loss")  # what the training loss adds to the cross-entropy
 
 
 def megatron_layer_config(tp: int) -> ModelParallelConfig:
@@ -235,13 +239,13 @@ class KVCache:
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, args: LlamaArgs, layer_config: ModelParallelConfig, tp_group):
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, layer_config: ModelParallelConfig, tp_group):
         super().__init__()
         self.tp_group = tp_group
         self.sequence_parallel = False  # set by pretrain.model.parallelize
-        self.gate_proj = column_parallel(args.hidden_size, args.ffn_hidden_size, layer_config, tp_group)
-        self.up_proj = column_parallel(args.hidden_size, args.ffn_hidden_size, layer_config, tp_group)
-        self.down_proj = row_parallel(args.ffn_hidden_size, args.hidden_size, layer_config, tp_group)
+        self.gate_proj = column_parallel(hidden_size, ffn_hidden_size, layer_config, tp_group)
+        self.up_proj = column_parallel(hidden_size, ffn_hidden_size, layer_config, tp_group)
+        self.down_proj = row_parallel(ffn_hidden_size, hidden_size, layer_config, tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.sequence_parallel:
@@ -258,15 +262,25 @@ class SwiGLU(nn.Module):
         return out
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attention(norm(x)), then h + mlp(norm(h))."""
+def build_mlp(args: LlamaArgs, layer: int, layer_config: ModelParallelConfig, tp_group) -> SwiGLU | MoE:
+    """Block `layer`'s MLP: dense, or a mixture of experts (model.moe)."""
+    moe = args.moe
+    if not moe.is_moe_layer(layer):
+        return SwiGLU(args.hidden_size, args.ffn_hidden_size, layer_config, tp_group)
+    shared = SwiGLU(args.hidden_size, moe.shared_experts * moe.expert_ffn_hidden_size, layer_config, tp_group) \
+        if moe.shared_experts else None
+    return MoE(moe, args.hidden_size, shared)
 
-    def __init__(self, args: LlamaArgs, layer_config: ModelParallelConfig, tp_group):
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attention(norm(x)), then h + mlp(norm(h)); `layer` is its index."""
+
+    def __init__(self, args: LlamaArgs, layer_config: ModelParallelConfig, tp_group, layer: int):
         super().__init__()
         self.attention_norm = RMSNorm(args.hidden_size, args.norm_eps)
         self.attention = Attention(args, layer_config, tp_group)
         self.mlp_norm = RMSNorm(args.hidden_size, args.norm_eps)
-        self.mlp = SwiGLU(args, layer_config, tp_group)
+        self.mlp = build_mlp(args, layer, layer_config, tp_group)
         self.rotary = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling)
         self.recompute = False  # activation checkpointing: set by pretrain.model.execution
 
@@ -311,9 +325,10 @@ def output_projection(args: LlamaArgs, layer_config: ModelParallelConfig, tp_gro
 class Llama(nn.Module):
     """Decoder-only Llama. forward(tokens) returns vocab-parallel logits [batch, seq, vocab/tp]:
     each TP rank holds its slice of the (padded) vocabulary. forward(tokens, labels=labels)
-    returns the mean next-token loss instead (in training with model.z_loss, the z-loss included
-    and kept in `last_z_loss`), computed with the output head chunk by chunk (pretrain.model.loss)
-    so that the logits of the whole batch never exist.
+    returns the mean next-token loss instead (in training with model.z_loss, the z-loss included,
+    and with a mixture of experts its router losses; these parts are kept in `last_loss_parts`),
+    computed with the output head chunk by chunk (pretrain.model.loss) so that the logits of the
+    whole batch never exist.
     (pretrain.model.pipeline cuts the same modules into pipeline stages.)"""
 
     def __init__(self, args: LlamaArgs, tp_group):
@@ -324,11 +339,11 @@ class Llama(nn.Module):
         self.cp_group = None
         layer_config = megatron_layer_config(tp_group.size())
         self.embedding = vocab_embedding(args, layer_config, tp_group)
-        self.layers = nn.ModuleList(Block(args, layer_config, tp_group) for _ in range(args.num_layers))
+        self.layers = nn.ModuleList(Block(args, layer_config, tp_group, layer) for layer in range(args.num_layers))
         self.final_norm = RMSNorm(args.hidden_size, args.norm_eps)
         self.output = output_projection(args, layer_config, tp_group, tied=args.tie_embeddings)
         self.loss_chunk_tokens = ExecutionArgs.loss_chunk_tokens  # set by pretrain.model.execution
-        self.last_z_loss = torch.zeros(())  # the z-loss part of the last loss (detached), for the logs
+        self.last_loss_parts = torch.zeros(len(LOSS_PARTS))  # of the last loss (detached), for the logs
         mark_tensor_parallel(self)
         drop_empty_extra_state(self)
 
@@ -357,9 +372,16 @@ class Llama(nn.Module):
             x = block(x, position_ids, document_ids)
         x = self.final_norm(x)
         if labels is not None:
-            loss, self.last_z_loss = linear_cross_entropy(
+            loss, z_loss = linear_cross_entropy(
                 x, labels, self.output_weight(), self.args.vocab_size, self.tp_group, self.loss_chunk_tokens, reduction,
                 self.sequence_parallel, self.cp_group, z_loss=self.args.z_loss)
+            routers = [block.mlp for block in self.layers if isinstance(block.mlp, MoE)]
+            aux_loss = z_loss.new_zeros(())
+            router_z_loss = z_loss.new_zeros(())
+            if routers and torch.is_grad_enabled():
+                aux_loss, router_z_loss = sum(r.aux_loss for r in routers), sum(r.z_loss for r in routers)
+                loss = loss + aux_loss + router_z_loss
+            self.last_loss_parts = torch.stack([z_loss, aux_loss.detach(), router_z_loss.detach()])
             return loss
         if self.sequence_parallel:
             return to_sequence_order(gathered_linear(x, (self.output_weight(),), self.tp_group)[0])

@@ -106,7 +106,7 @@ def _pass_hidden(_module: EmbeddingStage, hidden: torch.Tensor) -> torch.Tensor:
 
 def layer_specs(args: LlamaArgs, tp_group) -> list:
     layer_config = megatron_layer_config(tp_group.size())
-    blocks = [LayerSpec(PipelineBlock, args, layer_config, tp_group) for _ in range(args.num_layers)]
+    blocks = [LayerSpec(PipelineBlock, args, layer_config, tp_group, layer) for layer in range(args.num_layers)]
     if not args.tie_embeddings:
         return [LayerSpec(EmbeddingStage, args, tp_group), *blocks, LayerSpec(HeadStage, args, tp_group)]
     tied = dict(tied_weight_attr="embedding.weight")

@@ -1,0 +1,118 @@
+"""Mixture of experts: a token-choice top-k router over SwiGLU experts, computed by grouped matmuls.
+
+The router's softmax picks each token's top_k experts (weights renormalised to sum to 1 unless
+`renormalize` is off, as Mixtral and Qwen3-MoE do). The (token, expert) pairs are sorted by
+expert, so each expert's tokens are one contiguous block of rows; each projection is then one
+grouped matmul over those blocks (`torch._grouped_mm` on a GPU of compute capability 9 or more,
+one matmul per expert elsewhere), and the results are weighted and added back to their tokens.
+No [tokens, experts, hidden] tensor exists. Dropless by default; with a capacity factor each
+expert takes at most ceil(factor x tokens x top_k / experts) pairs, the first in token order,
+and the rest are dropped (the token keeps its other experts and its residual).
+
+Two losses keep the router in shape, computed over the tokens of one forward pass (a
+micro-batch on one rank), so that any data-parallel layout with the same micro-batches gives
+the same values: the load-balancing loss of Switch Transformer, aux_loss_coeff x experts x
+sum_e f_e P_e (f_e the share of the token-expert pairs routed to e, P_e the mean router
+probability of e), and the router z-loss of ST-MoE, z_loss_coeff x mean logsumexp(logits)^2.
+
+Parameters: `router.weight` [experts, hidden]; `experts.gate_proj` and `experts.up_proj`
+[experts, expert_ffn, hidden], `experts.down_proj` [experts, hidden, expert_ffn] (each expert's
+weight as nn.Linear stores it); with shared experts, `shared` is a SwiGLU every token passes.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.model.args import MoEArgs
+
+
+def use_grouped_mm(x: torch.Tensor) -> bool:
+    """torch._grouped_mm's kernels need CUDA with compute capability >= 9.0 (Hopper)."""
+    return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x [rows, in] whose first counts[0] rows go to expert 0, the next counts[1] to expert 1, ...;
+    weight [experts, out, in] -> [rows, out], each block of rows times its expert's weight."""
+    if use_grouped_mm(x):
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=counts.cumsum(0).to(torch.int32))
+    blocks = x.split(counts.tolist())
+    return torch.cat([block @ weight[expert].t() for expert, block in enumerate(blocks)])
+
+
+class Experts(nn.Module):
+    """num_experts SwiGLU MLPs, stored as three [experts, ...] tensors."""
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x: rows sorted by expert, counts[e] of them for expert e."""
+        hidden = F.silu(grouped_linear(x, self.gate_proj, counts)) * grouped_linear(x, self.up_proj, counts)
+        return grouped_linear(hidden, self.down_proj, counts)
+
+
+class Routing:
+    """The token-expert pairs of a forward pass, sorted by expert, and what the losses and logs need."""
+
+    def __init__(self, logits: torch.Tensor, args: MoEArgs):
+        """logits: [tokens, experts] in fp32."""
+        tokens, experts = logits.shape
+        self.probabilities = logits.softmax(dim=-1)
+        weights, chosen = torch.topk(self.probabilities, args.top_k, dim=-1)
+        if args.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        pairs = chosen.reshape(-1)  # pair p = (token p // top_k, its (p % top_k)-th expert)
+        order = pairs.argsort(stable=True)
+        self.routed = torch.bincount(pairs, minlength=experts)  # pairs per expert before any drop
+        self.counts = self.routed
+        if args.capacity_factor > 0:
+            capacity = math.ceil(args.capacity_factor * tokens * args.top_k / experts)
+            starts = self.routed.cumsum(0) - self.routed
+            keep = torch.arange(order.numel(), device=order.device) - starts[pairs[order]] < capacity
+            order = order[keep]
+            self.counts = self.routed.clamp(max=capacity)
+        self.token = order // args.top_k  # the token of each kept pair, in expert order
+        self.weight = weights.reshape(-1)[order]
+
+
+class MoE(nn.Module):
+    """The mixture-of-experts MLP of a block: x [batch, seq, hidden] -> [batch, seq, hidden]. After a
+    forward pass in which gradients are enabled, `aux_loss` and `z_loss` hold its two router losses
+    (with their graphs; the model adds them to the training loss)."""
+
+    def __init__(self, args: MoEArgs, hidden_size: int, shared: nn.Module | None):
+        super().__init__()
+        self.args = args
+        self.router = nn.Linear(hidden_size, args.num_experts, bias=False)
+        self.experts = Experts(args.num_experts, hidden_size, args.expert_ffn_hidden_size)
+        self.shared = shared
+        self.aux_loss = self.z_loss = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        logits = self.router(flat).float()
+        routing = Routing(logits, self.args)
+        out = self.experts(flat[routing.token], routing.counts) * routing.weight[:, None].to(x.dtype)
+        out = torch.zeros_like(flat).index_add_(0, routing.token, out).view_as(x)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        if torch.is_grad_enabled():
+            self._losses(logits, routing)
+        return out
+
+    def _losses(self, logits: torch.Tensor, routing: Routing) -> None:
+        num_experts = self.args.num_experts
+        share = routing.routed.float() / routing.routed.sum()
+        self.aux_loss = self.args.aux_loss_coeff * num_experts * (share * routing.probabilities.mean(dim=0)).sum()
+        self.z_loss = self.args.z_loss_coeff * torch.logsumexp(logits, dim=-1).square().mean()
+
+    def forward_whole(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoding (pretrain.generate), as the dense SwiGLU offers it."""
+        return self.forward(x)
