@@ -2,7 +2,9 @@
 torch._grouped_mm, which also runs on CPU in fp32) against a naive loop over tokens, outputs,
 router losses and every gradient; the parameter names; config refusals; configs/moe-tiny.yaml
 training in one process and at DP2 (ZeRO-1 and 2) with the same per-step losses, the router
-losses in the metrics."""
+losses in the metrics; Hugging Face: a trained model exported as Qwen3MoeForCausalLM, and
+Qwen3-MoE and Mixtral models saved by transformers imported and exported bit for bit, each with
+transformers' logits equal to ours; the combinations no architecture holds refused by name."""
 
 import json
 import math
@@ -11,11 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, run_layouts
+from conftest import ROOT, hf_check, run_layouts
 from pretrain import parallel
+from pretrain.cli import main as cli
 from pretrain.config import ConfigError, load, validate
+from pretrain.convert.hf_export import export
 from pretrain.model import moe as moe_module
 from pretrain.model.args import LlamaArgs, MoEArgs
+from pretrain.model.hf import UnsupportedModelError, architecture
 from pretrain.model.llama import Llama
 from pretrain.model.moe import MoE
 from pretrain.model.weights import parameter_names
@@ -133,21 +138,125 @@ def test_moe_settings_are_checked_by_name(override, named):
         validate(config, 2)
 
 
-@pytest.mark.multiprocess
-def test_moe_tiny_trains_alike_in_one_process_and_at_dp2(tmp_path):
-    """configs/moe-tiny.yaml, 2 micro-batches a step on each of 2 replicas or 4 in one process: the
-    router losses are per micro-batch, so every layout has the same losses."""
+MOE_TINY = str(ROOT / "configs" / "moe-tiny.yaml")
+EXPORTABLE = ["model.moe.shared_experts=0"]  # Qwen3-MoE has none
+
+
+@pytest.fixture(scope="module")
+def moe_runs(tmp_path_factory) -> dict:
+    """configs/moe-tiny.yaml for 5 steps of 4 micro-batches: in one process; at DP2 with ZeRO-1 and 2
+    (one launch), and there without shared experts, with a checkpoint to export."""
+    root = tmp_path_factory.mktemp("moe")
     base = ["train.max_steps=5", "log.interval=1", "train.global_batch_size=8", "train.micro_batch_size=2",
             "optimizer.grad_clip=0.5"]
-    config = str(ROOT / "configs" / "moe-tiny.yaml")
-    single = run_layouts(tmp_path / "one", 1, base, {"single": ["optimizer.zero_stage=0"]}, config=config)["single"]
-    layouts = run_layouts(tmp_path / "two", 2, base, {f"dp2_zero{stage}": [f"optimizer.zero_stage={stage}"]
-                                                      for stage in (1, 2)}, config=config)
-    records = [json.loads(line) for line in (tmp_path / "one" / "single" / "metrics.jsonl").read_text().splitlines()]
+    runs = run_layouts(root / "one", 1, base, {"single": ["optimizer.zero_stage=0"]}, config=MOE_TINY)
+    runs |= run_layouts(root / "two", 2, base, {
+        **{f"dp2_zero{stage}": [f"optimizer.zero_stage={stage}"] for stage in (1, 2)},
+        "exportable": EXPORTABLE + [f"checkpoint.dir={root / 'checkpoint'}"]}, config=MOE_TINY)
+    return {"runs": runs, "root": root}
+
+
+@pytest.mark.multiprocess
+def test_moe_tiny_trains_alike_in_one_process_and_at_dp2(moe_runs):
+    """2 micro-batches a step on each of 2 replicas or 4 in one process: the router losses are per
+    micro-batch, so every layout has the same losses."""
+    runs, root = moe_runs["runs"], moe_runs["root"]
+    single = runs["single"]
+    records = [json.loads(line) for line in (root / "one" / "single" / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["group"] == "train"]
     assert len(train_records) == 5 and all(r["moe_aux_loss"] > 0 and r["moe_z_loss"] > 0 for r in train_records)
     assert single["loss"][5] < single["loss"][1]
-    for name, run in layouts.items():
-        diff = max(abs(run["loss"][step] - single["loss"][step]) for step in range(1, 6))
+    for name in ("dp2_zero1", "dp2_zero2"):
+        diff = max(abs(runs[name]["loss"][step] - single["loss"][step]) for step in range(1, 6))
         print(f"{name} vs one process: max |loss diff| over 5 steps {diff:.3g}")
         assert diff <= 1e-5
+
+
+def transformers_moe(kind: str, folder) -> None:
+    """A small Qwen3-MoE (top-k weights not renormalised, a dense first block) or Mixtral with random
+    weights, saved by transformers."""
+    import transformers
+
+    shape = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=2, head_dim=8, max_position_embeddings=32, num_experts_per_tok=2)
+    if kind == "qwen3_moe":
+        model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            **shape, num_experts=4, moe_intermediate_size=32, norm_topk_prob=False, mlp_only_layers=[0]))
+    else:
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**shape, num_local_experts=4))
+    torch.manual_seed(0)
+    with torch.no_grad():  # routers spread enough that no top-k nearly ties
+        for name, param in model.named_parameters():
+            param.normal_(0.0, 0.5 if name.endswith("gate.weight") else 0.1)
+    model.save_pretrained(folder)
+
+
+def ours(checkpoint, tokens: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Our single-process model with the checkpoint's weights: its logits of `tokens`, and the 6 tokens
+    it decodes greedily (with the KV cache) after the first 8 of tokens[0], up to EOS (2)."""
+    from pretrain.convert.reader import CheckpointReader
+    from pretrain.generate import ModelDecoder, Sampling, generate
+    from pretrain.model.weights import load_full_state_dict
+
+    context = parallel.initialize(tp=1, pp=1, backend="gloo")
+    try:
+        reader = CheckpointReader(checkpoint)
+        model = Llama(reader.args, context.tp_group).eval()
+        load_full_state_dict(model, {name: reader.tensor(name) for name in reader.names()}, 0, 1)
+        with torch.no_grad():
+            logits = model(tokens)[..., : reader.args.vocab_size]
+        return logits, generate(ModelDecoder(model), [tokens[0, :8].tolist()], Sampling(max_new_tokens=6), 2, 0)[0]
+    finally:
+        parallel.shutdown()
+
+
+@pytest.mark.multiprocess
+def test_hugging_face_exports_and_imports_of_mixtures_of_experts(moe_runs, tmp_path):
+    """Logits within 1e-5 of transformers' (fp32) and the same greedy generation, for the trained model
+    exported and for the two imported ones; import -> export bit for bit."""
+    from safetensors.torch import load_file
+
+    tokens = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(3))
+    exported = tmp_path / "trained"
+    export(moe_runs["root"] / "checkpoint", exported, dtype="fp32", tokenizer="none")
+    checks = {"trained": (exported, moe_runs["root"] / "checkpoint")}
+    for kind in ("qwen3_moe", "mixtral"):
+        transformers_moe(kind, tmp_path / kind)
+        assert cli(["convert", "from-hf", "--model", str(tmp_path / kind), "--out", str(tmp_path / f"{kind}-ours")]) == 0
+        export(tmp_path / f"{kind}-ours", tmp_path / f"{kind}-again", dtype="fp32", tokenizer="none")
+        first, second = (load_file(tmp_path / name / "model.safetensors") for name in (kind, f"{kind}-again"))
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first), kind
+        checks[kind] = (tmp_path / kind, tmp_path / f"{kind}-ours")
+    specs = [{"model": str(folder), "logits_tokens": tokens.tolist(), "loss_batches": []} for folder, _ in checks.values()]
+    results = dict(zip(checks, hf_check(specs, tmp_path)))
+    assert [results[name]["class"] for name in checks] == ["Qwen3MoeForCausalLM"] * 2 + ["MixtralForCausalLM"]
+    for name, (_, checkpoint) in checks.items():
+        logits, generated = ours(checkpoint, tokens)
+        diff = (logits - results[name]["logits"]).abs().max().item()
+        print(f"{name}: max |logit diff| against {results[name]['class']} {diff:.3g}, greedy {generated}")
+        assert diff <= 1e-5
+        theirs = results[name]["generated"][0, 8:].tolist()
+        assert generated == (theirs[:theirs.index(2)] if 2 in theirs else theirs), name
+
+
+@pytest.mark.parametrize("moe, qk_norm, named", [
+    (MoEArgs(num_experts=4, shared_experts=1), True, "model.moe.shared_experts=1"),
+    (MoEArgs(num_experts=4, first_dense_layers=1), False, "model.moe.first_dense_layers=1 without model.qk_norm"),
+    (MoEArgs(num_experts=4, renormalize=False), False, "model.moe.renormalize=false without model.qk_norm"),
+])
+def test_mixtures_no_hugging_face_architecture_holds_are_refused(moe, qk_norm, named):
+    with pytest.raises(UnsupportedModelError, match=named):
+        architecture(LlamaArgs(qk_norm=qk_norm, moe=moe))
+
+
+@pytest.mark.parametrize("kind, change, named", [
+    ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise=0.1 is not implemented"),
+    ("qwen3_moe", {"mlp_only_layers": [1]}, "mlp_only_layers=[1]"),
+    ("mixtral", {"sliding_window": 16}, "sliding_window=16 is not implemented"),
+])
+def test_from_hf_refuses_mixtures_we_do_not_implement(kind, change, named, tmp_path, capsys):
+    transformers_moe(kind, tmp_path / kind)
+    config = json.loads((tmp_path / kind / "config.json").read_text())
+    (tmp_path / kind / "config.json").write_text(json.dumps({**config, **change}))
+    assert cli(["convert", "from-hf", "--model", str(tmp_path / kind), "--out", str(tmp_path / "out")]) == 2
+    assert named in capsys.readouterr().err

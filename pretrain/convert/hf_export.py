@@ -1,5 +1,5 @@
 """`pretrain convert to-hf`: a checkpoint of any layout -> a folder that `transformers` loads as
-LlamaForCausalLM (Qwen3ForCausalLM with model.qk_norm; pretrain.model.hf) with no code of ours
+LlamaForCausalLM (Qwen3, Qwen3-MoE or Mixtral: pretrain.model.hf) with no code of ours
 (config, generation config, safetensors, tokenizer).
 
 One process, no distributed job: tensors are read one at a time from the memory-mapped

@@ -1,5 +1,5 @@
-"""`pretrain convert from-hf`: a Hugging Face folder (Llama, Qwen3) -> a checkpoint.dir to continue
-pretraining from, plus the config to train it with.
+"""`pretrain convert from-hf`: a Hugging Face folder (Llama, Qwen3, Qwen3-MoE, Mixtral) -> a
+checkpoint.dir to continue pretraining from, plus the config to train it with.
 
 Downloaded folders are untrusted: weights come from safetensors; pickled `pytorch_model*.bin`
 files are read only with --allow-pickle, and then with torch.load(weights_only=True). The result
