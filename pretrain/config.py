@@ -64,6 +64,7 @@ class ParallelConfig:
     tp: int = 1  # tensor-parallel size
     pp: int = 1  # pipeline-parallel size; data-parallel size = world size / (tp * pp * cp)
     cp: int = 1  # context-parallel size: each sequence split over cp ranks (2 * cp load-balanced chunks)
+    ep: int = 1  # expert-parallel size: groups of ep data-parallel ranks share out each block's experts
     # outside the tensor-parallel layers each TP rank holds seq_len / tp of the tokens: true, false or
     # auto (on when tp > 1)
     sequence_parallel: Any = "auto"
@@ -219,6 +220,7 @@ class Layout:
     grad_accumulation: int  # micro-batches per rank per optimizer step
     cp: int = 1
     sequence_parallel: bool = False  # parallel.sequence_parallel resolved
+    ep: int = 1
 
     @property
     def replicas(self) -> int:
@@ -280,7 +282,7 @@ def validate(config: Config, world_size: int) -> Layout:
         if not ok:
             problems.append(message)
 
-    for key, value in [("parallel.tp", tp), ("parallel.pp", pp), ("parallel.cp", cp),
+    for key, value in [("parallel.tp", tp), ("parallel.pp", pp), ("parallel.cp", cp), ("parallel.ep", parallel.ep),
                        ("model.num_layers", model.num_layers),
                        ("model.hidden_size", model.hidden_size), ("model.num_heads", model.num_heads),
                        ("model.num_kv_heads", model.num_kv_heads), ("model.ffn_hidden_size", model.ffn_hidden_size),
@@ -311,6 +313,8 @@ def validate(config: Config, world_size: int) -> Layout:
     problems += _rope_scaling_problems(model)
     if model.moe.num_experts > 0:
         _check_moe(config, need)
+    if parallel.ep > 1:
+        _check_expert_parallel(config, world_size // (tp * pp * cp), need)
     need(model.moe.num_experts >= 0, f"model.moe.num_experts={model.moe.num_experts} must be >= 0 (0 = dense model)")
     need(model.num_layers >= pp, f"parallel.pp={pp} exceeds model.num_layers={model.num_layers}: "
                                  "each pipeline stage needs at least one layer")
@@ -429,7 +433,7 @@ def validate(config: Config, world_size: int) -> Layout:
         raise ConfigError(_report(problems))
     return Layout(world_size=world_size, tp=tp, pp=pp, dp=dp, micro_batch_size=train.micro_batch_size,
                   global_batch_size=train.global_batch_size, grad_accumulation=train.global_batch_size // per_step,
-                  cp=cp, sequence_parallel=sequence_parallel)
+                  cp=cp, sequence_parallel=sequence_parallel, ep=parallel.ep)
 
 
 def _rope_scaling_problems(model: LlamaArgs) -> list[str]:
@@ -482,6 +486,25 @@ def _check_moe(config: Config, need: Callable[[bool, str], None]) -> None:
     need(config.optimizer.name != OptimizerName.muon,
          "model.moe cannot be combined with optimizer.name=muon yet (Muon orthogonalises 2-D matrices, the experts "
          "are stacked 3-D tensors); use optimizer.name=adamw")
+
+
+def _check_expert_parallel(config: Config, dp: int, need: Callable[[bool, str], None]) -> None:
+    """parallel.ep > 1: a mixture of experts whose experts and data-parallel ranks it divides, and the
+    features not built for it yet."""
+    ep, moe = config.parallel.ep, config.model.moe
+    need(moe.num_experts > 0 and moe.num_experts % ep == 0,
+         f"parallel.ep={ep} needs a mixture of experts whose model.moe.num_experts ({moe.num_experts}) it divides")
+    need(dp % ep == 0, f"parallel.ep={ep} must divide the data-parallel size ({dp}): expert-parallel groups are made "
+                       "of data-parallel ranks; launch a multiple of ep processes or change parallel.ep")
+    need(config.optimizer.zero_stage in (1, 2),
+         f"parallel.ep={ep} needs optimizer.zero_stage 1 or 2 (not {config.optimizer.zero_stage}): only there does "
+         "DeepSpeed partition and reduce expert gradients over the expert-data-parallel ranks")
+    need(not config.checkpoint.dir,
+         f"parallel.ep={ep} cannot save checkpoints yet (DeepSpeed writes the experts of its own MoE layers to separate "
+         "files, which our reader and resume do not handle); unset checkpoint.dir or set parallel.ep=1")
+    need(not config.log.sample_interval and not config.downstream.interval,
+         f"parallel.ep={ep} cannot be combined with log.sample_interval or downstream.interval yet (they run on one "
+         "data-parallel replica; every rank of an expert-parallel group must take part); set them to 0")
 
 
 def _check_muon(optimizer: OptimizerConfig, precision: Precision, need: Callable[[bool, str], None]) -> None:

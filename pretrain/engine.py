@@ -13,6 +13,7 @@ from pretrain import parallel
 from pretrain.checkpoint import universal_checkpoint_info
 from pretrain.config import Config, Layout, OptimizerName, Precision
 from pretrain.model.execution import apply_execution
+from pretrain.model.expert_parallel import check_deepspeed_groups
 from pretrain.model.llama import Llama
 from pretrain.model.parallelize import apply_context_parallel, apply_sequence_parallel
 from pretrain.model.pipeline import build_pipeline, canonical_name
@@ -45,7 +46,7 @@ def build_model(config: Config, layout: Layout, context: parallel.ParallelContex
         model = build_pipeline(config.model, context.tp_group, context.topology, config.parallel.pp_partition.value,
                                config.train.seed)
     else:
-        model = Llama(config.model, context.tp_group)
+        model = Llama(config.model, context.tp_group, context.ep_group)
         model.init_weights(config.train.seed)
     if layout.sequence_parallel:
         apply_sequence_parallel(model, context.tp_group)
@@ -104,4 +105,6 @@ def build_engine(model: nn.Module, config: Config, layout: Layout, context: para
     )
     if isinstance(optimizer, Muon) and config.optimizer.zero_stage in (1, 2):
         optimizer.use_zero_partitions(engine.optimizer)
+    if layout.ep > 1:
+        check_deepspeed_groups(layout.ep)
     return engine

@@ -52,7 +52,7 @@ def train(config: Config) -> TrainResult:
     data = stream.resolve(config)
     owns_process_group = not dist.is_initialized()
     context = parallel.initialize(layout.tp, layout.pp, config.parallel.backend.value,
-                                  config.parallel.timeout_minutes, layout.cp)
+                                  config.parallel.timeout_minutes, layout.cp, layout.ep)
     try:
         return Trainer(config, layout, context, data).run()
     finally:

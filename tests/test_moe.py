@@ -131,9 +131,13 @@ def test_a_moe_model_names_its_parameters_as_the_checkpoints_do():
     ("parallel.tp=2", "cannot be combined with parallel.tp=2 yet"),
     ("optimizer.zero_stage=3", "model.moe cannot be combined with optimizer.zero_stage=3"),
     ("optimizer.name=muon", "model.moe cannot be combined with optimizer.name=muon yet"),
+    ("parallel.ep=3", "parallel.ep=3 needs a mixture of experts whose model.moe.num_experts (8) it divides"),
+    ("parallel.ep=4", "parallel.ep=4 must divide the data-parallel size (2)"),
+    ("parallel.ep=2 optimizer.zero_stage=0", "parallel.ep=2 needs optimizer.zero_stage 1 or 2 (not 0)"),
+    ("parallel.ep=2 checkpoint.dir=x", "parallel.ep=2 cannot save checkpoints yet"),
 ])
 def test_moe_settings_are_checked_by_name(override, named):
-    config = load(ROOT / "configs" / "moe-tiny.yaml", [override])
+    config = load(ROOT / "configs" / "moe-tiny.yaml", override.split())
     with pytest.raises(ConfigError, match=named.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         validate(config, 2)
 
@@ -144,32 +148,38 @@ EXPORTABLE = ["model.moe.shared_experts=0"]  # Qwen3-MoE has none
 
 @pytest.fixture(scope="module")
 def moe_runs(tmp_path_factory) -> dict:
-    """configs/moe-tiny.yaml for 5 steps of 4 micro-batches: in one process; at DP2 with ZeRO-1 and 2
-    (one launch), and there without shared experts, with a checkpoint to export."""
+    """configs/moe-tiny.yaml for 5 steps of 4 micro-batches: in one process; at DP2 and EP2 with ZeRO-1
+    and 2 and at DP2 without shared experts, with a checkpoint to export (one launch); at EP4 and EP2 x
+    expert-DP2 (one launch of 4)."""
     root = tmp_path_factory.mktemp("moe")
     base = ["train.max_steps=5", "log.interval=1", "train.global_batch_size=8", "train.micro_batch_size=2",
             "optimizer.grad_clip=0.5"]
     runs = run_layouts(root / "one", 1, base, {"single": ["optimizer.zero_stage=0"]}, config=MOE_TINY)
     runs |= run_layouts(root / "two", 2, base, {
         **{f"dp2_zero{stage}": [f"optimizer.zero_stage={stage}"] for stage in (1, 2)},
+        **{f"ep2_zero{stage}": [f"optimizer.zero_stage={stage}", "parallel.ep=2"] for stage in (1, 2)},
         "exportable": EXPORTABLE + [f"checkpoint.dir={root / 'checkpoint'}"]}, config=MOE_TINY)
+    runs |= run_layouts(root / "four", 4, base, {"ep4": ["parallel.ep=4"], "ep2_dp4": ["parallel.ep=2"]},
+                        config=MOE_TINY)
     return {"runs": runs, "root": root}
 
 
 @pytest.mark.multiprocess
 def test_moe_tiny_trains_alike_in_one_process_and_at_dp2(moe_runs):
-    """2 micro-batches a step on each of 2 replicas or 4 in one process: the router losses are per
-    micro-batch, so every layout has the same losses."""
+    """4 micro-batches a step in one process, 2 on each of 2 replicas, 1 on each of 4: the router losses
+    are per micro-batch, so every layout, expert-parallel ones included, has the same losses and
+    gradient norms."""
     runs, root = moe_runs["runs"], moe_runs["root"]
     single = runs["single"]
     records = [json.loads(line) for line in (root / "one" / "single" / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["group"] == "train"]
     assert len(train_records) == 5 and all(r["moe_aux_loss"] > 0 and r["moe_z_loss"] > 0 for r in train_records)
     assert single["loss"][5] < single["loss"][1]
-    for name in ("dp2_zero1", "dp2_zero2"):
+    for name in ("dp2_zero1", "dp2_zero2", "ep2_zero1", "ep2_zero2", "ep4", "ep2_dp4"):
         diff = max(abs(runs[name]["loss"][step] - single["loss"][step]) for step in range(1, 6))
-        print(f"{name} vs one process: max |loss diff| over 5 steps {diff:.3g}")
-        assert diff <= 1e-5
+        norm_diff = max(abs(runs[name]["grad_norm"][step] / single["grad_norm"][step] - 1) for step in range(1, 6))
+        print(f"{name} vs one process: max |loss diff| over 5 steps {diff:.3g}, grad norm relative {norm_diff:.3g}")
+        assert diff <= 1e-5 and norm_diff <= 1e-4
 
 
 def transformers_moe(kind: str, folder) -> None:

@@ -262,25 +262,27 @@ class SwiGLU(nn.Module):
         return out
 
 
-def build_mlp(args: LlamaArgs, layer: int, layer_config: ModelParallelConfig, tp_group) -> SwiGLU | MoE:
-    """Block `layer`'s MLP: dense, or a mixture of experts (model.moe)."""
+def build_mlp(args: LlamaArgs, layer: int, layer_config: ModelParallelConfig, tp_group,
+              ep_group=None) -> SwiGLU | MoE:
+    """Block `layer`'s MLP: dense, or a mixture of experts (model.moe; shared out over `ep_group`)."""
     moe = args.moe
     if not moe.is_moe_layer(layer):
         return SwiGLU(args.hidden_size, args.ffn_hidden_size, layer_config, tp_group)
     shared = SwiGLU(args.hidden_size, moe.shared_experts * moe.expert_ffn_hidden_size, layer_config, tp_group) \
         if moe.shared_experts else None
-    return MoE(moe, args.hidden_size, shared)
+    return MoE(moe, args.hidden_size, shared, ep_group)
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attention(norm(x)), then h + mlp(norm(h)); `layer` is its index."""
+    """Pre-norm transformer block: x + attention(norm(x)), then h + mlp(norm(h)); `layer` is its index,
+    `ep_group` the expert-parallel group of its experts (if any)."""
 
-    def __init__(self, args: LlamaArgs, layer_config: ModelParallelConfig, tp_group, layer: int):
+    def __init__(self, args: LlamaArgs, layer_config: ModelParallelConfig, tp_group, layer: int, ep_group=None):
         super().__init__()
         self.attention_norm = RMSNorm(args.hidden_size, args.norm_eps)
         self.attention = Attention(args, layer_config, tp_group)
         self.mlp_norm = RMSNorm(args.hidden_size, args.norm_eps)
-        self.mlp = build_mlp(args, layer, layer_config, tp_group)
+        self.mlp = build_mlp(args, layer, layer_config, tp_group, ep_group)
         self.rotary = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling)
         self.recompute = False  # activation checkpointing: set by pretrain.model.execution
 
@@ -331,7 +333,7 @@ class Llama(nn.Module):
     whole batch never exist.
     (pretrain.model.pipeline cuts the same modules into pipeline stages.)"""
 
-    def __init__(self, args: LlamaArgs, tp_group):
+    def __init__(self, args: LlamaArgs, tp_group, ep_group=None):
         super().__init__()
         self.args = args
         self.tp_group = tp_group
@@ -339,7 +341,8 @@ class Llama(nn.Module):
         self.cp_group = None
         layer_config = megatron_layer_config(tp_group.size())
         self.embedding = vocab_embedding(args, layer_config, tp_group)
-        self.layers = nn.ModuleList(Block(args, layer_config, tp_group, layer) for layer in range(args.num_layers))
+        self.layers = nn.ModuleList(Block(args, layer_config, tp_group, layer, ep_group)
+                                    for layer in range(args.num_layers))
         self.final_norm = RMSNorm(args.hidden_size, args.norm_eps)
         self.output = output_projection(args, layer_config, tp_group, tied=args.tie_embeddings)
         self.loss_chunk_tokens = ExecutionArgs.loss_chunk_tokens  # set by pretrain.model.execution

@@ -18,15 +18,19 @@ probability of e), and the router z-loss of ST-MoE, z_loss_coeff x mean logsumex
 Parameters: `router.weight` [experts, hidden]; `experts.gate_proj` and `experts.up_proj`
 [experts, expert_ffn, hidden], `experts.down_proj` [experts, hidden, expert_ffn] (each expert's
 weight as nn.Linear stores it); with shared experts, `shared` is a SwiGLU every token passes.
+Under expert parallelism (an `ep_group`) `experts` holds this rank's num_experts / ep of them
+(pretrain.model.expert_parallel).
 """
 
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from pretrain.model.args import MoEArgs
+from pretrain.model.expert_parallel import DeepSpeedRegistration, expert_parallel, mark_expert_parameters
 
 
 def use_grouped_mm(x: torch.Tensor) -> bool:
@@ -87,19 +91,29 @@ class MoE(nn.Module):
     forward pass in which gradients are enabled, `aux_loss` and `z_loss` hold its two router losses
     (with their graphs; the model adds them to the training loss)."""
 
-    def __init__(self, args: MoEArgs, hidden_size: int, shared: nn.Module | None):
+    def __init__(self, args: MoEArgs, hidden_size: int, shared: nn.Module | None,
+                 ep_group: dist.ProcessGroup | None = None):
         super().__init__()
-        self.args = args
+        self.args, self.ep_group = args, ep_group
+        ep = ep_group.size() if ep_group is not None else 1
         self.router = nn.Linear(hidden_size, args.num_experts, bias=False)
-        self.experts = Experts(args.num_experts, hidden_size, args.expert_ffn_hidden_size)
+        self.experts = Experts(args.num_experts // ep, hidden_size, args.expert_ffn_hidden_size)
         self.shared = shared
+        if ep_group is not None:
+            mark_expert_parameters(self.experts, ep, ep_group.rank(), args.num_experts)
+            self.deepspeed_registration = DeepSpeedRegistration(args.num_experts, ep)
         self.aux_loss = self.z_loss = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         logits = self.router(flat).float()
         routing = Routing(logits, self.args)
-        out = self.experts(flat[routing.token], routing.counts) * routing.weight[:, None].to(x.dtype)
+        rows = flat[routing.token]
+        if self.ep_group is None:
+            out = self.experts(rows, routing.counts)
+        else:
+            out = expert_parallel(self.experts, rows, routing.counts, self.ep_group)
+        out = out * routing.weight[:, None].to(x.dtype)
         out = torch.zeros_like(flat).index_add_(0, routing.token, out).view_as(x)
         if self.shared is not None:
             out = out + self.shared(x)

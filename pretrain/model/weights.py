@@ -86,11 +86,15 @@ def full_shape(param: torch.Tensor, tp: int) -> tuple[int, ...]:
     shape = list(param.shape)
     if param.tensor_model_parallel:
         shape[param.partition_dim] *= tp
+    if hasattr(param, "first_expert"):  # this expert-parallel rank's experts (pretrain.model.expert_parallel)
+        shape[0] = param.num_experts
     return tuple(shape)
 
 
 def shard(full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
     """This rank's slice of a full tensor."""
+    if hasattr(param, "first_expert"):
+        return full.narrow(0, param.first_expert, param.shape[0])
     if not param.tensor_model_parallel:
         return full
     return full.chunk(tp, dim=param.partition_dim)[tp_rank]
