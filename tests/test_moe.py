@@ -147,18 +147,24 @@ EXPORTABLE = ["model.moe.shared_experts=0"]  # Qwen3-MoE has none
 
 
 @pytest.fixture(scope="module")
-def moe_runs(tmp_path_factory) -> dict:
-    """configs/moe-tiny.yaml for 5 steps of 4 micro-batches: in one process; at DP2 and EP2 with ZeRO-1
-    and 2 and at DP2 without shared experts, with a checkpoint to export (one launch); at EP4 and EP2 x
+def moe_runs(generate_data, tmp_path_factory) -> dict:
+    """configs/moe-tiny.yaml on conftest's shards for 5 steps of 4 micro-batches, validated at the end:
+    in one process; at DP2 and EP2 with ZeRO-1 and 2, and at DP2 without shared experts with
+    checkpoints every 2 steps (to export), then resumed from step 2 (one launch); at EP4 and EP2 x
     expert-DP2 (one launch of 4)."""
-    root = tmp_path_factory.mktemp("moe")
-    base = ["train.max_steps=5", "log.interval=1", "train.global_batch_size=8", "train.micro_batch_size=2",
-            "optimizer.grad_clip=0.5"]
+    root, data = tmp_path_factory.mktemp("moe"), generate_data
+    base = [f"data.path={data / 'train'}", f"data.valid_path={data / 'valid'}", "data.num_workers=0",
+            "data.source=shards", "model.vocab_size=0", "model.seq_len=32", "train.max_steps=5", "log.interval=1",
+            "train.global_batch_size=8", "train.micro_batch_size=2", "optimizer.grad_clip=0.5",
+            "train.eval_interval=5", "train.eval_steps=2"]
     runs = run_layouts(root / "one", 1, base, {"single": ["optimizer.zero_stage=0"]}, config=MOE_TINY)
     runs |= run_layouts(root / "two", 2, base, {
         **{f"dp2_zero{stage}": [f"optimizer.zero_stage={stage}"] for stage in (1, 2)},
         **{f"ep2_zero{stage}": [f"optimizer.zero_stage={stage}", "parallel.ep=2"] for stage in (1, 2)},
-        "exportable": EXPORTABLE + [f"checkpoint.dir={root / 'checkpoint'}"]}, config=MOE_TINY)
+        "exportable": EXPORTABLE + [f"checkpoint.dir={root / 'checkpoint'}", "checkpoint.interval=2",
+                                    "checkpoint.keep_last=0"],
+        "resumed": EXPORTABLE + [f"checkpoint.dir={root / 'resumed'}",
+                                 f"checkpoint.resume={root / 'checkpoint' / 'step_00000002'}"]}, config=MOE_TINY)
     runs |= run_layouts(root / "four", 4, base, {"ep4": ["parallel.ep=4"], "ep2_dp4": ["parallel.ep=2"]},
                         config=MOE_TINY)
     return {"runs": runs, "root": root}
@@ -178,8 +184,18 @@ def test_moe_tiny_trains_alike_in_one_process_and_at_dp2(moe_runs):
     for name in ("dp2_zero1", "dp2_zero2", "ep2_zero1", "ep2_zero2", "ep4", "ep2_dp4"):
         diff = max(abs(runs[name]["loss"][step] - single["loss"][step]) for step in range(1, 6))
         norm_diff = max(abs(runs[name]["grad_norm"][step] / single["grad_norm"][step] - 1) for step in range(1, 6))
-        print(f"{name} vs one process: max |loss diff| over 5 steps {diff:.3g}, grad norm relative {norm_diff:.3g}")
-        assert diff <= 1e-5 and norm_diff <= 1e-4
+        valid_diff = abs(runs[name]["valid_loss"][5] - single["valid_loss"][5])
+        print(f"{name} vs one process: max |loss diff| over 5 steps {diff:.3g}, grad norm relative {norm_diff:.3g}, "
+              f"validation loss {valid_diff:.3g}")
+        assert diff <= 1e-5 and norm_diff <= 1e-4 and valid_diff <= 1e-5
+
+
+@pytest.mark.multiprocess
+def test_a_moe_run_resumes_bit_for_bit(moe_runs):
+    runs = moe_runs["runs"]
+    assert sorted(runs["resumed"]["loss"]) == [3, 4, 5]
+    assert all(runs["resumed"]["loss"][step] == runs["exportable"]["loss"][step] for step in (3, 4, 5))
+    assert runs["resumed"]["valid_loss"][5] == runs["exportable"]["valid_loss"][5]
 
 
 def transformers_moe(kind: str, folder) -> None:
