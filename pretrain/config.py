@@ -146,6 +146,8 @@ class DataConfig:
 class LogConfig:
     dir: str = "runs/default"  # TensorBoard events, metrics.jsonl and the resolved config
     interval: int = 10  # steps between metric records
+    # mixture of experts: warn of an expert that received no token for this many records in a row; 0 = never
+    moe_idle_intervals: int = 3
     sample_interval: int = 0  # steps between completions of sample_prompts by the model in training; 0 = none
     sample_prompts: list[str] = field(default_factory=list)
     sample_tokens: int = 32  # new tokens per sample (greedy)
@@ -382,6 +384,7 @@ def validate(config: Config, world_size: int) -> Layout:
     need(train.eval_steps >= 1, f"train.eval_steps={train.eval_steps} must be at least 1")
     log = config.log
     need(log.sample_interval >= 0, f"log.sample_interval={log.sample_interval} must be >= 0 (0 = no samples)")
+    need(log.moe_idle_intervals >= 0, f"log.moe_idle_intervals={log.moe_idle_intervals} must be >= 0 (0 = no warning)")
     need(not log.sample_interval or bool(log.sample_prompts),
          f"log.sample_interval={log.sample_interval} needs log.sample_prompts, e.g. 'log.sample_prompts=[\"def \"]'")
     need(not log.sample_interval or log.sample_tokens >= 1, f"log.sample_tokens={log.sample_tokens} must be at least 1")

@@ -20,6 +20,7 @@ from pretrain.data import stream
 from pretrain.downstream.evaluator import DownstreamEvaluator
 from pretrain.engine import build_engine, build_model, resolve_precision, single_stage_names
 from pretrain.evaluation import Validator
+from pretrain.expert_load import ExpertLoad
 from pretrain.metrics import MetricsWriter, StepLog, wandb_settings
 from pretrain.samples import TrainingSamples
 from pretrain.signals import StopSignals
@@ -102,6 +103,8 @@ class Trainer:
         self.metrics = MetricsWriter(log_dir, self.last_step, enabled=context.rank == 0,
                                      wandb=wandb_settings(config))
         self.step_log = StepLog(self.metrics, config, layout, context.device, context.replica_group, self.last_step)
+        self.expert_load = ExpertLoad(self.model, self.metrics, context.replica_group, config.log.moe_idle_intervals,
+                                      context.rank) if config.model.moe.num_experts else None
         if layout.pp > 1:
             self.steps = PipelineSteps(self.engine, self.model, context.device, layout.grad_accumulation,
                                        reads_data=context.is_first_stage or context.is_last_stage)
@@ -193,6 +196,8 @@ class Trainer:
         values = self.step_log.write(step, lr, grad_norm, {"skipped_steps": result.skipped_steps,
                                                            "consumed_samples": self.progress.consumed_samples})
         result.losses[step], result.grad_norms[step] = values["loss"], grad_norm
+        if self.expert_load is not None:
+            self.expert_load.write(step)
         self.stream.report_damage(step, self.metrics)
 
     def _stopped(self, step: int, result: TrainResult) -> None:

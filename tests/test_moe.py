@@ -122,6 +122,30 @@ def test_a_moe_model_names_its_parameters_as_the_checkpoints_do():
         parallel.shutdown()
 
 
+def test_expert_load_records_the_balance_and_warns_of_idle_experts(tmp_path, capsys):
+    from pretrain.expert_load import ExpertLoad
+    from pretrain.metrics import MetricsWriter
+
+    context = parallel.initialize(tp=1, pp=1, backend="gloo")
+    try:
+        args = LlamaArgs(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=48,
+                         moe=MoEArgs(num_experts=4, top_k=2, expert_ffn_hidden_size=16, first_dense_layers=1))
+        model = Llama(args, context.tp_group)
+        metrics = MetricsWriter(tmp_path, 10, enabled=True)
+        load = ExpertLoad(model, metrics, context.replica_group, idle_intervals=2, rank=0)
+        for step in (1, 2):
+            model.layers[1].mlp.load.copy_(torch.tensor([5, 3, 0, 0, 2]))  # pairs per expert, then dropped
+            load.write(step)
+        metrics.close()
+    finally:
+        parallel.shutdown()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1] == {"step": 2, "group": "moe", "layer1/max_over_mean": 2.5, "layer1/dropped": 0.25}
+    out = capsys.readouterr().out
+    assert "step 2: expert 2 of block 1 received no token in the last 2 log intervals" in out
+    assert "expert 3 of block 1" in out and "step 1:" not in out
+
+
 @pytest.mark.parametrize("override, named", [
     ("model.moe.top_k=9", "model.moe.top_k=9 must be between 1 and model.moe.num_experts=8"),
     ("model.moe.expert_ffn_hidden_size=0", "model.moe.expert_ffn_hidden_size=0 must be at least 1"),
@@ -180,6 +204,9 @@ def test_moe_tiny_trains_alike_in_one_process_and_at_dp2(moe_runs):
     records = [json.loads(line) for line in (root / "one" / "single" / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["group"] == "train"]
     assert len(train_records) == 5 and all(r["moe_aux_loss"] > 0 and r["moe_z_loss"] > 0 for r in train_records)
+    load_records = [r for r in records if r["group"] == "moe"]  # blocks 1-3 have experts (first_dense_layers=1)
+    assert len(load_records) == 5 and all(r.keys() >= {"layer1/max_over_mean", "layer3/dropped"} for r in load_records)
+    assert all(r["layer1/max_over_mean"] >= 1 and r["layer1/dropped"] == 0 for r in load_records)  # dropless
     assert single["loss"][5] < single["loss"][1]
     for name in ("dp2_zero1", "dp2_zero2", "ep2_zero1", "ep2_zero2", "ep4", "ep2_dp4"):
         diff = max(abs(runs[name]["loss"][step] - single["loss"][step]) for step in range(1, 6))

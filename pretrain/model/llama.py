@@ -384,6 +384,8 @@ class Llama(nn.Module):
             if routers and torch.is_grad_enabled():
                 aux_loss, router_z_loss = sum(r.aux_loss for r in routers), sum(r.z_loss for r in routers)
                 loss = loss + aux_loss + router_z_loss
+                for router in routers:
+                    router.record_load()
             self.last_loss_parts = torch.stack([z_loss, aux_loss.detach(), router_z_loss.detach()])
             return loss
         if self.sequence_parallel:

@@ -89,7 +89,9 @@ class Routing:
 class MoE(nn.Module):
     """The mixture-of-experts MLP of a block: x [batch, seq, hidden] -> [batch, seq, hidden]. After a
     forward pass in which gradients are enabled, `aux_loss` and `z_loss` hold its two router losses
-    (with their graphs; the model adds them to the training loss)."""
+    (with their graphs; the model adds them to the training loss) and `last_load` the pairs routed
+    to each expert and the pairs dropped; `record_load()` adds them to `load`, which
+    pretrain.expert_load reads and clears at log steps."""
 
     def __init__(self, args: MoEArgs, hidden_size: int, shared: nn.Module | None,
                  ep_group: dist.ProcessGroup | None = None):
@@ -103,6 +105,8 @@ class MoE(nn.Module):
             mark_expert_parameters(self.experts, ep, ep_group.rank(), args.num_experts)
             self.deepspeed_registration = DeepSpeedRegistration(args.num_experts, ep)
         self.aux_loss = self.z_loss = None
+        self.last_load: torch.Tensor | None = None
+        self.register_buffer("load", torch.zeros(args.num_experts + 1, dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -126,7 +130,13 @@ class MoE(nn.Module):
         share = routing.routed.float() / routing.routed.sum()
         self.aux_loss = self.args.aux_loss_coeff * num_experts * (share * routing.probabilities.mean(dim=0)).sum()
         self.z_loss = self.args.z_loss_coeff * torch.logsumexp(logits, dim=-1).square().mean()
+        dropped = routing.routed.sum() - routing.counts.sum()
+        self.last_load = torch.cat([routing.routed, dropped[None]]).detach()
 
+    def record_load(self) -> None:
+        """Count the last training forward pass's load (once per pass, also when activation
+        checkpointing recomputes the block)."""
+        self.load += self.last_load
     def forward_whole(self, x: torch.Tensor) -> torch.Tensor:
         """Decoding (pretrain.generate), as the dense SwiGLU offers it."""
         return self.forward(x)
