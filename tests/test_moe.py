@@ -181,7 +181,10 @@ def moe_runs(generate_data, tmp_path_factory) -> dict:
             "data.source=shards", "model.vocab_size=0", "model.seq_len=32", "train.max_steps=5", "log.interval=1",
             "train.global_batch_size=8", "train.micro_batch_size=2", "optimizer.grad_clip=0.5",
             "train.eval_interval=5", "train.eval_steps=2"]
-    runs = run_layouts(root / "one", 1, base, {"single": ["optimizer.zero_stage=0"]}, config=MOE_TINY)
+    runs = run_layouts(root / "one", 1, base, {"single": ["optimizer.zero_stage=0"],
+                                               **{f"{precision}_20": [f"train.precision={precision}", "train.max_steps=20",
+                                                                      "train.eval_interval=20"]
+                                                  for precision in ("fp32", "bf16")}}, config=MOE_TINY)
     runs |= run_layouts(root / "two", 2, base, {
         **{f"dp2_zero{stage}": [f"optimizer.zero_stage={stage}"] for stage in (1, 2)},
         **{f"ep2_zero{stage}": [f"optimizer.zero_stage={stage}", "parallel.ep=2"] for stage in (1, 2)},
@@ -215,6 +218,16 @@ def test_moe_tiny_trains_alike_in_one_process_and_at_dp2(moe_runs):
         print(f"{name} vs one process: max |loss diff| over 5 steps {diff:.3g}, grad norm relative {norm_diff:.3g}, "
               f"validation loss {valid_diff:.3g}")
         assert diff <= 1e-5 and norm_diff <= 1e-4 and valid_diff <= 1e-5
+
+
+@pytest.mark.multiprocess
+def test_bf16_moe_trains_within_2_percent_of_fp32(moe_runs):
+    """20 steps (ZeRO-1): DeepSpeed's bf16 weights, the routers' softmax in fp32."""
+    fp32, bf16 = moe_runs["runs"]["fp32_20"], moe_runs["runs"]["bf16_20"]
+    relative = max(abs(bf16["loss"][step] / fp32["loss"][step] - 1) for step in range(1, 21))
+    valid = abs(bf16["valid_loss"][20] / fp32["valid_loss"][20] - 1)
+    print(f"bf16 vs fp32 over 20 steps: max relative loss difference {relative:.3g}, validation {valid:.3g}")
+    assert relative <= 0.02 and valid <= 0.02 and fp32["loss"][20] < fp32["loss"][1] - 0.5
 
 
 @pytest.mark.multiprocess
