@@ -470,7 +470,7 @@ def _check_moe(config: Config, need: Callable[[bool, str], None]) -> None:
     need(0 <= moe.first_dense_layers < model.num_layers,
          f"model.moe.first_dense_layers={moe.first_dense_layers} must be in [0, model.num_layers={model.num_layers}): "
          "at least one block must have experts (for a dense model set model.moe.num_experts=0)")
-    for key in ("aux_loss_coeff", "z_loss_coeff", "capacity_factor"):
+    for key in ("aux_loss_coeff", "z_loss_coeff", "capacity_factor", "bias_update_rate"):
         value = getattr(moe, key)
         need(math.isfinite(value) and value >= 0, f"model.moe.{key}={value} must be >= 0 (0 = off)")
     need(moe.capacity_factor == 0 or moe.capacity_factor * moe.top_k >= 1,

@@ -22,6 +22,7 @@ from pretrain.engine import build_engine, build_model, resolve_precision, single
 from pretrain.evaluation import Validator
 from pretrain.expert_load import ExpertLoad
 from pretrain.metrics import MetricsWriter, StepLog, wandb_settings
+from pretrain.model.moe import update_router_biases
 from pretrain.samples import TrainingSamples
 from pretrain.signals import StopSignals
 from pretrain.step import ModelSteps, PipelineSteps
@@ -181,6 +182,8 @@ class Trainer:
         cross-entropy (pretrain.model.llama.LOSS_PARTS), and the learning rate it used."""
         lr = self.engine.get_lr()[0]
         loss, parts = self.steps.train(self.batches, step, log_step)
+        if self.config.model.moe.bias_update_rate > 0:
+            update_router_biases(self.model, self.context.replica_group)
         self.guard.step_finished(step, loss)
         return loss, parts, lr
 

@@ -19,7 +19,7 @@ from pretrain.cli import main as cli
 from pretrain.config import ConfigError, load, validate
 from pretrain.convert.hf_export import export
 from pretrain.model import moe as moe_module
-from pretrain.model.args import LlamaArgs, MoEArgs
+from pretrain.model.args import LlamaArgs, MoEArgs, RouterScoring
 from pretrain.model.hf import UnsupportedModelError, architecture
 from pretrain.model.llama import Llama
 from pretrain.model.moe import MoE
@@ -33,12 +33,13 @@ def naive(layer: MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     capacity keeps each expert's first pairs in that order)."""
     args, flat = layer.args, x.reshape(-1, x.shape[-1])
     logits = (flat @ layer.router.weight.t()).float()
-    probabilities = logits.softmax(-1)
+    scores = logits.softmax(-1) if args.scoring == RouterScoring.softmax else logits.sigmoid()
+    probabilities = scores / scores.sum(-1, keepdim=True)
     capacity = math.ceil(args.capacity_factor * flat.shape[0] * args.top_k / args.num_experts) \
         if args.capacity_factor else flat.shape[0] * args.top_k
     taken, routed, rows = [0] * args.num_experts, [0] * args.num_experts, []
     for token in range(flat.shape[0]):
-        weights, chosen = torch.topk(probabilities[token], args.top_k)
+        weights, chosen = torch.topk(scores[token], args.top_k)
         if args.renormalize:
             weights = weights / weights.sum()
         out = torch.zeros_like(flat[token])
@@ -86,7 +87,8 @@ def grouped(layer: MoE, x: torch.Tensor):
     dict(num_experts=8, top_k=2),
     dict(num_experts=8, top_k=3, renormalize=False),
     dict(num_experts=6, top_k=2, capacity_factor=1.0),  # drops pairs
-], ids=["top2", "top3-not-renormalised", "capacity-1.0"])
+    dict(num_experts=8, top_k=2, scoring=RouterScoring.sigmoid),
+], ids=["top2", "top3-not-renormalised", "capacity-1.0", "sigmoid"])
 def test_grouped_path_equals_a_loop_over_tokens(settings, grouped_mm, monkeypatch):
     monkeypatch.setattr(moe_module, "use_grouped_mm", lambda x: grouped_mm)
     args = MoEArgs(expert_ffn_hidden_size=EXPERT_FFN, aux_loss_coeff=0.01, z_loss_coeff=0.001, **settings)
@@ -155,6 +157,7 @@ def test_expert_load_records_the_balance_and_warns_of_idle_experts(tmp_path, cap
     ("parallel.tp=2", "cannot be combined with parallel.tp=2 yet"),
     ("optimizer.zero_stage=3", "model.moe cannot be combined with optimizer.zero_stage=3"),
     ("optimizer.name=muon", "model.moe cannot be combined with optimizer.name=muon yet"),
+    ("model.moe.bias_update_rate=-1", "model.moe.bias_update_rate=-1.0 must be >= 0"),
     ("parallel.ep=3", "parallel.ep=3 needs a mixture of experts whose model.moe.num_experts (8) it divides"),
     ("parallel.ep=4", "parallel.ep=4 must divide the data-parallel size (2)"),
     ("parallel.ep=2 optimizer.zero_stage=0", "parallel.ep=2 needs optimizer.zero_stage 1 or 2 (not 0)"),
@@ -168,6 +171,7 @@ def test_moe_settings_are_checked_by_name(override, named):
 
 MOE_TINY = str(ROOT / "configs" / "moe-tiny.yaml")
 EXPORTABLE = ["model.moe.shared_experts=0"]  # Qwen3-MoE has none
+BALANCED = ["model.moe.scoring=sigmoid", "model.moe.bias_update_rate=0.05", "model.moe.aux_loss_coeff=0"]
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +195,10 @@ def moe_runs(generate_data, tmp_path_factory) -> dict:
         "exportable": EXPORTABLE + [f"checkpoint.dir={root / 'checkpoint'}", "checkpoint.interval=2",
                                     "checkpoint.keep_last=0"],
         "resumed": EXPORTABLE + [f"checkpoint.dir={root / 'resumed'}",
-                                 f"checkpoint.resume={root / 'checkpoint' / 'step_00000002'}"]}, config=MOE_TINY)
+                                 f"checkpoint.resume={root / 'checkpoint' / 'step_00000002'}"],
+        "balanced": BALANCED + [f"checkpoint.dir={root / 'balanced'}", "checkpoint.interval=2", "checkpoint.keep_last=0"],
+        "balanced_resumed": BALANCED + [f"checkpoint.dir={root / 'balanced_resumed'}",
+                                        f"checkpoint.resume={root / 'balanced' / 'step_00000002'}"]}, config=MOE_TINY)
     runs |= run_layouts(root / "four", 4, base, {"ep4": ["parallel.ep=4"], "ep2_dp4": ["parallel.ep=2"]},
                         config=MOE_TINY)
     return {"runs": runs, "root": root}
@@ -231,11 +238,21 @@ def test_bf16_moe_trains_within_2_percent_of_fp32(moe_runs):
 
 
 @pytest.mark.multiprocess
-def test_a_moe_run_resumes_bit_for_bit(moe_runs):
+@pytest.mark.parametrize("name", ["exportable", "balanced"])
+def test_a_moe_run_resumes_bit_for_bit(name, moe_runs):
+    """Softmax routing, and sigmoid routing with aux-loss-free balancing (its biases restored)."""
+    from pretrain.convert.reader import CheckpointReader
+
     runs = moe_runs["runs"]
-    assert sorted(runs["resumed"]["loss"]) == [3, 4, 5]
-    assert all(runs["resumed"]["loss"][step] == runs["exportable"]["loss"][step] for step in (3, 4, 5))
-    assert runs["resumed"]["valid_loss"][5] == runs["exportable"]["valid_loss"][5]
+    resumed = runs[{"exportable": "resumed", "balanced": "balanced_resumed"}[name]]
+    assert sorted(resumed["loss"]) == [3, 4, 5]
+    assert all(resumed["loss"][step] == runs[name]["loss"][step] for step in (3, 4, 5))
+    assert resumed["valid_loss"][5] == runs[name]["valid_loss"][5]
+    if name == "balanced":  # the biases moved (one step of 0.05 up or down per optimizer step) and were saved
+        reader = CheckpointReader(moe_runs["root"] / name)  # the last step
+        module = torch.load(reader.path / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        biases = torch.stack([module[f"layers.{i}.mlp.router_bias_steps"] for i in (1, 2, 3)])
+        assert reader.step == 5 and biases.abs().max() >= 1
 
 
 def transformers_moe(kind: str, folder) -> None:
@@ -305,7 +322,36 @@ def test_hugging_face_exports_and_imports_of_mixtures_of_experts(moe_runs, tmp_p
         assert generated == (theirs[:theirs.index(2)] if 2 in theirs else theirs), name
 
 
+@pytest.mark.parametrize("rate", [0.0, 0.02])
+def test_aux_loss_free_balancing_evens_out_a_router_that_favours_two_experts(rate):
+    """A router whose weights point two experts at the inputs' mean direction, the bias alone adapting
+    (no gradient steps): after 60 steps the busiest expert takes under 1.5x the mean, without balancing
+    over 3x."""
+    from pretrain.model.moe import update_router_biases
+
+    args = MoEArgs(num_experts=8, top_k=2, expert_ffn_hidden_size=16, scoring=RouterScoring.sigmoid,
+                   bias_update_rate=rate if rate else 1e-9)  # 1e-9: the same code path, no effective balancing
+    layer = moe_layer(args)
+    generator = torch.Generator().manual_seed(4)
+    direction = torch.randn(HIDDEN, generator=generator)
+    with torch.no_grad():
+        layer.router.weight[:2] += direction
+    context = parallel.initialize(tp=1, pp=1, backend="gloo")
+    try:
+        for _ in range(60):
+            layer(direction + torch.randn(4, 16, HIDDEN, generator=generator))
+            layer.record_load()
+            load = layer.step_load.clone()
+            update_router_biases(layer, context.replica_group)
+    finally:
+        parallel.shutdown()
+    max_over_mean = (load.max() / load.float().mean()).item()
+    print(f"bias_update_rate={rate}: max/mean pairs per expert at step 60 {max_over_mean:.2f}")
+    assert max_over_mean < 1.5 if rate else max_over_mean > 3
+
+
 @pytest.mark.parametrize("moe, qk_norm, named", [
+    (MoEArgs(num_experts=4, scoring=RouterScoring.sigmoid), True, "model.moe.scoring=sigmoid"),
     (MoEArgs(num_experts=4, shared_experts=1), True, "model.moe.shared_experts=1"),
     (MoEArgs(num_experts=4, first_dense_layers=1), False, "model.moe.first_dense_layers=1 without model.qk_norm"),
     (MoEArgs(num_experts=4, renormalize=False), False, "model.moe.renormalize=false without model.qk_norm"),

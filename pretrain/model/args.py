@@ -25,6 +25,11 @@ class RopeScaling:
     beta_slow: float = 1.0  # yarn: rotations below which a frequency is interpolated
 
 
+class RouterScoring(str, enum.Enum):
+    softmax = "softmax"  # Mixtral, Qwen3-MoE: a softmax over the experts
+    sigmoid = "sigmoid"  # DeepSeek-V3: each expert's own sigmoid
+
+
 @dataclass
 class MoEArgs:
     """Mixture of experts in the MLP of every block after the first `first_dense_layers`
@@ -35,7 +40,11 @@ class MoEArgs:
     expert_ffn_hidden_size: int = 0  # moe_intermediate_size: each expert's SwiGLU width
     shared_experts: int = 0  # experts every token also passes through, unweighted (DeepSeek): one SwiGLU this many wide
     first_dense_layers: int = 0  # mlp_only_layers = [0 .. n-1]: blocks with the dense MLP (model.ffn_hidden_size)
-    renormalize: bool = True  # norm_topk_prob: the top-k softmax weights divided by their sum
+    scoring: RouterScoring = RouterScoring.softmax  # how router logits become expert scores
+    renormalize: bool = True  # norm_topk_prob: the top-k scores divided by their sum
+    # aux-loss-free balancing (DeepSeek-V3: 1e-3): experts are chosen by score + a bias that, after each step,
+    # moves by this towards the mean load (up for experts below it, down above); 0 = off
+    bias_update_rate: float = 0.0
     aux_loss_coeff: float = 0.0  # load-balancing loss (Switch): coeff x experts x sum_e f_e P_e per MoE block
     z_loss_coeff: float = 0.0  # router z-loss (ST-MoE): coeff x mean logsumexp(router logits)^2 per MoE block
     capacity_factor: float = 0.0  # 0 = dropless; else each expert takes ceil(factor x tokens x top_k / experts)

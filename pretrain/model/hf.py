@@ -13,7 +13,7 @@ from importlib import metadata
 import torch
 
 from pretrain.errors import UserError
-from pretrain.model.args import LlamaArgs, MoEArgs, RopeScaling, RopeScalingKind
+from pretrain.model.args import LlamaArgs, MoEArgs, RopeScaling, RopeScalingKind, RouterScoring
 from pretrain.model.weights import EXPERTS
 
 # Ours -> Hugging Face, per block ("{i}" = layer number) and for the whole model.
@@ -112,6 +112,9 @@ def architecture(args: LlamaArgs) -> Architecture:
     if not moe.num_experts:
         return QWEN3 if args.qk_norm else LLAMA
     problems = []
+    if moe.scoring != RouterScoring.softmax or moe.bias_update_rate:
+        problems.append(f"model.moe.scoring={moe.scoring.value} bias_update_rate={moe.bias_update_rate}: Qwen3MoeForCausalLM "
+                        "and MixtralForCausalLM choose experts by softmax, without a selection bias")
     if moe.shared_experts:
         problems.append(f"model.moe.shared_experts={moe.shared_experts}: neither Qwen3MoeForCausalLM nor "
                         "MixtralForCausalLM has shared experts")

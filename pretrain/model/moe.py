@@ -1,7 +1,11 @@
 """Mixture of experts: a token-choice top-k router over SwiGLU experts, computed by grouped matmuls.
 
-The router's softmax picks each token's top_k experts (weights renormalised to sum to 1 unless
-`renormalize` is off, as Mixtral and Qwen3-MoE do). The (token, expert) pairs are sorted by
+The router scores the experts (a softmax over them as Mixtral and Qwen3-MoE do, or each its own
+sigmoid as DeepSeek-V3 does) and picks each token's top_k, weighted by their scores (renormalised
+to sum to 1 unless `renormalize` is off). With aux-loss-free balancing (DeepSeek-V3) the choice
+is by score + a per-expert bias that each optimizer step moves by bias_update_rate towards the
+mean load over the global batch; the weights stay the scores. The bias is kept as an integer
+count of such moves (`router_bias_steps`, checkpointed), so it is exact in any precision. The (token, expert) pairs are sorted by
 expert, so each expert's tokens are one contiguous block of rows; each projection is then one
 grouped matmul over those blocks (`torch._grouped_mm` on a GPU of compute capability 9 or more,
 one matmul per expert elsewhere), and the results are weighted and added back to their tokens.
@@ -13,7 +17,8 @@ Two losses keep the router in shape, computed over the tokens of one forward pas
 micro-batch on one rank), so that any data-parallel layout with the same micro-batches gives
 the same values: the load-balancing loss of Switch Transformer, aux_loss_coeff x experts x
 sum_e f_e P_e (f_e the share of the token-expert pairs routed to e, P_e the mean router
-probability of e), and the router z-loss of ST-MoE, z_loss_coeff x mean logsumexp(logits)^2.
+probability of e; sigmoid scores normalised to sum to 1 per token), and the router z-loss of
+ST-MoE, z_loss_coeff x mean logsumexp(logits)^2.
 
 Parameters: `router.weight` [experts, hidden]; `experts.gate_proj` and `experts.up_proj`
 [experts, expert_ffn, hidden], `experts.down_proj` [experts, hidden, expert_ffn] (each expert's
@@ -29,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.model.args import MoEArgs
+from pretrain.model.args import MoEArgs, RouterScoring
 from pretrain.model.expert_parallel import DeepSpeedRegistration, expert_parallel, mark_expert_parameters
 
 
@@ -65,11 +70,19 @@ class Experts(nn.Module):
 class Routing:
     """The token-expert pairs of a forward pass, sorted by expert, and what the losses and logs need."""
 
-    def __init__(self, logits: torch.Tensor, args: MoEArgs):
-        """logits: [tokens, experts] in fp32."""
+    def __init__(self, logits: torch.Tensor, args: MoEArgs, bias: torch.Tensor | None = None):
+        """logits: [tokens, experts] in fp32; bias: added to the scores to choose the experts."""
         tokens, experts = logits.shape
-        self.probabilities = logits.softmax(dim=-1)
-        weights, chosen = torch.topk(self.probabilities, args.top_k, dim=-1)
+        if args.scoring == RouterScoring.softmax:
+            scores = self.probabilities = logits.softmax(dim=-1)
+        else:
+            scores = logits.sigmoid()
+            self.probabilities = scores / scores.sum(dim=-1, keepdim=True)
+        if bias is None:
+            weights, chosen = torch.topk(scores, args.top_k, dim=-1)
+        else:
+            chosen = torch.topk(scores + bias, args.top_k, dim=-1).indices
+            weights = scores.gather(-1, chosen)
         if args.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         pairs = chosen.reshape(-1)  # pair p = (token p // top_k, its (p % top_k)-th expert)
@@ -91,7 +104,8 @@ class MoE(nn.Module):
     forward pass in which gradients are enabled, `aux_loss` and `z_loss` hold its two router losses
     (with their graphs; the model adds them to the training loss) and `last_load` the pairs routed
     to each expert and the pairs dropped; `record_load()` adds them to `load`, which
-    pretrain.expert_load reads and clears at log steps."""
+    pretrain.expert_load reads and clears at log steps (and, with aux-loss-free balancing, to
+    `step_load`, which `update_bias` reads and clears after each optimizer step)."""
 
     def __init__(self, args: MoEArgs, hidden_size: int, shared: nn.Module | None,
                  ep_group: dist.ProcessGroup | None = None):
@@ -107,11 +121,15 @@ class MoE(nn.Module):
         self.aux_loss = self.z_loss = None
         self.last_load: torch.Tensor | None = None
         self.register_buffer("load", torch.zeros(args.num_experts + 1, dtype=torch.long), persistent=False)
+        if args.bias_update_rate > 0:
+            self.register_buffer("router_bias_steps", torch.zeros(args.num_experts, dtype=torch.long))
+            self.register_buffer("step_load", torch.zeros(args.num_experts, dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         logits = self.router(flat).float()
-        routing = Routing(logits, self.args)
+        bias = self.args.bias_update_rate * self.router_bias_steps.float() if self.args.bias_update_rate > 0 else None
+        routing = Routing(logits, self.args, bias)
         rows = flat[routing.token]
         if self.ep_group is None:
             out = self.experts(rows, routing.counts)
@@ -137,6 +155,23 @@ class MoE(nn.Module):
         """Count the last training forward pass's load (once per pass, also when activation
         checkpointing recomputes the block)."""
         self.load += self.last_load
+        if self.args.bias_update_rate > 0:
+            self.step_load += self.last_load[:-1]
+
+    def update_bias(self, group: dist.ProcessGroup) -> None:
+        """After an optimizer step: each expert's bias one step up if the step's global batch (summed
+        over `group`, the data-parallel ranks) routed it fewer pairs than the mean, down if more."""
+        load = self.step_load.clone()
+        dist.all_reduce(load, group=group)
+        self.router_bias_steps += torch.sign(load.sum() - load * load.numel()).long()
+        self.step_load.zero_()
     def forward_whole(self, x: torch.Tensor) -> torch.Tensor:
         """Decoding (pretrain.generate), as the dense SwiGLU offers it."""
         return self.forward(x)
+
+
+def update_router_biases(model: nn.Module, group: dist.ProcessGroup) -> None:
+    """Aux-loss-free balancing after an optimizer step: every MoE block's update_bias."""
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.update_bias(group)
