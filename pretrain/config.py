@@ -476,10 +476,17 @@ def _check_moe(config: Config, need: Callable[[bool, str], None]) -> None:
     need(moe.capacity_factor == 0 or moe.capacity_factor * moe.top_k >= 1,
          f"model.moe.capacity_factor={moe.capacity_factor} with top_k={moe.top_k} would drop most tokens: use 0 "
          "(dropless) or at least 1 / top_k (typical: 1.25)")
-    unbuilt = {"parallel.tp": parallel.tp, "parallel.pp": parallel.pp, "parallel.cp": parallel.cp}
-    for key, value in unbuilt.items():
+    for key, value in {"parallel.pp": parallel.pp, "parallel.cp": parallel.cp}.items():
         need(value == 1, f"model.moe.num_experts={moe.num_experts} cannot be combined with {key}={value} yet (mixtures "
-                         f"of experts train with data parallelism only); set {key}=1")
+                         f"of experts train with data and tensor parallelism only); set {key}=1")
+    need(parallel.tp == 1 or parallel.sequence_parallel is False,
+         f"model.moe with parallel.tp={parallel.tp} needs parallel.sequence_parallel=false (the experts, whole on every "
+         "tensor-parallel rank, route whole sequences; sequence-parallel routing is not built yet)")
+    need(parallel.tp == 1 or parallel.ep == 1,
+         f"parallel.ep={parallel.ep} cannot be combined with parallel.tp={parallel.tp} yet; set one of them to 1")
+    need(moe.shared_experts * moe.expert_ffn_hidden_size % parallel.tp == 0,
+         f"model.moe.shared_experts x expert_ffn_hidden_size = {moe.shared_experts * moe.expert_ffn_hidden_size} "
+         f"(the shared experts' width) is not divisible by parallel.tp={parallel.tp}")
     need(config.optimizer.zero_stage != 3,
          "model.moe cannot be combined with optimizer.zero_stage=3 (DeepSpeed refuses mixtures of experts there); "
          "use optimizer.zero_stage 0, 1 or 2")
