@@ -210,8 +210,8 @@ def moe_runs(generate_data, tmp_path_factory) -> dict:
 @pytest.mark.multiprocess
 def test_moe_tiny_trains_alike_in_one_process_and_at_dp2(moe_runs):
     """4 micro-batches a step in one process, 2 on each of 2 replicas, 1 on each of 4: the router losses
-    are per micro-batch, so every layout, expert-parallel ones included, has the same losses and
-    gradient norms."""
+    are per micro-batch, so every layout, expert-parallel ones included, routes alike (the per-block
+    load records are equal) and has the same losses and gradient norms."""
     runs, root = moe_runs["runs"], moe_runs["root"]
     single = runs["single"]
     records = [json.loads(line) for line in (root / "one" / "single" / "metrics.jsonl").read_text().splitlines()]
@@ -221,6 +221,12 @@ def test_moe_tiny_trains_alike_in_one_process_and_at_dp2(moe_runs):
     assert len(load_records) == 5 and all(r.keys() >= {"layer1/max_over_mean", "layer3/dropped"} for r in load_records)
     assert all(r["layer1/max_over_mean"] >= 1 and r["layer1/dropped"] == 0 for r in load_records)  # dropless
     assert single["loss"][5] < single["loss"][1]
+    folders = {"one": ["single"], "two": ["dp2_zero1", "dp2_zero2", "ep2_zero1", "ep2_zero2", "tp2"],
+               "four": ["ep4", "ep2_dp4"]}
+    for launch, names in folders.items():
+        for name in names:  # the busiest expert's pairs (integers, summed over the ranks) agree at every step
+            logged = [json.loads(line) for line in (root / launch / name / "metrics.jsonl").read_text().splitlines()]
+            assert [r for r in logged if r["group"] == "moe"] == load_records, name
     for name in ("dp2_zero1", "dp2_zero2", "ep2_zero1", "ep2_zero2", "ep4", "ep2_dp4", "tp2"):
         diff = max(abs(runs[name]["loss"][step] - single["loss"][step]) for step in range(1, 6))
         norm_diff = max(abs(runs[name]["grad_norm"][step] / single["grad_norm"][step] - 1) for step in range(1, 6))
