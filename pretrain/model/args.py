@@ -100,6 +100,10 @@ class LlamaArgs:
         total = self.num_layers * per_layer + self._mlp_weights(active=False) + h + head
         return total + (self.vocab_size * h if include_embedding else 0)
 
+    def num_active_params(self) -> int:
+        """num_params() counting, of a mixture of experts, only the experts a token passes through."""
+        return self.num_params() - self._mlp_weights(active=False) + self._mlp_weights(active=True)
+
     def flops_per_token(self) -> int:
         """Training FLOPs per token, PaLM convention: 6 x (weights used in matmuls, head included;
         of a mixture of experts those a token passes through) plus 12 x layers x hidden x seq_len for
