@@ -58,11 +58,10 @@ class Plan:
     def overrides(self) -> str:
         """The settings that choose this layout, as `pretrain train` takes them."""
         layout = self.layout
-        return (f"parallel.tp={layout.tp} parallel.pp={layout.pp} parallel.cp={layout.cp} "
+        return (f"parallel.tp={layout.tp} parallel.pp={layout.pp} parallel.cp={layout.cp} parallel.ep={layout.ep} "
                 f"parallel.sequence_parallel={str(layout.sequence_parallel).lower()} "
                 f"optimizer.zero_stage={self.zero_stage} train.micro_batch_size={layout.micro_batch_size} "
-                f"execution.activation_checkpointing={str(self.activation_checkpointing).lower()}"
-                + (f" parallel.ep={layout.ep}" if layout.ep > 1 else ""))
+                f"execution.activation_checkpointing={str(self.activation_checkpointing).lower()}")
 
     def to_json(self) -> dict:
         layout = {**dataclasses.asdict(self.layout), "zero_stage": self.zero_stage,

@@ -130,7 +130,8 @@ def plan_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("preset, gpus", [("llama-1b", 16), ("llama-7b", 64), ("tiny", 4)])
+@pytest.mark.parametrize("preset, gpus", [("llama-1b", 16), ("llama-7b", 64), ("tiny", 4), ("olmoe-1b-7b-like", 64),
+                                          ("qwen3-30b-a3b-like", 64)])
 def test_search_proposes_only_layouts_that_validation_accepts(preset, gpus):
     config = ROOT / "configs" / f"{preset}.yaml"
     proposals = json.loads(plan_cli("--config", str(config), "--gpus", str(gpus), "--search", "--top", "1000",
