@@ -479,9 +479,10 @@ def _check_moe(config: Config, need: Callable[[bool, str], None]) -> None:
     for key, value in {"parallel.pp": parallel.pp, "parallel.cp": parallel.cp}.items():
         need(value == 1, f"model.moe.num_experts={moe.num_experts} cannot be combined with {key}={value} yet (mixtures "
                          f"of experts train with data and tensor parallelism only); set {key}=1")
-    need(parallel.tp == 1 or parallel.sequence_parallel is False,
-         f"model.moe with parallel.tp={parallel.tp} needs parallel.sequence_parallel=false (the experts, whole on every "
-         "tensor-parallel rank, route whole sequences; sequence-parallel routing is not built yet)")
+    sequence_parallel = parallel.tp > 1 if parallel.sequence_parallel == "auto" else parallel.sequence_parallel
+    need(not (sequence_parallel and moe.capacity_factor),
+         f"model.moe.capacity_factor={moe.capacity_factor} cannot be combined with sequence parallelism yet (each "
+         "tensor-parallel rank would cap its own tokens); set parallel.sequence_parallel=false or capacity_factor=0")
     need(parallel.tp == 1 or parallel.ep == 1,
          f"parallel.ep={parallel.ep} cannot be combined with parallel.tp={parallel.tp} yet; set one of them to 1")
     need(moe.shared_experts * moe.expert_ffn_hidden_size % parallel.tp == 0,

@@ -154,7 +154,7 @@ def test_expert_load_records_the_balance_and_warns_of_idle_experts(tmp_path, cap
     ("model.moe.first_dense_layers=4", "model.moe.first_dense_layers=4 must be in [0, model.num_layers=4)"),
     ("model.moe.aux_loss_coeff=-1", "model.moe.aux_loss_coeff=-1.0 must be >= 0"),
     ("model.moe.capacity_factor=0.2", "model.moe.capacity_factor=0.2 with top_k=2 would drop most tokens"),
-    ("parallel.tp=2", "model.moe with parallel.tp=2 needs parallel.sequence_parallel=false"),
+    ("parallel.tp=2 model.moe.capacity_factor=1.0", "cannot be combined with sequence parallelism yet"),
     ("parallel.pp=2", "cannot be combined with parallel.pp=2 yet"),
     ("optimizer.zero_stage=3", "model.moe cannot be combined with optimizer.zero_stage=3"),
     ("optimizer.name=muon", "model.moe cannot be combined with optimizer.name=muon yet"),
@@ -178,8 +178,8 @@ BALANCED = ["model.moe.scoring=sigmoid", "model.moe.bias_update_rate=0.05", "mod
 @pytest.fixture(scope="module")
 def moe_runs(generate_data, tmp_path_factory) -> dict:
     """configs/moe-tiny.yaml on conftest's shards for 5 steps of 4 micro-batches, validated at the end:
-    in one process; at DP2 and EP2 with ZeRO-1 and 2, TP2 (experts whole on each rank, shared experts
-    TP-sharded), and at DP2 without shared experts with
+    in one process; at DP2 and EP2 with ZeRO-1 and 2, TP2 with and without sequence parallelism
+    (experts whole on each rank, shared experts TP-sharded), and at DP2 without shared experts with
     checkpoints every 2 steps (to export), then resumed from step 2 (one launch); at EP4 and EP2 x
     expert-DP2 (one launch of 4)."""
     root, data = tmp_path_factory.mktemp("moe"), generate_data
@@ -195,6 +195,7 @@ def moe_runs(generate_data, tmp_path_factory) -> dict:
         **{f"dp2_zero{stage}": [f"optimizer.zero_stage={stage}"] for stage in (1, 2)},
         **{f"ep2_zero{stage}": [f"optimizer.zero_stage={stage}", "parallel.ep=2"] for stage in (1, 2)},
         "tp2": ["parallel.tp=2", "parallel.sequence_parallel=false"],
+        "tp2_sp": ["parallel.tp=2"],
         "exportable": EXPORTABLE + [f"checkpoint.dir={root / 'checkpoint'}", "checkpoint.interval=2",
                                     "checkpoint.keep_last=0"],
         "resumed": EXPORTABLE + [f"checkpoint.dir={root / 'resumed'}",
@@ -221,13 +222,13 @@ def test_moe_tiny_trains_alike_in_one_process_and_at_dp2(moe_runs):
     assert len(load_records) == 5 and all(r.keys() >= {"layer1/max_over_mean", "layer3/dropped"} for r in load_records)
     assert all(r["layer1/max_over_mean"] >= 1 and r["layer1/dropped"] == 0 for r in load_records)  # dropless
     assert single["loss"][5] < single["loss"][1]
-    folders = {"one": ["single"], "two": ["dp2_zero1", "dp2_zero2", "ep2_zero1", "ep2_zero2", "tp2"],
+    folders = {"one": ["single"], "two": ["dp2_zero1", "dp2_zero2", "ep2_zero1", "ep2_zero2", "tp2", "tp2_sp"],
                "four": ["ep4", "ep2_dp4"]}
     for launch, names in folders.items():
         for name in names:  # the busiest expert's pairs (integers, summed over the ranks) agree at every step
             logged = [json.loads(line) for line in (root / launch / name / "metrics.jsonl").read_text().splitlines()]
             assert [r for r in logged if r["group"] == "moe"] == load_records, name
-    for name in ("dp2_zero1", "dp2_zero2", "ep2_zero1", "ep2_zero2", "ep4", "ep2_dp4", "tp2"):
+    for name in ("dp2_zero1", "dp2_zero2", "ep2_zero1", "ep2_zero2", "ep4", "ep2_dp4", "tp2", "tp2_sp"):
         diff = max(abs(runs[name]["loss"][step] - single["loss"][step]) for step in range(1, 6))
         norm_diff = max(abs(runs[name]["grad_norm"][step] / single["grad_norm"][step] - 1) for step in range(1, 6))
         valid_diff = abs(runs[name]["valid_loss"][5] - single["valid_loss"][5])

@@ -24,7 +24,10 @@ Parameters: `router.weight` [experts, hidden]; `experts.gate_proj` and `experts.
 [experts, expert_ffn, hidden], `experts.down_proj` [experts, hidden, expert_ffn] (each expert's
 weight as nn.Linear stores it); with shared experts, `shared` is a SwiGLU every token passes.
 Under expert parallelism (an `ep_group`) `experts` holds this rank's num_experts / ep of them
-(pretrain.model.expert_parallel).
+(pretrain.model.expert_parallel). Under tensor parallelism the router and experts are whole on
+every TP rank; with sequence parallelism each TP rank routes its own seq/tp tokens, the router's
+and experts' gradients are summed over the TP group, and the router losses and load counts are
+those of the whole micro-batch (counts and sums all-reduced over the group).
 """
 
 import math
@@ -34,8 +37,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
 from pretrain.model.args import MoEArgs, RouterScoring
 from pretrain.model.expert_parallel import DeepSpeedRegistration, expert_parallel, mark_expert_parameters
+from pretrain.model.sequence_parallel import reduce_grad
 
 
 def use_grouped_mm(x: torch.Tensor) -> bool:
@@ -61,10 +67,14 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size))
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x: rows sorted by expert, counts[e] of them for expert e."""
-        hidden = F.silu(grouped_linear(x, self.gate_proj, counts)) * grouped_linear(x, self.up_proj, counts)
-        return grouped_linear(hidden, self.down_proj, counts)
+    def forward(self, x: torch.Tensor, counts: torch.Tensor,
+                grad_reduce_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+        """x: rows sorted by expert, counts[e] of them for expert e; `grad_reduce_group`: the ranks over
+        which the weights' gradients are summed (each saw other tokens)."""
+        gate, up, down = (reduce_grad(w, grad_reduce_group) if grad_reduce_group is not None else w
+                          for w in (self.gate_proj, self.up_proj, self.down_proj))
+        hidden = F.silu(grouped_linear(x, gate, counts)) * grouped_linear(x, up, counts)
+        return grouped_linear(hidden, down, counts)
 
 
 class Routing:
@@ -108,9 +118,10 @@ class MoE(nn.Module):
     `step_load`, which `update_bias` reads and clears after each optimizer step)."""
 
     def __init__(self, args: MoEArgs, hidden_size: int, shared: nn.Module | None,
-                 ep_group: dist.ProcessGroup | None = None):
+                 ep_group: dist.ProcessGroup | None = None, tp_group: dist.ProcessGroup | None = None):
         super().__init__()
-        self.args, self.ep_group = args, ep_group
+        self.args, self.ep_group, self.tp_group = args, ep_group, tp_group
+        self.sequence_parallel = False  # x holds this TP rank's seq/tp tokens (set by pretrain.model.parallelize)
         ep = ep_group.size() if ep_group is not None else 1
         self.router = nn.Linear(hidden_size, args.num_experts, bias=False)
         self.experts = Experts(args.num_experts // ep, hidden_size, args.expert_ffn_hidden_size)
@@ -126,30 +137,43 @@ class MoE(nn.Module):
             self.register_buffer("step_load", torch.zeros(args.num_experts, dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x, self.sequence_parallel)
+
+    def _forward(self, x: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+        group = self.tp_group if sequence_parallel else None
         flat = x.reshape(-1, x.shape[-1])
-        logits = self.router(flat).float()
+        router = self.router.weight if group is None else reduce_grad(self.router.weight, group)
+        logits = F.linear(flat, router).float()
         bias = self.args.bias_update_rate * self.router_bias_steps.float() if self.args.bias_update_rate > 0 else None
         routing = Routing(logits, self.args, bias)
         rows = flat[routing.token]
         if self.ep_group is None:
-            out = self.experts(rows, routing.counts)
+            out = self.experts(rows, routing.counts, group)
         else:
             out = expert_parallel(self.experts, rows, routing.counts, self.ep_group)
         out = out * routing.weight[:, None].to(x.dtype)
         out = torch.zeros_like(flat).index_add_(0, routing.token, out).view_as(x)
         if self.shared is not None:
-            out = out + self.shared(x)
+            out = out + (self.shared(x) if sequence_parallel else self.shared.forward_whole(x))
         if torch.is_grad_enabled():
-            self._losses(logits, routing)
+            self._losses(logits, routing, group)
         return out
 
-    def _losses(self, logits: torch.Tensor, routing: Routing) -> None:
-        num_experts = self.args.num_experts
-        share = routing.routed.float() / routing.routed.sum()
-        self.aux_loss = self.args.aux_loss_coeff * num_experts * (share * routing.probabilities.mean(dim=0)).sum()
-        self.z_loss = self.args.z_loss_coeff * torch.logsumexp(logits, dim=-1).square().mean()
-        dropped = routing.routed.sum() - routing.counts.sum()
-        self.last_load = torch.cat([routing.routed, dropped[None]]).detach()
+    def _losses(self, logits: torch.Tensor, routing: Routing, group: dist.ProcessGroup | None) -> None:
+        """Over the micro-batch: under sequence parallelism the counts and sums of every TP rank's tokens."""
+        load = torch.cat([routing.routed, (routing.routed.sum() - routing.counts.sum())[None]])
+        probabilities = routing.probabilities.sum(dim=0)
+        squares = torch.logsumexp(logits, dim=-1).square().sum()
+        tokens = logits.shape[0]
+        if group is not None:
+            dist.all_reduce(load, group=group)
+            probabilities = reduce_from_tensor_model_parallel_region(probabilities, group)
+            squares = reduce_from_tensor_model_parallel_region(squares, group)
+            tokens *= group.size()
+        share = load[:-1].float() / load[:-1].sum()
+        self.aux_loss = self.args.aux_loss_coeff * self.args.num_experts * (share * probabilities / tokens).sum()
+        self.z_loss = self.args.z_loss_coeff * squares / tokens
+        self.last_load = load.detach()
 
     def record_load(self) -> None:
         """Count the last training forward pass's load (once per pass, also when activation
@@ -166,8 +190,8 @@ class MoE(nn.Module):
         self.router_bias_steps += torch.sign(load.sum() - load * load.numel()).long()
         self.step_load.zero_()
     def forward_whole(self, x: torch.Tensor) -> torch.Tensor:
-        """Decoding (pretrain.generate), as the dense SwiGLU offers it."""
-        return self.forward(x)
+        """x holds whole sequences on every TP rank (decoding, pretrain.generate), as SwiGLU offers it."""
+        return self._forward(x, False)
 
 
 def update_router_biases(model: nn.Module, group: dist.ProcessGroup) -> None:
