@@ -263,6 +263,13 @@ def test_a_moe_run_resumes_bit_for_bit(name, moe_runs):
         module = torch.load(reader.path / "mp_rank_00_model_states.pt", weights_only=False)["module"]
         biases = torch.stack([module[f"layers.{i}.mlp.router_bias_steps"] for i in (1, 2, 3)])
         assert reader.step == 5 and biases.abs().max() >= 1
+        from pretrain.inference import load_model  # pretrain generate/eval restore them too
+
+        try:
+            model = load_model(reader, torch.device("cpu"), torch.float32)
+            assert all(torch.equal(model.layers[i].mlp.router_bias_steps, biases[i - 1]) for i in (1, 2, 3))
+        finally:
+            parallel.shutdown()
 
 
 def transformers_moe(kind: str, folder) -> None:

@@ -22,7 +22,8 @@ OUTPUT_PROJECTIONS = ("attention.o_proj.weight", "mlp.down_proj.weight", "mlp.sh
 NORM_SUFFIX = "norm.weight"  # the RMSNorm weights, initialised to 1
 ROUTER = "mlp.router.weight"
 EXPERTS = ("mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj")  # [experts, out, in] each
-REPLICATED_SUFFIXES = (NORM_SUFFIX, ROUTER, *EXPERTS)  # whole on every TP rank
+ROUTER_BIAS = "mlp.router_bias_steps"  # a buffer: aux-loss-free balancing's selection biases
+REPLICATED_SUFFIXES = (NORM_SUFFIX, ROUTER, *EXPERTS, ROUTER_BIAS)  # whole on every TP rank
 ATTENTION_PARAMETERS = ("attention_norm.weight", "attention.qkv_proj.weight", "attention.o_proj.weight")
 QK_NORM_PARAMETERS = ("attention.q_norm.weight", "attention.k_norm.weight")
 MLP_PARAMETERS = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
@@ -36,6 +37,14 @@ def block_parameter_names(args: LlamaArgs, layer: int) -> list[str]:
     else:
         mlp = MLP_PARAMETERS
     return [*ATTENTION_PARAMETERS, *(QK_NORM_PARAMETERS if args.qk_norm else ()), "mlp_norm.weight", *mlp]
+
+
+def buffer_names(args: LlamaArgs) -> list[str]:
+    """The buffers a checkpoint must restore besides the parameters: the router biases of
+    aux-loss-free balancing."""
+    if not args.moe.bias_update_rate:
+        return []
+    return [f"layers.{i}.{ROUTER_BIAS}" for i in range(args.num_layers) if args.moe.is_moe_layer(i)]
 
 
 def parameter_names(args: LlamaArgs) -> list[str]:
