@@ -5,7 +5,9 @@ sigmoid as DeepSeek-V3 does) and picks each token's top_k, weighted by their sco
 to sum to 1 unless `renormalize` is off). With aux-loss-free balancing (DeepSeek-V3) the choice
 is by score + a per-expert bias that each optimizer step moves by bias_update_rate towards the
 mean load over the global batch; the weights stay the scores. The bias is kept as an integer
-count of such moves (`router_bias_steps`, checkpointed), so it is exact in any precision. The (token, expert) pairs are sorted by
+count of such moves (`router_bias_steps`, checkpointed), so it is exact in any precision.
+
+The (token, expert) pairs are sorted by
 expert, so each expert's tokens are one contiguous block of rows; each projection is then one
 grouped matmul over those blocks (`torch._grouped_mm` on a GPU of compute capability 9 or more,
 one matmul per expert elsewhere), and the results are weighted and added back to their tokens.
@@ -35,9 +37,8 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
-
 from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+from torch import nn
 
 from pretrain.model.args import MoEArgs, RouterScoring
 from pretrain.model.expert_parallel import DeepSpeedRegistration, expert_parallel, mark_expert_parameters
