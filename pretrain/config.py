@@ -476,9 +476,11 @@ def _check_moe(config: Config, need: Callable[[bool, str], None]) -> None:
     need(moe.capacity_factor == 0 or moe.capacity_factor * moe.top_k >= 1,
          f"model.moe.capacity_factor={moe.capacity_factor} with top_k={moe.top_k} would drop most tokens: use 0 "
          "(dropless) or at least 1 / top_k (typical: 1.25)")
-    for key, value in {"parallel.pp": parallel.pp, "parallel.cp": parallel.cp}.items():
-        need(value == 1, f"model.moe.num_experts={moe.num_experts} cannot be combined with {key}={value} yet (mixtures "
-                         f"of experts train with data and tensor parallelism only); set {key}=1")
+    need(parallel.cp == 1, f"model.moe.num_experts={moe.num_experts} cannot be combined with parallel.cp={parallel.cp} "
+                           "yet; set parallel.cp=1")
+    need(parallel.pp == 1 or parallel.ep == 1,
+         f"parallel.ep={parallel.ep} cannot be combined with parallel.pp={parallel.pp} yet (the pipeline engine takes "
+         "no expert groups); set one of them to 1")
     sequence_parallel = parallel.tp > 1 if parallel.sequence_parallel == "auto" else parallel.sequence_parallel
     need(not (sequence_parallel and moe.capacity_factor),
          f"model.moe.capacity_factor={moe.capacity_factor} cannot be combined with sequence parallelism yet (each "

@@ -16,6 +16,7 @@ from pretrain.model.execution import apply_execution
 from pretrain.model.expert_parallel import check_deepspeed_groups
 from pretrain.model.llama import Llama
 from pretrain.model.parallelize import apply_context_parallel, apply_sequence_parallel
+from pretrain.model.moe import attach_router_losses
 from pretrain.model.pipeline import build_pipeline, canonical_name
 from pretrain.muon import Muon
 from pretrain.optim import build_optimizer, build_scheduler
@@ -45,6 +46,7 @@ def build_model(config: Config, layout: Layout, context: parallel.ParallelContex
                           "train.micro_batch_size")
         model = build_pipeline(config.model, context.tp_group, context.topology, config.parallel.pp_partition.value,
                                config.train.seed)
+        attach_router_losses(model, layout.grad_accumulation)
     else:
         model = Llama(config.model, context.tp_group, context.ep_group)
         model.init_weights(config.train.seed)

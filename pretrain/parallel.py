@@ -56,6 +56,10 @@ class ParallelContext:
         return parallel_state.get_tensor_model_parallel_group()
 
     @property
+    def pp_group(self) -> dist.ProcessGroup:
+        return parallel_state.get_pipeline_model_parallel_group()
+
+    @property
     def cp_group(self) -> dist.ProcessGroup:
         return parallel_state.get_context_parallel_group()
 

@@ -104,11 +104,14 @@ class Trainer:
         self.metrics = MetricsWriter(log_dir, self.last_step, enabled=context.rank == 0,
                                      wandb=wandb_settings(config))
         self.step_log = StepLog(self.metrics, config, layout, context.device, context.replica_group, self.last_step)
-        self.expert_load = ExpertLoad(self.model, self.metrics, context.replica_group, config.log.moe_idle_intervals,
-                                      context.rank) if config.model.moe.num_experts else None
+        self.expert_load = ExpertLoad(
+            self.model, self.metrics, context.replica_group, context.pp_group, config.model.moe.num_experts,
+            config.log.moe_idle_intervals, warns=context.dp_rank == 0 and context.tp_rank == 0 and context.cp_rank == 0,
+        ) if config.model.moe.num_experts else None
         if layout.pp > 1:
             self.steps = PipelineSteps(self.engine, self.model, context.device, layout.grad_accumulation,
-                                       reads_data=context.is_first_stage or context.is_last_stage)
+                                       reads_data=context.is_first_stage or context.is_last_stage,
+                                       moe=config.model.moe.num_experts > 0, pipeline_group=context.pp_group)
         else:
             self.steps = ModelSteps(self.engine, context.device, layout.grad_accumulation, self.guard,
                                     config.debug.inject_nan_steps)

@@ -134,7 +134,7 @@ def test_expert_load_records_the_balance_and_warns_of_idle_experts(tmp_path, cap
                          moe=MoEArgs(num_experts=4, top_k=2, expert_ffn_hidden_size=16, first_dense_layers=1))
         model = Llama(args, context.tp_group)
         metrics = MetricsWriter(tmp_path, 10, enabled=True)
-        load = ExpertLoad(model, metrics, context.replica_group, idle_intervals=2, rank=0)
+        load = ExpertLoad(model, metrics, context.replica_group, context.pp_group, 4, idle_intervals=2, warns=True)
         for step in (1, 2):
             model.layers[1].mlp.load.copy_(torch.tensor([5, 3, 0, 0, 2]))  # pairs per expert, then dropped
             load.write(step)
@@ -155,7 +155,7 @@ def test_expert_load_records_the_balance_and_warns_of_idle_experts(tmp_path, cap
     ("model.moe.aux_loss_coeff=-1", "model.moe.aux_loss_coeff=-1.0 must be >= 0"),
     ("model.moe.capacity_factor=0.2", "model.moe.capacity_factor=0.2 with top_k=2 would drop most tokens"),
     ("parallel.tp=2 model.moe.capacity_factor=1.0", "cannot be combined with sequence parallelism yet"),
-    ("parallel.pp=2", "cannot be combined with parallel.pp=2 yet"),
+    ("parallel.pp=2 parallel.ep=2", "parallel.ep=2 cannot be combined with parallel.pp=2 yet"),
     ("optimizer.zero_stage=3", "model.moe cannot be combined with optimizer.zero_stage=3"),
     ("optimizer.name=muon", "model.moe cannot be combined with optimizer.name=muon yet"),
     ("model.moe.bias_update_rate=-1", "model.moe.bias_update_rate=-1.0 must be >= 0"),
@@ -196,6 +196,7 @@ def moe_runs(generate_data, tmp_path_factory) -> dict:
         **{f"ep2_zero{stage}": [f"optimizer.zero_stage={stage}", "parallel.ep=2"] for stage in (1, 2)},
         "tp2": ["parallel.tp=2", "parallel.sequence_parallel=false"],
         "tp2_sp": ["parallel.tp=2"],
+        "pp2": ["parallel.pp=2"],  # 4 micro-batches in flight per step over 2 stages
         "exportable": EXPORTABLE + [f"checkpoint.dir={root / 'checkpoint'}", "checkpoint.interval=2",
                                     "checkpoint.keep_last=0"],
         "resumed": EXPORTABLE + [f"checkpoint.dir={root / 'resumed'}",
@@ -222,13 +223,16 @@ def test_moe_tiny_trains_alike_in_one_process_and_at_dp2(moe_runs):
     assert len(load_records) == 5 and all(r.keys() >= {"layer1/max_over_mean", "layer3/dropped"} for r in load_records)
     assert all(r["layer1/max_over_mean"] >= 1 and r["layer1/dropped"] == 0 for r in load_records)  # dropless
     assert single["loss"][5] < single["loss"][1]
-    folders = {"one": ["single"], "two": ["dp2_zero1", "dp2_zero2", "ep2_zero1", "ep2_zero2", "tp2", "tp2_sp"],
+    folders = {"one": ["single"], "two": ["dp2_zero1", "dp2_zero2", "ep2_zero1", "ep2_zero2", "tp2", "tp2_sp", "pp2"],
                "four": ["ep4", "ep2_dp4"]}
     for launch, names in folders.items():
         for name in names:  # the busiest expert's pairs (integers, summed over the ranks) agree at every step
             logged = [json.loads(line) for line in (root / launch / name / "metrics.jsonl").read_text().splitlines()]
             assert [r for r in logged if r["group"] == "moe"] == load_records, name
-    for name in ("dp2_zero1", "dp2_zero2", "ep2_zero1", "ep2_zero2", "ep4", "ep2_dp4", "tp2", "tp2_sp"):
+            for part in ("moe_aux_loss", "moe_z_loss"):  # the router losses too
+                theirs = [r[part] for r in logged if r["group"] == "train"]
+                assert max(abs(a / b - 1) for a, b in zip(theirs, [r[part] for r in train_records])) <= 1e-5, name
+    for name in ("dp2_zero1", "dp2_zero2", "ep2_zero1", "ep2_zero2", "ep4", "ep2_dp4", "tp2", "tp2_sp", "pp2"):
         diff = max(abs(runs[name]["loss"][step] - single["loss"][step]) for step in range(1, 6))
         norm_diff = max(abs(runs[name]["grad_norm"][step] / single["grad_norm"][step] - 1) for step in range(1, 6))
         valid_diff = abs(runs[name]["valid_loss"][5] - single["valid_loss"][5])

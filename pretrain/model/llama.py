@@ -270,7 +270,7 @@ def build_mlp(args: LlamaArgs, layer: int, layer_config: ModelParallelConfig, tp
         return SwiGLU(args.hidden_size, args.ffn_hidden_size, layer_config, tp_group)
     shared = SwiGLU(args.hidden_size, moe.shared_experts * moe.expert_ffn_hidden_size, layer_config, tp_group) \
         if moe.shared_experts else None
-    return MoE(moe, args.hidden_size, shared, ep_group, tp_group)
+    return MoE(moe, args.hidden_size, shared, ep_group, tp_group, layer)
 
 
 class Block(nn.Module):

@@ -110,6 +110,21 @@ class Routing:
         self.weight = weights.reshape(-1)[order]
 
 
+class _AttachLoss(torch.autograd.Function):
+    """`out` as it is; in backward `loss` receives the gradient `scale`, as if it had been added to
+    the training loss (which the engine scales by 1 / micro-batches): on a pipeline stage the router
+    losses train without travelling to the last stage (Megatron's MoEAuxLossAutoScaler)."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, loss: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale, ctx.like = scale, loss.detach()
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, torch.full_like(ctx.like, ctx.scale), None
+
+
 class MoE(nn.Module):
     """The mixture-of-experts MLP of a block: x [batch, seq, hidden] -> [batch, seq, hidden]. After a
     forward pass in which gradients are enabled, `aux_loss` and `z_loss` hold its two router losses
@@ -119,10 +134,13 @@ class MoE(nn.Module):
     `step_load`, which `update_bias` reads and clears after each optimizer step)."""
 
     def __init__(self, args: MoEArgs, hidden_size: int, shared: nn.Module | None,
-                 ep_group: dist.ProcessGroup | None = None, tp_group: dist.ProcessGroup | None = None):
+                 ep_group: dist.ProcessGroup | None = None, tp_group: dist.ProcessGroup | None = None, layer: int = 0):
         super().__init__()
-        self.args, self.ep_group, self.tp_group = args, ep_group, tp_group
+        self.args, self.ep_group, self.tp_group, self.layer = args, ep_group, tp_group, layer
         self.sequence_parallel = False  # x holds this TP rank's seq/tp tokens (set by pretrain.model.parallelize)
+        # pipeline stages: the router losses train through the output, their gradient this (1 / micro-batches)
+        self.attach_scale: float | None = None
+        self.router_losses = torch.zeros(2)  # aux and z-loss summed over recorded passes, for the logs (pipeline)
         ep = ep_group.size() if ep_group is not None else 1
         self.router = nn.Linear(hidden_size, args.num_experts, bias=False)
         self.experts = Experts(args.num_experts // ep, hidden_size, args.expert_ffn_hidden_size)
@@ -158,6 +176,8 @@ class MoE(nn.Module):
             out = out + (self.shared(x) if sequence_parallel else self.shared.forward_whole(x))
         if torch.is_grad_enabled():
             self._losses(logits, routing, group)
+            if self.attach_scale is not None:
+                out = _AttachLoss.apply(out, self.aux_loss + self.z_loss, self.attach_scale)
         return out
 
     def _losses(self, logits: torch.Tensor, routing: Routing, group: dist.ProcessGroup | None) -> None:
@@ -183,6 +203,12 @@ class MoE(nn.Module):
         if self.args.bias_update_rate > 0:
             self.step_load += self.last_load[:-1]
 
+    def record_losses(self) -> None:
+        """Add the last training forward pass's router losses to `router_losses` (pipeline stages,
+        whose blocks do not hand them to a loss)."""
+        self.router_losses = self.router_losses.to(self.aux_loss.device) + torch.stack(
+            [self.aux_loss, self.z_loss]).detach().float()
+
     def update_bias(self, group: dist.ProcessGroup) -> None:
         """After an optimizer step: each expert's bias one step up if the step's global batch (summed
         over `group`, the data-parallel ranks) routed it fewer pairs than the mean, down if more."""
@@ -190,6 +216,7 @@ class MoE(nn.Module):
         dist.all_reduce(load, group=group)
         self.router_bias_steps += torch.sign(load.sum() - load * load.numel()).long()
         self.step_load.zero_()
+
     def forward_whole(self, x: torch.Tensor) -> torch.Tensor:
         """x holds whole sequences on every TP rank (decoding, pretrain.generate), as SwiGLU offers it."""
         return self._forward(x, False)
@@ -200,3 +227,10 @@ def update_router_biases(model: nn.Module, group: dist.ProcessGroup) -> None:
     for module in model.modules():
         if isinstance(module, MoE):
             module.update_bias(group)
+
+
+def attach_router_losses(model: nn.Module, micro_batches: int) -> None:
+    """Pipeline stages: every MoE block's router losses train through its output (see _AttachLoss)."""
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.attach_scale = 1 / micro_batches
