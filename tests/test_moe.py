@@ -181,7 +181,7 @@ def moe_runs(generate_data, tmp_path_factory) -> dict:
     in one process; at DP2 and EP2 with ZeRO-1 and 2, TP2 with and without sequence parallelism
     (experts whole on each rank, shared experts TP-sharded), and at DP2 without shared experts with
     checkpoints every 2 steps (to export), then resumed from step 2 (one launch); at EP4 and EP2 x
-    expert-DP2 (one launch of 4)."""
+    expert-DP2, and that checkpoint resumed at DP4 (one launch of 4)."""
     root, data = tmp_path_factory.mktemp("moe"), generate_data
     base = [f"data.path={data / 'train'}", f"data.valid_path={data / 'valid'}", "data.num_workers=0",
             "data.source=shards", "model.vocab_size=0", "model.seq_len=32", "train.max_steps=5", "log.interval=1",
@@ -204,8 +204,10 @@ def moe_runs(generate_data, tmp_path_factory) -> dict:
         "balanced": BALANCED + [f"checkpoint.dir={root / 'balanced'}", "checkpoint.interval=2", "checkpoint.keep_last=0"],
         "balanced_resumed": BALANCED + [f"checkpoint.dir={root / 'balanced_resumed'}",
                                         f"checkpoint.resume={root / 'balanced' / 'step_00000002'}"]}, config=MOE_TINY)
-    runs |= run_layouts(root / "four", 4, base, {"ep4": ["parallel.ep=4"], "ep2_dp4": ["parallel.ep=2"]},
-                        config=MOE_TINY)
+    runs |= run_layouts(root / "four", 4, base, {
+        "ep4": ["parallel.ep=4"], "ep2_dp4": ["parallel.ep=2"],
+        "resumed_dp4": EXPORTABLE + [f"checkpoint.dir={root / 'resumed_dp4'}",
+                                     f"checkpoint.resume={root / 'checkpoint' / 'step_00000002'}"]}, config=MOE_TINY)
     return {"runs": runs, "root": root}
 
 
@@ -239,6 +241,15 @@ def test_moe_tiny_trains_alike_in_one_process_and_at_dp2(moe_runs):
         print(f"{name} vs one process: max |loss diff| over 5 steps {diff:.3g}, grad norm relative {norm_diff:.3g}, "
               f"validation loss {valid_diff:.3g}")
         assert diff <= 1e-5 and norm_diff <= 1e-4 and valid_diff <= 1e-5
+
+
+@pytest.mark.multiprocess
+def test_a_moe_run_resumes_at_another_data_parallel_size(moe_runs):
+    """The DP2 checkpoint of step 2 resumed at DP4: the same losses up to the order of the sums."""
+    runs = moe_runs["runs"]
+    diff = max(abs(runs["resumed_dp4"]["loss"][step] - runs["exportable"]["loss"][step]) for step in (3, 4, 5))
+    print(f"DP2 -> DP4 resume: max |loss diff| over steps 3-5 {diff:.3g}")
+    assert sorted(runs["resumed_dp4"]["loss"]) == [3, 4, 5] and diff <= 1e-5
 
 
 @pytest.mark.multiprocess
