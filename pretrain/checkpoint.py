@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from pretrain.errors import UserError
+from pretrain.model.args import LlamaArgs
 from pretrain.tokenizer import copy_tokenizer
 
 log = logging.getLogger(__name__)
@@ -245,21 +246,25 @@ def to_universal(source: Path, target: Path) -> None:
     (target.parent / "latest_universal").unlink(missing_ok=True)  # the converter leaves it beside its output
 
 
-def universal_checkpoint_info(vocab_size: int) -> dict:
-    """What DeepSpeed's universal-checkpoint converter must know about our parameters: norms are
-    replicated across TP ranks, o_proj/down_proj are split along their rows (input dimension),
-    and the vocabulary tensors are padded for the TP size (stored unpadded, re-padded on load)."""
+def universal_checkpoint_info(args: LlamaArgs) -> dict:
+    """What DeepSpeed's universal-checkpoint converter must know about our parameters: norms (and a
+    mixture of experts' router and experts) are replicated across TP ranks, o_proj/down_proj are
+    split along their rows (input dimension), and the vocabulary tensors are padded for the TP
+    size (stored unpadded, re-padded on load). The converter refuses patterns no parameter of the
+    model matches, so only those of `args`'s parameters are given."""
     from deepspeed.checkpoint import constants
 
-    from pretrain.model.weights import OUTPUT_PROJECTIONS, REPLICATED_SUFFIX, VOCAB_PARAMETERS
+    from pretrain.model.weights import OUTPUT_PROJECTIONS, REPLICATED_SUFFIXES, VOCAB_PARAMETERS, parameter_names
 
-    def suffixes(names) -> list[str]:
-        return [rf".*{re.escape(name)}$" for name in names]
+    names = parameter_names(args)
+
+    def suffixes(candidates) -> list[str]:
+        return [rf".*{re.escape(suffix)}$" for suffix in candidates if any(name.endswith(suffix) for name in names)]
 
     return {
         constants.UNIVERSAL_CHECKPOINT_VERSION_KEY: constants.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-        constants.TP_REPLICATED_PARAMETER_PATTERNS: suffixes([REPLICATED_SUFFIX]),
+        constants.TP_REPLICATED_PARAMETER_PATTERNS: suffixes(REPLICATED_SUFFIXES),
         constants.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: suffixes(OUTPUT_PROJECTIONS),
         constants.VOCABULARY_PARAMETER_PATTERNS: suffixes(VOCAB_PARAMETERS),
-        "original_vocab_size": vocab_size,
+        "original_vocab_size": args.vocab_size,
     }

@@ -184,7 +184,8 @@ def _add_launch(commands) -> None:
 def _add_convert(commands) -> None:
     convert = commands.add_parser("convert", help="checkpoint conversion: Hugging Face, resharding").add_subparsers(
         dest="action", required=True)
-    to_hf = convert.add_parser("to-hf", help="a checkpoint (any TP/PP/ZeRO layout) -> Hugging Face LlamaForCausalLM")
+    to_hf = convert.add_parser(
+        "to-hf", help="a checkpoint (any TP/PP/ZeRO layout) -> Hugging Face Llama/Qwen3/Qwen3-MoE/Mixtral")
     options.checkpoint(to_hf)
     to_hf.add_argument("--out", required=True, help="new folder for the Hugging Face model")
     to_hf.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
@@ -193,7 +194,8 @@ def _add_convert(commands) -> None:
     to_hf.add_argument("--max-shard-size", type=float, default=5.0, metavar="GB",
                        help="largest safetensors file; bigger models are split with an index")
     to_hf.set_defaults(run=_to_hf)
-    from_hf = convert.add_parser("from-hf", help="a Hugging Face Llama folder -> a checkpoint to continue training")
+    from_hf = convert.add_parser(
+        "from-hf", help="a Hugging Face Llama/Qwen3/Qwen3-MoE/Mixtral folder -> a checkpoint to continue training")
     from_hf.add_argument("--model", required=True, help="folder with config.json, safetensors weights, tokenizer")
     from_hf.add_argument("--out", required=True, help="new checkpoint.dir; a config.yaml to train from is written")
     _tp_pp(from_hf, "the checkpoint is checked and set up for", default=1)

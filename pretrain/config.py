@@ -65,6 +65,7 @@ class ParallelConfig:
     tp: int = 1  # tensor-parallel size
     pp: int = 1  # pipeline-parallel size; data-parallel size = world size / (tp * pp * cp)
     cp: int = 1  # context-parallel size: each sequence split over cp ranks (2 * cp load-balanced chunks)
+    ep: int = 1  # expert-parallel size: groups of ep data-parallel ranks share out each block's experts
     # outside the tensor-parallel layers each TP rank holds seq_len / tp of the tokens: true, false or
     # auto (on when tp > 1)
     sequence_parallel: Any = "auto"
@@ -146,6 +147,8 @@ class DataConfig:
 class LogConfig:
     dir: str = "runs/default"  # TensorBoard events, metrics.jsonl and the resolved config
     interval: int = 10  # steps between metric records
+    # mixture of experts: warn of an expert that received no token for this many records in a row; 0 = never
+    moe_idle_intervals: int = 3
     sample_interval: int = 0  # steps between completions of sample_prompts by the model in training; 0 = none
     sample_prompts: list[str] = field(default_factory=list)
     sample_tokens: int = 32  # new tokens per sample (greedy)
@@ -220,6 +223,7 @@ class Layout:
     grad_accumulation: int  # micro-batches per rank per optimizer step
     cp: int = 1
     sequence_parallel: bool = False  # parallel.sequence_parallel resolved
+    ep: int = 1
 
     @property
     def replicas(self) -> int:
@@ -286,7 +290,7 @@ def validate(config: Config, world_size: int) -> Layout:
         if not ok:
             problems.append(message)
 
-    for key, value in [("parallel.tp", tp), ("parallel.pp", pp), ("parallel.cp", cp),
+    for key, value in [("parallel.tp", tp), ("parallel.pp", pp), ("parallel.cp", cp), ("parallel.ep", parallel.ep),
                        ("model.num_layers", model.num_layers),
                        ("model.hidden_size", model.hidden_size), ("model.num_heads", model.num_heads),
                        ("model.num_kv_heads", model.num_kv_heads), ("model.ffn_hidden_size", model.ffn_hidden_size),
@@ -315,6 +319,11 @@ def validate(config: Config, world_size: int) -> Layout:
         need(value % tp == 0, f"{key}={value} is not divisible by parallel.tp={tp}: "
                               f"choose parallel.tp among {_divisors(value)} or change {key}")
     problems += _rope_scaling_problems(model)
+    if model.moe.num_experts > 0:
+        _check_moe(config, need)
+    if parallel.ep > 1:
+        _check_expert_parallel(config, world_size // (tp * pp * cp), need)
+    need(model.moe.num_experts >= 0, f"model.moe.num_experts={model.moe.num_experts} must be >= 0 (0 = dense model)")
     need(model.num_layers >= pp, f"parallel.pp={pp} exceeds model.num_layers={model.num_layers}: "
                                  "each pipeline stage needs at least one layer")
     sizes = {"parallel.tp": tp, "parallel.pp": pp, **({"parallel.cp": cp} if cp > 1 else {})}
@@ -381,6 +390,7 @@ def validate(config: Config, world_size: int) -> Layout:
     need(train.eval_steps >= 1, f"train.eval_steps={train.eval_steps} must be at least 1")
     log = config.log
     need(log.sample_interval >= 0, f"log.sample_interval={log.sample_interval} must be >= 0 (0 = no samples)")
+    need(log.moe_idle_intervals >= 0, f"log.moe_idle_intervals={log.moe_idle_intervals} must be >= 0 (0 = no warning)")
     need(not log.sample_interval or bool(log.sample_prompts),
          f"log.sample_interval={log.sample_interval} needs log.sample_prompts, e.g. 'log.sample_prompts=[\"def \"]'")
     need(not log.sample_interval or log.sample_tokens >= 1, f"log.sample_tokens={log.sample_tokens} must be at least 1")
@@ -432,7 +442,7 @@ def validate(config: Config, world_size: int) -> Layout:
         raise ConfigError(_report(problems))
     return Layout(world_size=world_size, tp=tp, pp=pp, dp=dp, micro_batch_size=train.micro_batch_size,
                   global_batch_size=train.global_batch_size, grad_accumulation=train.global_batch_size // per_step,
-                  cp=cp, sequence_parallel=sequence_parallel)
+                  cp=cp, sequence_parallel=sequence_parallel, ep=parallel.ep)
 
 
 def _rope_scaling_problems(model: LlamaArgs) -> list[str]:
@@ -452,6 +462,68 @@ def _rope_scaling_problems(model: LlamaArgs) -> list[str]:
         problems.append(f"model.rope_scaling.beta_slow={scaling.beta_slow} and beta_fast={scaling.beta_fast} "
                         "must satisfy 0 < beta_slow < beta_fast (YaRN: 1 and 32)")
     return problems
+
+
+def _check_moe(config: Config, need: Callable[[bool, str], None]) -> None:
+    """model.moe with num_experts > 0: its settings, and the layouts it is not yet built for."""
+    moe, model, parallel = config.model.moe, config.model, config.parallel
+    need(1 <= moe.top_k <= moe.num_experts,
+         f"model.moe.top_k={moe.top_k} must be between 1 and model.moe.num_experts={moe.num_experts}")
+    need(moe.expert_ffn_hidden_size >= 1,
+         f"model.moe.expert_ffn_hidden_size={moe.expert_ffn_hidden_size} must be at least 1: set each expert's "
+         "SwiGLU width (e.g. model.ffn_hidden_size / model.moe.top_k)")
+    need(moe.shared_experts >= 0, f"model.moe.shared_experts={moe.shared_experts} must be >= 0 (0 = none)")
+    need(0 <= moe.first_dense_layers < model.num_layers,
+         f"model.moe.first_dense_layers={moe.first_dense_layers} must be in [0, model.num_layers={model.num_layers}): "
+         "at least one block must have experts (for a dense model set model.moe.num_experts=0)")
+    for key in ("aux_loss_coeff", "z_loss_coeff", "capacity_factor", "bias_update_rate"):
+        value = getattr(moe, key)
+        need(math.isfinite(value) and value >= 0, f"model.moe.{key}={value} must be >= 0 (0 = off)")
+    need(moe.capacity_factor == 0 or moe.capacity_factor * moe.top_k >= 1,
+         f"model.moe.capacity_factor={moe.capacity_factor} with top_k={moe.top_k} would drop most tokens: use 0 "
+         "(dropless) or at least 1 / top_k (typical: 1.25)")
+    need(parallel.cp == 1, f"model.moe.num_experts={moe.num_experts} cannot be combined with parallel.cp={parallel.cp} "
+                           "yet; set parallel.cp=1")
+    need(parallel.pp == 1 or parallel.ep == 1,
+         f"parallel.ep={parallel.ep} cannot be combined with parallel.pp={parallel.pp} yet (the pipeline engine takes "
+         "no expert groups); set one of them to 1")
+    sequence_parallel = parallel.tp > 1 if parallel.sequence_parallel == "auto" else parallel.sequence_parallel
+    need(not (sequence_parallel and moe.capacity_factor),
+         f"model.moe.capacity_factor={moe.capacity_factor} cannot be combined with sequence parallelism yet (each "
+         "tensor-parallel rank would cap its own tokens); set parallel.sequence_parallel=false or capacity_factor=0")
+    need(parallel.tp == 1 or parallel.ep == 1,
+         f"parallel.ep={parallel.ep} cannot be combined with parallel.tp={parallel.tp} yet; set one of them to 1")
+    need(moe.shared_experts * moe.expert_ffn_hidden_size % parallel.tp == 0,
+         f"model.moe.shared_experts x expert_ffn_hidden_size = {moe.shared_experts * moe.expert_ffn_hidden_size} "
+         f"(the shared experts' width) is not divisible by parallel.tp={parallel.tp}")
+    need(config.optimizer.zero_stage != 3,
+         "model.moe cannot be combined with optimizer.zero_stage=3 (DeepSpeed refuses mixtures of experts there); "
+         "use optimizer.zero_stage 0, 1 or 2")
+    need(config.execution.compile is not True,
+         "model.moe cannot be combined with execution.compile=true yet (routing has data-dependent shapes); set "
+         "execution.compile=auto (off for mixtures of experts) or false")
+    need(config.optimizer.name != OptimizerName.muon,
+         "model.moe cannot be combined with optimizer.name=muon yet (Muon orthogonalises 2-D matrices, the experts "
+         "are stacked 3-D tensors); use optimizer.name=adamw")
+
+
+def _check_expert_parallel(config: Config, dp: int, need: Callable[[bool, str], None]) -> None:
+    """parallel.ep > 1: a mixture of experts whose experts and data-parallel ranks it divides, and the
+    features not built for it yet."""
+    ep, moe = config.parallel.ep, config.model.moe
+    need(moe.num_experts > 0 and moe.num_experts % ep == 0,
+         f"parallel.ep={ep} needs a mixture of experts whose model.moe.num_experts ({moe.num_experts}) it divides")
+    need(dp % ep == 0, f"parallel.ep={ep} must divide the data-parallel size ({dp}): expert-parallel groups are made "
+                       "of data-parallel ranks; launch a multiple of ep processes or change parallel.ep")
+    need(config.optimizer.zero_stage in (1, 2),
+         f"parallel.ep={ep} needs optimizer.zero_stage 1 or 2 (not {config.optimizer.zero_stage}): only there does "
+         "DeepSpeed partition and reduce expert gradients over the expert-data-parallel ranks")
+    need(not config.checkpoint.dir,
+         f"parallel.ep={ep} cannot save checkpoints yet (DeepSpeed writes the experts of its own MoE layers to separate "
+         "files, which our reader and resume do not handle); unset checkpoint.dir or set parallel.ep=1")
+    need(not config.log.sample_interval and not config.downstream.interval,
+         f"parallel.ep={ep} cannot be combined with log.sample_interval or downstream.interval yet (they run on one "
+         "data-parallel replica; every rank of an expert-parallel group must take part); set them to 0")
 
 
 def _check_muon(optimizer: OptimizerConfig, precision: Precision, need: Callable[[bool, str], None]) -> None:

@@ -13,8 +13,10 @@ from pretrain import parallel
 from pretrain.checkpoint import universal_checkpoint_info
 from pretrain.config import Config, Layout, OptimizerName, Precision
 from pretrain.model.execution import apply_execution
+from pretrain.model.expert_parallel import check_deepspeed_groups
 from pretrain.model.llama import Llama
 from pretrain.model.parallelize import apply_context_parallel, apply_sequence_parallel
+from pretrain.model.moe import attach_router_losses
 from pretrain.model.pipeline import build_pipeline, canonical_name
 from pretrain.muon import Muon
 from pretrain.optim import build_optimizer, build_scheduler
@@ -28,9 +30,10 @@ def resolve_precision(precision: Precision, device: torch.device) -> Precision:
 
 
 def resolve_compile(config: Config, device: torch.device) -> bool:
-    """execution.compile=auto: compiled blocks on GPU, except under ZeRO-3 (its hooks break the graphs)."""
+    """execution.compile=auto: compiled blocks on GPU, except under ZeRO-3 (its hooks break the graphs) and
+    for mixtures of experts (not built yet)."""
     if config.execution.compile == "auto":
-        return device.type == "cuda" and config.optimizer.zero_stage != 3
+        return device.type == "cuda" and config.optimizer.zero_stage != 3 and not config.model.moe.num_experts
     return config.execution.compile
 
 
@@ -43,8 +46,9 @@ def build_model(config: Config, layout: Layout, context: parallel.ParallelContex
                           "train.micro_batch_size")
         model = build_pipeline(config.model, context.tp_group, context.topology, config.parallel.pp_partition.value,
                                config.train.seed)
+        attach_router_losses(model, layout.grad_accumulation)
     else:
-        model = Llama(config.model, context.tp_group)
+        model = Llama(config.model, context.tp_group, context.ep_group)
         model.init_weights(config.train.seed)
     if layout.sequence_parallel:
         apply_sequence_parallel(model, context.tp_group)
@@ -92,7 +96,7 @@ def deepspeed_config(config: Config, layout: Layout, precision: Precision) -> di
 def build_engine(model: nn.Module, config: Config, layout: Layout, context: parallel.ParallelContext,
                  precision: Precision, total_steps: int):
     """The DeepSpeed engine training `model` (its pipeline engine for a pipeline stage)."""
-    model.universal_checkpoint_info = universal_checkpoint_info(config.model.vocab_size)
+    model.universal_checkpoint_info = universal_checkpoint_info(config.model)
     ns_dtype = torch.bfloat16 if resolve_precision(config.optimizer.muon_ns_dtype, context.device) == Precision.bf16 \
         else torch.float32
     optimizer = build_optimizer(model, config.optimizer, config.model, context.tp_group, ns_dtype)
@@ -103,4 +107,6 @@ def build_engine(model: nn.Module, config: Config, layout: Layout, context: para
     )
     if isinstance(optimizer, Muon) and config.optimizer.zero_stage in (1, 2):
         optimizer.use_zero_partitions(engine.optimizer)
+    if layout.ep > 1:
+        check_deepspeed_groups(layout.ep)
     return engine

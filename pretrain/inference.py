@@ -17,7 +17,7 @@ from pretrain.downstream.scoring import encode_requests, results_table, score_ta
 from pretrain.downstream.tasks import load_task
 from pretrain.generate import GenerateError, ModelDecoder, Sampling, generate
 from pretrain.model.llama import Llama
-from pretrain.model.weights import load_full_state_dict
+from pretrain.model.weights import buffer_names, load_full_state_dict
 from pretrain.tokenizer import Tokenizer, TokenizerError
 
 
@@ -26,6 +26,9 @@ def load_model(reader: CheckpointReader, device: torch.device, dtype: torch.dtyp
     parallel.shutdown())."""
     model = Llama(reader.args, parallel.initialize(tp=1, pp=1, backend="gloo").tp_group)
     load_full_state_dict(model, LazyTensors(reader), tp_rank=0, tp=1)
+    with torch.no_grad():
+        for name in buffer_names(reader.args):  # aux-loss-free balancing's router biases
+            model.get_buffer(name).copy_(reader.tensor(name))
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from pretrain.accelerators import peak_flops
 from pretrain.config import Config, Layout, run_id
+from pretrain.model.llama import LOSS_PARTS
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -98,7 +99,8 @@ class StepLog:
     """train/ records every log.interval steps and at the last step: the mean loss over the steps
     since the last record (summed over data-parallel ranks then), the learning rate and gradient
     norm of the step, throughput, MFU where the accelerator is known, peak memory. With
-    model.z_loss, `loss` is the cross-entropy and `z_loss` the z-loss added to it in training."""
+    model.z_loss or a mixture of experts, `loss` is the cross-entropy and `z_loss`, `moe_aux_loss` and
+    `moe_z_loss` (summed over the MoE blocks) what training adds to it."""
 
     def __init__(self, metrics: MetricsWriter, config: Config, layout: Layout, device: torch.device,
                  replica_group: dist.ProcessGroup, last_step: int):
@@ -107,26 +109,30 @@ class StepLog:
         self.tokens_per_step = layout.global_batch_size * config.model.seq_len
         self.flops_per_token, self.peak = config.model.flops_per_token(), peak_flops(device)
         self.world_size, self.loss_divisor = layout.world_size, layout.replicas * layout.grad_accumulation
-        self.logs_z_loss = config.model.z_loss > 0
-        self.window_loss = torch.zeros(2, device=device)  # the loss, its z-loss part
+        logged = {"z_loss": config.model.z_loss > 0, "moe_aux_loss": config.model.moe.num_experts > 0,
+                  "moe_z_loss": config.model.moe.num_experts > 0}
+        self.logged_parts = [part for part in LOSS_PARTS if logged[part]]
+        self.window_loss = torch.zeros(1 + len(LOSS_PARTS), device=device)  # the loss, its parts
         self.window_steps, self.window_start = 0, time.perf_counter()
 
     def should_log(self, step: int) -> bool:
         return step % self.interval == 0 or step == self.last_step
 
-    def add(self, loss: torch.Tensor, z_loss: torch.Tensor) -> None:
-        """A step's contributions of this rank to the loss and its z-loss part (pretrain.step)."""
+    def add(self, loss: torch.Tensor, parts: torch.Tensor) -> None:
+        """A step's contributions of this rank to the loss and its parts (pretrain.step)."""
         self.window_loss[0] += loss
-        self.window_loss[1] += z_loss
+        self.window_loss[1:] += parts
         self.window_steps += 1
 
     def write(self, step: int, lr: float, grad_norm: float, extra: dict[str, float]) -> dict[str, float]:
         """Write the record of `step` (collective: reduces the loss over data- and context-parallel ranks)."""
         dist.all_reduce(self.window_loss, group=self.replica_group)
         elapsed = time.perf_counter() - self.window_start
-        loss, z_loss = self.window_loss.tolist()
+        loss, *parts = self.window_loss.tolist()
         steps = self.loss_divisor * self.window_steps
-        values = {"loss": (loss - z_loss) / steps, **({"z_loss": z_loss / steps} if self.logs_z_loss else {}),
+        parts = dict(zip(LOSS_PARTS, parts))
+        values = {"loss": (loss - sum(parts.values())) / steps,
+                  **{part: parts[part] / steps for part in self.logged_parts},
                   "lr": lr, "grad_norm": grad_norm,
                   **throughput(self.tokens_per_step * self.window_steps, elapsed, self.flops_per_token,
                                self.world_size, self.peak),
@@ -166,6 +172,7 @@ def _wandb_run(log_dir: Path, settings: dict):
 
 _CONSOLE_FIELDS = [("loss", "loss {:.4f}"), ("acc", "acc {:.4f}"), ("acc_norm", "acc_norm {:.4f}"),
                    ("acc_bytes", "acc_bytes {:.4f}"), ("ppl", "ppl {:.2f}"), ("z_loss", "z-loss {:.2e}"),
+                   ("moe_aux_loss", "moe-aux {:.2e}"), ("moe_z_loss", "moe-z {:.2e}"),
                    ("lr", "lr {:.2e}"), ("grad_norm", "grad {:.3f}"), ("tokens_per_sec", "{:,.0f} tok/s"),
                    ("mfu", "mfu {:.1%}"), ("step_time", "{:.3f} s/step"), ("mem_peak_gib", "mem {:.1f} GiB"),
                    ("seconds", "{:.1f} s")]

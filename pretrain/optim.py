@@ -7,6 +7,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
 from pretrain.config import OptimizerConfig, OptimizerName, Schedule, ScheduleConfig
@@ -47,8 +48,11 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig, args: LlamaArgs, 
     or Muon, which takes both too, on the hidden matrices with that AdamW on the rest."""
     betas = (config.beta1, config.beta2)
     if config.name == OptimizerName.adamw:
-        return torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=betas,
-                                 eps=config.eps, fused=True)
+        groups = parameter_groups(model, config.weight_decay)
+        if any(is_moe_param(param) for param in model.parameters()):  # expert parallelism: DeepSpeed's MoE groups
+            named = [{**group, "name": name} for group, name in zip(groups, ("decay", "no_decay"))]
+            groups = [group for group in split_params_into_different_moe_groups_for_optimizer(named) if group["params"]]
+        return torch.optim.AdamW(groups, lr=config.lr, betas=betas, eps=config.eps, fused=True)
     matrices = muon_matrices(model, args)
     settings = MuonSettings(momentum=config.muon_momentum, nesterov=config.muon_nesterov, ns_steps=config.muon_ns_steps,
                             ns_coefficients=tuple(config.muon_ns_coefficients), update_rms=config.muon_update_rms,

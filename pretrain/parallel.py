@@ -19,6 +19,8 @@ import torch.distributed as dist
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.core import parallel_state
 
+from pretrain.model.expert_parallel import new_expert_parallel_group
+
 
 @dataclass(frozen=True)
 class ParallelContext:
@@ -38,6 +40,8 @@ class ParallelContext:
     device: torch.device
     backend: str
     topology: PipeModelDataParallelTopology
+    ep: int = 1
+    ep_group: dist.ProcessGroup | None = None  # expert parallel: this rank's group (pretrain.model.expert_parallel)
 
     @property
     def is_first_stage(self) -> bool:
@@ -50,6 +54,10 @@ class ParallelContext:
     @property
     def tp_group(self) -> dist.ProcessGroup:
         return parallel_state.get_tensor_model_parallel_group()
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup:
+        return parallel_state.get_pipeline_model_parallel_group()
 
     @property
     def cp_group(self) -> dist.ProcessGroup:
@@ -73,7 +81,8 @@ def choose_backend(requested: str) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def initialize(tp: int, pp: int, backend: str = "auto", timeout_minutes: float = 30.0, cp: int = 1) -> ParallelContext:
+def initialize(tp: int, pp: int, backend: str = "auto", timeout_minutes: float = 30.0, cp: int = 1,
+               ep: int = 1) -> ParallelContext:
     """Join (or, for a plain single-process run, create) the process group and build the grid.
 
     Under torchrun the environment names rank and world size; without it this process is a
@@ -111,6 +120,7 @@ def initialize(tp: int, pp: int, backend: str = "auto", timeout_minutes: float =
         cp=cp, cp_rank=parallel_state.get_context_parallel_rank(),
         device=device, backend=dist.get_backend(),
         topology=PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp * cp),
+        ep=ep, ep_group=new_expert_parallel_group(ep) if ep > 1 else None,
     )
     check_coordinates(context)
     return context

@@ -58,7 +58,7 @@ class Plan:
     def overrides(self) -> str:
         """The settings that choose this layout, as `pretrain train` takes them."""
         layout = self.layout
-        return (f"parallel.tp={layout.tp} parallel.pp={layout.pp} parallel.cp={layout.cp} "
+        return (f"parallel.tp={layout.tp} parallel.pp={layout.pp} parallel.cp={layout.cp} parallel.ep={layout.ep} "
                 f"parallel.sequence_parallel={str(layout.sequence_parallel).lower()} "
                 f"optimizer.zero_stage={self.zero_stage} train.micro_batch_size={layout.micro_batch_size} "
                 f"execution.activation_checkpointing={str(self.activation_checkpointing).lower()}")
@@ -78,29 +78,60 @@ class Tensor:
     name: str
     numel: int
     ndim: int
+    expert: bool = False  # an expert-parallel shard: ZeRO partitions it over the expert-data-parallel ranks
 
 
-def stage_tensors(args: LlamaArgs, tp: int, pp: int) -> tuple[tuple[Tensor, ...], ...]:
-    """Per pipeline stage, the parameter tensors a rank holds (its TP slices), in the order the
-    module lists them. With tied embeddings and pp > 1 the last stage holds the embedding too."""
+@dataclass(frozen=True)
+class Experts:
+    """A mixture of experts' shape, as far as the tensors a rank holds go."""
+
+    num_experts: int
+    ffn: int  # each expert's width
+    shared_ffn: int  # the shared experts' width (TP-sharded)
+    first_dense_layers: int
+    ep: int
+
+
+def stage_tensors(args: LlamaArgs, tp: int, pp: int, ep: int = 1) -> tuple[tuple[Tensor, ...], ...]:
+    """Per pipeline stage, the parameter tensors a rank holds (its TP slices, its num_experts / ep
+    experts), in the order the module lists them. With tied embeddings and pp > 1 the last stage
+    holds the embedding too."""
+    moe = args.moe
+    experts = Experts(moe.num_experts, moe.expert_ffn_hidden_size, moe.shared_experts * moe.expert_ffn_hidden_size,
+                      moe.first_dense_layers, ep) if moe.num_experts else None
     return _stage_tensors(args.hidden_size, args.num_heads, args.num_kv_heads, args.ffn_hidden_size, args.num_layers,
-                          args.padded_vocab_size(tp), args.tie_embeddings, tp, pp)
+                          args.padded_vocab_size(tp), args.tie_embeddings, tp, pp, args.qk_norm, experts)
 
 
 @functools.lru_cache(maxsize=256)
 def _stage_tensors(h: int, heads: int, kv_heads: int, ffn: int, num_layers: int, vocab: int, tied: bool, tp: int,
-                   pp: int) -> tuple[tuple[Tensor, ...], ...]:
+                   pp: int, qk_norm: bool = False, experts: Experts | None = None) -> tuple[tuple[Tensor, ...], ...]:
     head_dim = h // heads
-    block = [("attention_norm.weight", h, 1),
-             ("attention.qkv_proj.weight", (heads + 2 * kv_heads) * head_dim * h // tp, 2),
-             ("attention.o_proj.weight", h * heads * head_dim // tp, 2), ("mlp_norm.weight", h, 1),
-             ("mlp.gate_proj.weight", ffn * h // tp, 2), ("mlp.up_proj.weight", ffn * h // tp, 2),
+    attention = [("attention_norm.weight", h, 1),
+                 ("attention.qkv_proj.weight", (heads + 2 * kv_heads) * head_dim * h // tp, 2),
+                 ("attention.o_proj.weight", h * heads * head_dim // tp, 2),
+                 *([("attention.q_norm.weight", head_dim, 1), ("attention.k_norm.weight", head_dim, 1)] if qk_norm
+                   else []), ("mlp_norm.weight", h, 1)]
+    dense = [("mlp.gate_proj.weight", ffn * h // tp, 2), ("mlp.up_proj.weight", ffn * h // tp, 2),
              ("mlp.down_proj.weight", h * ffn // tp, 2)]
+
+    def block(layer: int) -> list[Tensor]:
+        if experts is None or layer < experts.first_dense_layers:
+            return [Tensor(f"layers.{layer}.{name}", numel, ndim) for name, numel, ndim in attention + dense]
+        local = experts.num_experts // experts.ep * experts.ffn * h
+        shared = experts.shared_ffn * h // tp
+        return [*(Tensor(f"layers.{layer}.{name}", numel, ndim) for name, numel, ndim in attention),
+                Tensor(f"layers.{layer}.mlp.router.weight", experts.num_experts * h, 2),
+                *(Tensor(f"layers.{layer}.mlp.experts.{name}", local, 3, expert=experts.ep > 1)
+                  for name in ("gate_proj", "up_proj", "down_proj")),
+                *(Tensor(f"layers.{layer}.mlp.shared.{name}.weight", shared, 2)
+                  for name in ("gate_proj", "up_proj", "down_proj") if shared)]
+
     embedding = Tensor("embedding.weight", vocab * h // tp, 2)
     stages = []
     for stage, layers in enumerate(stage_layers(num_layers, pp)):
         tensors = [embedding] if stage == 0 or (stage == pp - 1 and tied) else []
-        tensors += [Tensor(f"layers.{i}.{name}", numel, ndim) for i in layers for name, numel, ndim in block]
+        tensors += [tensor for i in layers for tensor in block(i)]
         if stage == pp - 1:
             tensors.append(Tensor("final_norm.weight", h, 1))
             if not tied:
@@ -119,17 +150,33 @@ def stage_layers(num_layers: int, pp: int) -> list[range]:
 
 
 def block_activation_bytes_per_token(args: LlamaArgs, tp: int, dtype_bytes: int,
-                                     sequence_parallel: bool = False) -> float:
-    """Bytes one block saves for backward per token of its sequence (no checkpointing), as autograd
-    keeps them: per RMSNorm its fp32 input, rsqrt, normalised and scaled outputs (under sequence
-    parallelism of seq/tp tokens); cos and sin; the rotated q and k, the fused qkv buffer that v
-    views, the attention output (which o_proj's input views) and its log-sum-exp; gate, silu(gate),
-    up and their product. Under context parallelism the same per token of this rank's chunks."""
+                                     sequence_parallel: bool = False, layer: int = 0) -> float:
+    """Bytes block `layer` saves for backward per token of its sequence (no checkpointing), as
+    autograd keeps them: per RMSNorm its fp32 input, rsqrt, normalised and scaled outputs (under
+    sequence parallelism of seq/tp tokens); cos and sin; the rotated q and k, the fused qkv buffer
+    that v views, the attention output (which o_proj's input views) and its log-sum-exp; with
+    qk_norm their norms' fp32 inputs, rsqrt and outputs; gate, silu(gate), up and their product (of
+    a mixture of experts: moe_bytes_per_token). Under context parallelism the same per token of this
+    rank's chunks."""
     h, d, e = args.hidden_size, args.head_dim, dtype_bytes
     heads, kv, ffn = args.num_heads / tp, args.num_kv_heads / tp, args.ffn_hidden_size / tp
     norms = 2 * (4 * h + 4 + 2 * e * h) / (tp if sequence_parallel else 1)
     attention = 2 * e * d + e * heads * d + e * kv * d + e * (heads + 2 * kv) * d + 4 * heads + e * heads * d
-    return norms + attention + 4 * e * ffn
+    if args.qk_norm:
+        attention += (heads + kv) * (4 * d + 4 + e * d)
+    mlp = moe_bytes_per_token(args, tp, e) if args.moe.is_moe_layer(layer) else 4 * e * ffn
+    return norms + attention + mlp
+
+
+def moe_bytes_per_token(args: LlamaArgs, tp: int, dtype_bytes: int) -> float:
+    """What a mixture-of-experts MLP saves per token: the router's fp32 logits and scores, the top-k
+    indices, weights and their sum, the sort order and the tokens of the pairs (int64), per pair its
+    gathered input, gate, silu(gate), up and their product and the expert output with its weight;
+    the shared experts as a dense MLP (TP-sharded)."""
+    moe, h, e = args.moe, args.hidden_size, dtype_bytes
+    k, ffn = moe.top_k, moe.expert_ffn_hidden_size
+    router = 8 * moe.num_experts + 3 * INDEX_BYTES * k + 4 * k + 4 + (4 if e == 4 else 4 + e) * k
+    return router + k * e * (2 * h + 4 * ffn) + 4 * e * moe.shared_experts * ffn / tp
 
 
 def activation_bytes(args: LlamaArgs, tp: int, pp: int, stage: int, micro_batch_size: int, dtype_bytes: int,
@@ -139,10 +186,12 @@ def activation_bytes(args: LlamaArgs, tp: int, pp: int, stage: int, micro_batch_
     holds seq/cp tokens; under sequence parallelism the residual stream holds seq/(cp x tp)."""
     tokens, h, e = micro_batch_size * args.seq_len // cp, args.hidden_size, dtype_bytes
     residual = tokens / (tp if sequence_parallel else 1)  # tokens outside the tensor-parallel layers
-    layers = len(stage_layers(args.num_layers, pp)[stage])
-    per_block = residual / tokens * e * h if checkpointing else block_activation_bytes_per_token(
-        args, tp, e, sequence_parallel)
-    total = tokens * layers * per_block + (tokens * INDEX_BYTES if checkpointing else 0)  # positions, once
+    layers = stage_layers(args.num_layers, pp)[stage]
+    if checkpointing:
+        blocks = len(layers) * residual / tokens * e * h
+    else:
+        blocks = sum(block_activation_bytes_per_token(args, tp, e, sequence_parallel, layer) for layer in layers)
+    total = tokens * blocks + (tokens * INDEX_BYTES if checkpointing else 0)  # positions, once
     if stage == 0:
         total += tokens * INDEX_BYTES  # the embedding keeps the token ids
     if stage == pp - 1:
@@ -175,10 +224,12 @@ def _muon_trains(tensor: Tensor) -> bool:
 
 def _groups(tensors: Sequence[Tensor], muon: bool = False) -> list[tuple[list[int], int]]:
     """The optimizer's parameter groups (pretrain.optim), each with its state tensors per element:
-    matrices (decay), then vectors; with Muon, its matrices first."""
+    matrices (decay), then vectors; with Muon, its matrices first. Expert-parallel shards form a last
+    group of their own (DeepSpeed's MoE group), which `_partitions` spreads over fewer ranks."""
     if not muon:
-        groups = [([t.numel for t in tensors if t.ndim >= 2], ADAM_MOMENTS),
-                  ([t.numel for t in tensors if t.ndim < 2], ADAM_MOMENTS)]
+        groups = [([t.numel for t in tensors if t.ndim >= 2 and not t.expert], ADAM_MOMENTS),
+                  ([t.numel for t in tensors if t.ndim < 2], ADAM_MOMENTS),
+                  ([t.numel for t in tensors if t.expert], ADAM_MOMENTS)]
     else:
         groups = [([t.numel for t in tensors if _muon_trains(t)], MUON_MOMENTS),
                   ([t.numel for t in tensors if t.ndim >= 2 and not _muon_trains(t)], ADAM_MOMENTS),
@@ -200,24 +251,33 @@ def _zero12_partition(group: list[int], dp: int, rank: int) -> tuple[int, int, i
 
 
 def state_bytes(tensors: Sequence[Tensor], zero_stage: int, dp: int, bf16: bool, persistence_threshold: int = 100_000,
-                dp_rank: int | None = None, muon: bool = False) -> dict[str, float]:
+                dp_rank: int | None = None, muon: bool = False, ep: int = 1) -> dict[str, float]:
     """Weights, gradients (as the optimizer step finds them), optimizer state (fp32 masters, Adam
     moments and step counters, Muon's momentum) and DeepSpeed's lasting buffers on data-parallel
     rank `dp_rank` (None: the worst), as DeepSpeed 0.19 lays them out for torch's fused AdamW and
-    pretrain.muon (tests check them against the tensors a real engine holds)."""
+    pretrain.muon (tests check them against the tensors a real engine holds). Under expert
+    parallelism the experts' group is partitioned over the dp / ep ranks holding the same experts."""
     ranks = range(dp) if dp_rank is None else (dp_rank,)
-    per_rank = _states_on_ranks(tuple(tensors), zero_stage, dp, tuple(ranks), bf16, persistence_threshold, muon)
+    per_rank = _states_on_ranks(tuple(tensors), zero_stage, dp, tuple(ranks), bf16, persistence_threshold, muon, ep)
     return {key: max(values) for key, values in zip(("weights", "gradients", "optimizer", "buffers"), zip(*per_rank))}
 
 
 @functools.lru_cache(maxsize=1024)  # --search asks for the same stages under many micro-batch sizes and settings
 def _states_on_ranks(tensors: tuple[Tensor, ...], zero_stage: int, dp: int, ranks: tuple[int, ...], bf16: bool,
-                     persistence_threshold: int, muon: bool) -> list[tuple[int, int, int, int]]:
-    return [_state_on_rank(tensors, zero_stage, dp, rank, bf16, persistence_threshold, muon) for rank in ranks]
+                     persistence_threshold: int, muon: bool, ep: int) -> list[tuple[int, int, int, int]]:
+    return [_state_on_rank(tensors, zero_stage, dp, rank, bf16, persistence_threshold, muon, ep) for rank in ranks]
+
+
+def _partitions(tensors: Sequence[Tensor], groups: list, dp: int, rank: int, ep: int) -> list[tuple[int, int, int]]:
+    """_zero12_partition of each group on data-parallel rank `rank`; the experts' group (last) over the
+    dp / ep ranks of this rank's expert-data-parallel group, where it is rank // ep."""
+    experts = any(t.expert for t in tensors)
+    return [_zero12_partition(group, dp // ep, rank // ep) if experts and index == len(groups) - 1
+            else _zero12_partition(group, dp, rank) for index, (group, _) in enumerate(groups)]
 
 
 def _state_on_rank(tensors: Sequence[Tensor], zero_stage: int, dp: int, rank: int, bf16: bool,
-                   persistence_threshold: int, muon: bool) -> tuple[int, int, int, int]:
+                   persistence_threshold: int, muon: bool, ep: int = 1) -> tuple[int, int, int, int]:
     e = 2 if bf16 else 4
     groups = _groups(tensors, muon)
     numels = [n for group, _ in groups for n in group]
@@ -227,7 +287,7 @@ def _state_on_rank(tensors: Sequence[Tensor], zero_stage: int, dp: int, rank: in
         state = sum(4 * (moments + bf16) * sum(group) for group, moments in groups)
         return e * total, e * total, state + 4 * sum(map(len, adam)), 0
     if zero_stage in (1, 2):  # the weights are views of flat groups; fp32 master partitions
-        parts = [_zero12_partition(group, dp, rank) for group, _ in groups]
+        parts = _partitions(tensors, groups, dp, rank, ep)
         state = sum(4 * (1 + moments) * part for (_, part, _), (_, moments) in zip(parts, groups))
         return (e * sum(flat for flat, _, _ in parts), e * sum(kept for _, _, kept in parts),
                 state + 4 * len(adam), 0)
@@ -238,12 +298,13 @@ def _state_on_rank(tensors: Sequence[Tensor], zero_stage: int, dp: int, rank: in
 
 
 def deepspeed_transient_bytes(tensors: Sequence[Tensor], zero_stage: int, dp: int, bf16: bool, pipelined: bool,
-                              persistence_threshold: int = 100_000, muon: bool = False) -> float:
+                              persistence_threshold: int = 100_000, muon: bool = False, ep: int = 1) -> float:
     """DeepSpeed's largest short-lived allocation: ZeRO-1 keeps full gradients and a reduction
     bucket through the accumulation (two buckets while a pipeline reduces), ZeRO-2 a bucket per
     backward; the step turns the largest gradient partition into fp32; ZeRO-3 gathers weights."""
     e = 2 if bf16 else 4
-    groups = [group for group, _ in _groups(tensors, muon)]
+    pairs = _groups(tensors, muon)
+    groups = [group for group, _ in pairs]
     total = sum(map(sum, groups))
     if zero_stage == 0:
         return max(4 * total if bf16 else 0, e * min(total, REDUCE_BUCKET) if dp > 1 else 0)
@@ -252,7 +313,7 @@ def deepspeed_transient_bytes(tensors: Sequence[Tensor], zero_stage: int, dp: in
         gathered = e * (sum(big[:2]) + min(PREFETCH_BUCKET, sum(big[2:]))) if dp > 1 else 0
         largest = max(-(-sum(group) // dp) for group in groups)
         return max(gathered, (4 + (e if bf16 else 0)) * largest)
-    largest = max(part for _, part, _ in (_zero12_partition(group, dp, 0) for group in groups))
+    largest = max(part for _, part, _ in _partitions(tensors, pairs, dp, 0, ep))
     step = (4 + (e if bf16 else 0)) * largest
     buckets = e * REDUCE_BUCKET * (2 if pipelined else 1)
     return max(step, buckets + (e * total if zero_stage == 1 else 0))
@@ -348,6 +409,9 @@ def plan(config: Config, gpus: int, gpu: Accelerator, gpus_per_node: int = 8, ef
     tp, pp, dp, cp, sequence_parallel = layout.tp, layout.pp, layout.dp, layout.cp, layout.sequence_parallel
     checkpointing = execution.activation_checkpointing
     notes = []
+    if args.moe.num_experts:
+        notes.append(f"mixture of experts: {args.num_active_params() / 1e9:.2f}B of the {args.num_params() / 1e9:.2f}B "
+                     "parameters active per token (FLOPs and MFU count those); routing assumed balanced")
     if tp * cp > gpus_per_node:
         notes.append(f"parallel.tp x parallel.cp = {tp * cp} spans nodes of {gpus_per_node} GPUs: their "
                      "collectives run over the network")
@@ -365,14 +429,15 @@ def plan(config: Config, gpus: int, gpu: Accelerator, gpus_per_node: int = 8, ef
         notes.append("optimizer.muon_ns_dtype=fp32: Newton-Schulz time is counted at the bf16 rate; fp32 matmuls "
                      "run several times slower")
     worst, busiest = None, MuonWork(0.0, 0, 0, (0, 0))
-    for stage, tensors in enumerate(stage_tensors(args, tp, pp)):
-        state = state_bytes(tensors, zero_stage, layout.replicas, bf16, threshold, muon=muon)
+    for stage, tensors in enumerate(stage_tensors(args, tp, pp, layout.ep)):
+        state = state_bytes(tensors, zero_stage, layout.replicas, bf16, threshold, muon=muon, ep=layout.ep)
         in_flight = min(pp - stage, accumulation) if pp > 1 else 1
         saved = activation_bytes(args, tp, pp, stage, micro, e, checkpointing, sequence_parallel, cp)
         activations = in_flight * saved
         if pp > 1:  # the pipeline engine's input and output buffers of each micro-batch in flight
             activations += in_flight * (residual * 2 * e * args.hidden_size + tokens_per_micro * 2 * INDEX_BYTES)
-        working = [deepspeed_transient_bytes(tensors, zero_stage, layout.replicas, bf16, pp > 1, threshold, muon)]
+        working = [deepspeed_transient_bytes(tensors, zero_stage, layout.replicas, bf16, pp > 1, threshold, muon,
+                                             layout.ep)]
         if muon:
             work = muon_work(tensors, args, layout.replicas, zero_stage, optimizer.muon_ns_steps)
             working.append(muon_working_bytes(work, tp, ns_bytes))
@@ -380,7 +445,8 @@ def plan(config: Config, gpus: int, gpu: Accelerator, gpus_per_node: int = 8, ef
         if stage == pp - 1:
             working.append(head_working_bytes(args, tp, micro, e, execution.loss_chunk_tokens, cp, sequence_parallel))
         if checkpointing:  # one block recomputed in backward at a time
-            working.append(tokens_per_micro * block_activation_bytes_per_token(args, tp, e, sequence_parallel))
+            working.append(tokens_per_micro * max(block_activation_bytes_per_token(args, tp, e, sequence_parallel, layer)
+                                                  for layer in range(args.num_layers)))
         if cp > 1:
             working.append(context_parallel_working_bytes(args, tp, micro, e))
         memory = {**state, "activations": activations, "working": max(working), "allowance": ALLOWANCE_GIB * GIB}
@@ -402,9 +468,14 @@ def plan(config: Config, gpus: int, gpu: Accelerator, gpus_per_node: int = 8, ef
     cp_time = layers * 3 * ring_seconds(keys_and_values, cp, cp_bandwidth, 1)
     pp_bandwidth = gpu.intra_node_gbps if tp * cp * dp * pp <= gpus_per_node else gpu.inter_node_gbps
     send = 0.0 if pp == 1 else 2 * residual * args.hidden_size * e / (pp_bandwidth * 1e9)
-    per_micro = compute + tp_time + cp_time + send + MICRO_BATCH_OVERHEAD_S
+    # expert parallelism: per MoE block each rank's token-expert pairs go out and come back, forward and backward
+    moe_layers = max(sum(map(args.moe.is_moe_layer, layers)) for layers in stage_layers(args.num_layers, pp))
+    pairs_bytes = tokens_per_micro * args.moe.top_k * args.hidden_size * e
+    ep_bandwidth = gpu.intra_node_gbps if tp * cp * layout.ep <= gpus_per_node else gpu.inter_node_gbps
+    ep_time = moe_layers * (6 if checkpointing else 4) * ring_seconds(pairs_bytes, layout.ep, ep_bandwidth, 1)
+    per_micro = compute + tp_time + cp_time + ep_time + send + MICRO_BATCH_OVERHEAD_S
     pipeline = (accumulation + pp - 1) * per_micro
-    local = max(sum(t.numel for t in stage) for stage in stage_tensors(args, tp, pp))
+    local = max(sum(t.numel for t in stage) for stage in stage_tensors(args, tp, pp, layout.ep))
     dp_bandwidth = gpu.intra_node_gbps if tp * cp * dp <= gpus_per_node else gpu.inter_node_gbps
     passes = {0: 2, 1: 2, 2: 2, 3: 3}[zero_stage]  # ZeRO-3 also gathers the weights for backward
     dp_time = ring_seconds(local * e, layout.replicas, dp_bandwidth, passes)
@@ -422,6 +493,7 @@ def plan(config: Config, gpus: int, gpu: Accelerator, gpus_per_node: int = 8, ef
                 fits=worst["total"] <= gpu.memory_gib * GIB, step_time_s=step,
                 time_s={"compute": accumulation * compute, "tensor_parallel": accumulation * tp_time,
                         "context_parallel": accumulation * cp_time,
+                        **({"expert_parallel": accumulation * ep_time} if layout.ep > 1 else {}),
                         "overhead": accumulation * MICRO_BATCH_OVERHEAD_S,
                         "pipeline_bubble": (pp - 1) * per_micro, "pipeline_sends": accumulation * send,
                         "data_parallel": dp_time, **({"muon": muon_time} if muon else {})},
@@ -443,9 +515,10 @@ def tensor_parallel_passes(layers: int, checkpointing: bool, sequence_parallel: 
 
 
 def with_layout(config: Config, tp: int, pp: int, zero_stage: int, micro_batch_size: int, checkpointing: bool,
-                cp: int = 1, sequence_parallel: bool = False) -> Config:
+                cp: int = 1, sequence_parallel: bool = False, ep: int = 1) -> Config:
     return dataclasses.replace(
-        config, parallel=dataclasses.replace(config.parallel, tp=tp, pp=pp, cp=cp, sequence_parallel=sequence_parallel),
+        config, parallel=dataclasses.replace(config.parallel, tp=tp, pp=pp, cp=cp, sequence_parallel=sequence_parallel,
+                                             ep=ep),
         optimizer=dataclasses.replace(config.optimizer, zero_stage=zero_stage),
         train=dataclasses.replace(config.train, micro_batch_size=micro_batch_size),
         execution=dataclasses.replace(config.execution, activation_checkpointing=checkpointing))
@@ -455,16 +528,20 @@ def search(config: Config, gpus: int, gpu: Accelerator, gpus_per_node: int = 8, 
     """Every layout of `gpus` GPUs that validation accepts and that fits, fastest first: tensor
     parallel inside a node with sequence parallelism on and off, context parallel sizes of powers
     of two, any pipeline depth, ZeRO 0-3, micro-batches of powers of two, activation checkpointing
-    off and on (a micro-batch that does not fit ends its series: larger ones need more memory)."""
+    off and on (a micro-batch that does not fit ends its series: larger ones need more memory); for a
+    mixture of experts every expert-parallel size that divides the experts."""
     plans = []
+    experts = config.model.moe.num_experts
+    eps = [ep for ep in range(1, experts + 1) if experts % ep == 0 and gpus % ep == 0] if experts else [1]
     for tp in (t for t in range(1, min(gpus, gpus_per_node) + 1) if gpus_per_node % t == 0 and gpus % t == 0):
         for cp in (c for c in (2**k for k in range(gpus.bit_length())) if gpus % (tp * c) == 0):
             for pp in (p for p in range(1, config.model.num_layers + 1) if gpus % (tp * cp * p) == 0):
-                for zero_stage, sequence_parallel, checkpointing in itertools.product(
-                        (1,) if pp > 1 else (0, 1, 2, 3), (False, True) if tp > 1 else (False,), (False, True)):
+                for zero_stage, sequence_parallel, checkpointing, ep in itertools.product(
+                        (1,) if pp > 1 else (0, 1, 2, 3), (False, True) if tp > 1 else (False,), (False, True), eps):
                     micro = 1
                     while micro <= config.train.global_batch_size:
-                        candidate = with_layout(config, tp, pp, zero_stage, micro, checkpointing, cp, sequence_parallel)
+                        candidate = with_layout(config, tp, pp, zero_stage, micro, checkpointing, cp, sequence_parallel,
+                                                ep)
                         try:
                             result = plan(candidate, gpus, gpu, gpus_per_node, efficiency)
                         except ConfigError:

@@ -6,7 +6,10 @@ from collections.abc import Iterator
 from functools import partial
 
 import torch
+import torch.distributed as dist
 
+from pretrain.model.llama import LOSS_PARTS
+from pretrain.model.moe import MoE
 from pretrain.model.pipeline import Z_LOSS
 from pretrain.update import UpdateGuard
 
@@ -34,9 +37,10 @@ class ModelSteps:
         return self.engine(_on(self.device, batch["tokens"]), position_ids, document_ids, labels, reduction=reduction)
 
     def train(self, batches: Iterator[dict], step: int, log_step: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step; returns this rank's contributions to the loss and to the z-loss part
-        of it (summed over DP ranks and divided by dp x accumulation: the step's means)."""
-        total, z_total = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        """One optimizer step; returns this rank's contributions to the loss and to its parts
+        besides the cross-entropy (pretrain.model.llama.LOSS_PARTS), summed over DP ranks and divided
+        by dp x accumulation: the step's means."""
+        total, parts = torch.zeros((), device=self.device), torch.zeros(len(LOSS_PARTS), device=self.device)
         for micro in range(self.accumulation):
             loss = self._loss(next(batches))
             if step in self.nan_steps:
@@ -46,8 +50,8 @@ class ModelSteps:
                 self.guard.gradients_ready(log_step)
             self.engine.step()
             total += loss.detach()
-            z_total += self.engine.module.last_z_loss
-        return total, z_total
+            parts += self.engine.module.last_loss_parts
+        return total, parts
 
     def loss_sum(self, batches: list[dict]) -> torch.Tensor:
         """Sum of the loss over every predicted token of `batches` (this rank's share)."""
@@ -62,9 +66,10 @@ class ModelSteps:
 class PipelineSteps:
     """Steps of this rank's pipeline stage: the first and last stages read the micro-batches."""
 
-    def __init__(self, engine, model, device: torch.device, accumulation: int, reads_data: bool):
+    def __init__(self, engine, model, device: torch.device, accumulation: int, reads_data: bool,
+                 moe: bool = False, pipeline_group: dist.ProcessGroup | None = None):
         self.engine, self.model, self.device, self.accumulation = engine, model, device, accumulation
-        self.reads_data = reads_data
+        self.reads_data, self.moe, self.pipeline_group = reads_data, moe, pipeline_group
 
     def _feed(self, batches) -> Iterator[tuple]:
         """Micro-batch dicts -> the pipeline engine's ((tokens, position_ids[, document_ids]), labels),
@@ -82,9 +87,21 @@ class PipelineSteps:
 
     def train(self, batches: Iterator[tuple] | None, step: int,
               log_step: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ModelSteps.train; the router losses of a mixture of experts are those of this rank's
+        micro-batches (their blocks on every stage: summed over the pipeline), added to the loss,
+        which the pipeline engine reports without them."""
         loss = self.engine.train_batch(data_iter=batches)  # already averaged over micro-batches and DP
         z_loss = (self.engine.agg_additional_losses or {}).get(Z_LOSS, torch.zeros((), device=self.device))
-        return loss.detach() * self.accumulation, z_loss * self.accumulation
+        parts = torch.zeros(len(LOSS_PARTS), device=self.device)
+        parts[LOSS_PARTS.index(Z_LOSS)] = z_loss * self.accumulation
+        if self.moe:
+            routers = [module for module in self.model.modules() if isinstance(module, MoE)]
+            router_losses = sum((r.router_losses.to(self.device) for r in routers), torch.zeros(2, device=self.device))
+            dist.all_reduce(router_losses, group=self.pipeline_group)
+            parts[1:] = router_losses
+            for router in routers:
+                router.router_losses = torch.zeros(2)
+        return loss.detach() * self.accumulation + parts[1:].sum(), parts
 
     def loss_sum(self, batches: list[dict]) -> torch.Tensor:
         mean_loss = self.model.loss_fn  # None but on the last stage

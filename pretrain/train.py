@@ -20,7 +20,9 @@ from pretrain.data import stream
 from pretrain.downstream.evaluator import DownstreamEvaluator
 from pretrain.engine import build_engine, build_model, resolve_precision, single_stage_names
 from pretrain.evaluation import Validator
+from pretrain.expert_load import ExpertLoad
 from pretrain.metrics import MetricsWriter, StepLog, wandb_settings
+from pretrain.model.moe import update_router_biases
 from pretrain.samples import TrainingSamples
 from pretrain.signals import StopSignals
 from pretrain.step import ModelSteps, PipelineSteps
@@ -52,7 +54,7 @@ def train(config: Config) -> TrainResult:
     data = stream.resolve(config)
     owns_process_group = not dist.is_initialized()
     context = parallel.initialize(layout.tp, layout.pp, config.parallel.backend.value,
-                                  config.parallel.timeout_minutes, layout.cp)
+                                  config.parallel.timeout_minutes, layout.cp, layout.ep)
     try:
         return Trainer(config, layout, context, data).run()
     finally:
@@ -102,9 +104,14 @@ class Trainer:
         self.metrics = MetricsWriter(log_dir, self.last_step, enabled=context.rank == 0,
                                      wandb=wandb_settings(config))
         self.step_log = StepLog(self.metrics, config, layout, context.device, context.replica_group, self.last_step)
+        self.expert_load = ExpertLoad(
+            self.model, self.metrics, context.replica_group, context.pp_group, config.model.moe.num_experts,
+            config.log.moe_idle_intervals, warns=context.dp_rank == 0 and context.tp_rank == 0 and context.cp_rank == 0,
+        ) if config.model.moe.num_experts else None
         if layout.pp > 1:
             self.steps = PipelineSteps(self.engine, self.model, context.device, layout.grad_accumulation,
-                                       reads_data=context.is_first_stage or context.is_last_stage)
+                                       reads_data=context.is_first_stage or context.is_last_stage,
+                                       moe=config.model.moe.num_experts > 0, pipeline_group=context.pp_group)
         else:
             self.steps = ModelSteps(self.engine, context.device, layout.grad_accumulation, self.guard,
                                     config.debug.inject_nan_steps)
@@ -143,9 +150,9 @@ class Trainer:
         self.metrics.advance(self.start_step)
         for step in range(self.start_step + 1, self.last_step + 1):
             log_step = self.step_log.should_log(step)
-            loss, z_loss, lr = self._step(step, log_step)
+            loss, parts, lr = self._step(step, log_step)
             self.watchdog.progress(f"step {step}")
-            self.step_log.add(loss, z_loss)
+            self.step_log.add(loss, parts)
             self._advance(progress, step)
             if log_step:
                 self._log(step, lr, result)
@@ -174,12 +181,14 @@ class Trainer:
         return result
 
     def _step(self, step: int, log_step: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """One optimizer step: this rank's contributions to the loss and its z-loss part, and the
-        learning rate it used."""
+        """One optimizer step: this rank's contributions to the loss and its parts besides the
+        cross-entropy (pretrain.model.llama.LOSS_PARTS), and the learning rate it used."""
         lr = self.engine.get_lr()[0]
-        loss, z_loss = self.steps.train(self.batches, step, log_step)
+        loss, parts = self.steps.train(self.batches, step, log_step)
+        if self.config.model.moe.bias_update_rate > 0:
+            update_router_biases(self.model, self.context.replica_group)
         self.guard.step_finished(step, loss)
-        return loss, z_loss, lr
+        return loss, parts, lr
 
     def _advance(self, progress: Progress, step: int) -> None:
         progress.step = step
@@ -193,6 +202,8 @@ class Trainer:
         values = self.step_log.write(step, lr, grad_norm, {"skipped_steps": result.skipped_steps,
                                                            "consumed_samples": self.progress.consumed_samples})
         result.losses[step], result.grad_norms[step] = values["loss"], grad_norm
+        if self.expert_load is not None:
+            self.expert_load.write(step)
         self.stream.report_damage(step, self.metrics)
 
     def _stopped(self, step: int, result: TrainResult) -> None:

@@ -20,14 +20,14 @@ from pretrain.train import Trainer
 
 def check(config) -> dict:
     layout = validate(config, dist.get_world_size())
-    context = parallel.initialize(layout.tp, layout.pp, "gloo")
+    context = parallel.initialize(layout.tp, layout.pp, "gloo", ep=layout.ep)
     try:
         trainer = Trainer(config, layout, context, stream.resolve(config))
-        tensors = plan.stage_tensors(config.model, layout.tp, layout.pp)[context.pp_rank]
+        tensors = plan.stage_tensors(config.model, layout.tp, layout.pp, layout.ep)[context.pp_rank]
         predicted = plan.state_bytes(tensors, config.optimizer.zero_stage, layout.dp,
                                      config.train.precision == Precision.bf16,
                                      config.optimizer.zero3_param_persistence_threshold, dp_rank=context.dp_rank,
-                                     muon=config.optimizer.name == OptimizerName.muon)
+                                     muon=config.optimizer.name == OptimizerName.muon, ep=layout.ep)
         measured, steps, step = {}, [0], trainer.engine.optimizer.step
 
         def measured_step(*args, **kwargs):

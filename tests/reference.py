@@ -35,4 +35,4 @@ def to_hf(ours: dict[str, torch.Tensor], args: LlamaArgs) -> dict[str, torch.Ten
 def from_hf(hf: dict[str, torch.Tensor], args: LlamaArgs) -> dict[str, torch.Tensor]:
     """Hugging Face tensors -> our names (the inverse of to_hf)."""
     return {name: from_hf_tensor(name, hf.__getitem__, args)
-            for name in parameter_names(args.num_layers, args.tie_embeddings)}
+            for name in parameter_names(args)}

@@ -35,7 +35,9 @@ VARIANTS = {  # name -> (layout, model) overrides
              ["model.num_heads=4", "model.num_kv_heads=4", "model.tie_embeddings=true"]),
     "zero3": (["parallel.tp=2", "optimizer.zero_stage=3", "optimizer.zero3_param_persistence_threshold=0"],
               ["model.num_heads=8", "model.num_kv_heads=2", "model.rope_theta=50000", "model.norm_eps=1e-6"]),
+    "qk_norm": (["parallel.tp=2", "parallel.pp=2"], ["model.num_heads=8", "model.num_kv_heads=2", "model.qk_norm=true"]),
 }
+HF_CLASSES = {"qk_norm": "Qwen3ForCausalLM"}  # the others: LlamaForCausalLM
 TEXTS = ["def f(x):\n    return x  # comment\n\n\n", "  two leading spaces, trailing  ", "tabs\t\tand\nnewlines\n",
          "digits 1234567 émoji 😀 中文", "special text </s> <s> <pad> <unk> inside", "", " ", "naïve café"]
 
@@ -63,7 +65,7 @@ def base(data: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained(data, tmp_path_factory) -> dict:
-    """The three variants trained in one launch of 4 processes; name -> {run: metrics, dir: checkpoint.dir}."""
+    """The variants trained in one launch of 4 processes; name -> {run: metrics, dir: checkpoint.dir}."""
     root = tmp_path_factory.mktemp("trained")
     runs = {name: layout + model + [f"checkpoint.dir={root / name}"] for name, (layout, model) in VARIANTS.items()}
     results = run_layouts(root, 4, base(data), runs)
@@ -128,7 +130,7 @@ def test_export_loads_in_transformers_with_our_logits_loss_and_ids(name, trained
     folder, summary, validation, result = (exports[name][key] for key in ("folder", "summary", "validation", "hf"))
     if name == "gqa":  # above the threshold: sharded, with the index transformers reads
         assert len(summary["files"]) > 1 and (folder / "model.safetensors.index.json").is_file()
-    assert result["class"] == "LlamaForCausalLM"
+    assert result["class"] == HF_CLASSES.get(name, "LlamaForCausalLM")
 
     logits = our_logits(trained[name]["dir"], validation[0]["tokens"])
     logit_diff = (logits - result["logits"]).abs().max().item()
@@ -221,6 +223,33 @@ def test_from_hf_refuses_pickles_unless_allowed(hf_folder, tmp_path, capsys):
     export(tmp_path / "b", exported, dtype="fp32", tokenizer="none")
     again = safetensors_torch.load_file(exported / "model.safetensors")
     assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
+
+
+def test_qwen3_from_hf_and_back_bit_for_bit(tmp_path, capsys):
+    """A Qwen3ForCausalLM saved by transformers (q_norm/k_norm random) -> ours (model.qk_norm) -> the same tensors;
+    a sliding window is refused by name."""
+    import transformers
+
+    config = transformers.Qwen3Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=8, num_key_value_heads=2, head_dim=8,
+                                      max_position_embeddings=SEQ)
+    torch.manual_seed(0)
+    model = transformers.Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.2)
+    model.save_pretrained(tmp_path / "qwen3")
+    assert cli(["convert", "from-hf", "--model", str(tmp_path / "qwen3"), "--out", str(tmp_path / "ours")]) == 0
+    assert CheckpointReader(tmp_path / "ours").args.qk_norm
+    export(tmp_path / "ours", tmp_path / "again", dtype="fp32", tokenizer="none")
+    first, second = (safetensors_torch.load_file(tmp_path / name / "model.safetensors") for name in ("qwen3", "again"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
+
+    hf_config = json.loads((tmp_path / "qwen3" / "config.json").read_text())
+    (tmp_path / "qwen3" / "config.json").write_text(json.dumps({**hf_config, "use_sliding_window": True}))
+    assert cli(["convert", "from-hf", "--model", str(tmp_path / "qwen3"), "--out", str(tmp_path / "sliding")]) == 2
+    assert "use_sliding_window=True is not implemented" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("change, named", [

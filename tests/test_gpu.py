@@ -2,8 +2,9 @@
 bf16 + compiled blocks training in a world of one NCCL process, a bitwise resume, TP2 (two
 gloo ranks on one GPU) against TP1, TP2 with sequence parallelism and CP2 with document masking
 (FlexAttention across chunks) against one process, FlexAttention document masking and
-context-parallel attention against the dense mask, and no host synchronisation inside a
-training step (torch.cuda.set_sync_debug_mode)."""
+context-parallel attention against the dense mask, no host synchronisation inside a training
+step (torch.cuda.set_sync_debug_mode), and a mixture of experts' torch._grouped_mm path against
+its loop over experts."""
 
 import json
 import subprocess
@@ -161,3 +162,31 @@ def test_train_warns_when_the_plan_exceeds_the_gpu():
     config = load(ROOT / "configs/llama-70b.yaml", ["parallel.tp=1", "parallel.pp=1"])
     line = plan.memory_check(config, 1, torch.device("cuda", 0))
     assert "warning: more than this GPU's" in line and "pretrain plan --search" in line
+
+
+def test_grouped_mm_path_equals_the_loop_over_experts(monkeypatch):
+    """A mixture of experts in bf16: torch._grouped_mm (compute capability >= 9) against one matmul
+    per expert, outputs and every gradient (the CPU tests hold both to a loop over tokens)."""
+    from pretrain.model import moe
+    from pretrain.model.args import MoEArgs
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("torch._grouped_mm needs compute capability 9.0 or more")
+    torch.manual_seed(0)
+    layer = moe.MoE(MoEArgs(num_experts=8, top_k=2, expert_ffn_hidden_size=256, aux_loss_coeff=0.01), 512, shared=None)
+    with torch.no_grad():
+        for name, param in layer.named_parameters():
+            param.normal_(0.0, 0.5 if name == "router.weight" else 0.05)
+    layer = layer.cuda().bfloat16()
+    x = torch.randn(4, 256, 512, device="cuda", dtype=torch.bfloat16)
+    probe = torch.randn_like(x)
+    results = []
+    for grouped in (True, False):
+        monkeypatch.setattr(moe, "use_grouped_mm", lambda _, grouped=grouped: grouped)
+        layer.zero_grad()
+        inputs = x.clone().requires_grad_()
+        out = layer(inputs)
+        ((out * probe).float().sum() + layer.aux_loss).backward()
+        results.append([out.detach(), inputs.grad] + [p.grad.clone() for p in layer.parameters()])
+    for grouped, loop in zip(*results):
+        assert (grouped.float() - loop.float()).abs().max() <= 2e-2 * loop.float().abs().max()

@@ -1,4 +1,5 @@
-"""Model math against Hugging Face's LlamaForCausalLM, loss padding, initialisation."""
+"""Model math against Hugging Face's LlamaForCausalLM (Qwen3ForCausalLM with qk_norm), loss padding,
+initialisation."""
 
 import pytest
 import torch
@@ -22,15 +23,16 @@ def tp_group():
     parallel.shutdown()
 
 
-def hf_model(args: LlamaArgs) -> "transformers.LlamaForCausalLM":
-    config = transformers.LlamaConfig(
+def hf_model(args: LlamaArgs) -> "transformers.PreTrainedModel":
+    """LlamaForCausalLM, or Qwen3ForCausalLM with qk_norm, of random weights (norms included)."""
+    config = (transformers.Qwen3Config if args.qk_norm else transformers.LlamaConfig)(
         vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.ffn_hidden_size,
         num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads,
-        rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta, max_position_embeddings=args.seq_len,
-        tie_word_embeddings=args.tie_embeddings, attn_implementation="sdpa",
+        head_dim=args.head_dim, rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta,
+        max_position_embeddings=args.seq_len, tie_word_embeddings=args.tie_embeddings, attn_implementation="sdpa",
     )
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
+    model = (transformers.Qwen3ForCausalLM if args.qk_norm else transformers.LlamaForCausalLM)(config)
     with torch.no_grad():
         for param in model.parameters():  # HF initialises norms to 1: randomise them so eps/weight placement shows
             param.normal_(0.0, 0.2)
@@ -42,7 +44,9 @@ def hf_model(args: LlamaArgs) -> "transformers.LlamaForCausalLM":
               seq_len=32, rope_theta=50000.0, norm_eps=1e-6),
     LlamaArgs(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, ffn_hidden_size=96,
               seq_len=32, tie_embeddings=True),
-], ids=["gqa-untied-theta5e4", "mha-tied"])
+    LlamaArgs(vocab_size=300, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=2, ffn_hidden_size=96,
+              seq_len=32, norm_eps=1e-6, qk_norm=True),
+], ids=["gqa-untied-theta5e4", "mha-tied", "qk-norm-qwen3"])
 def test_logits_and_loss_equal_hugging_face(args, tp_group):
     reference = hf_model(args)
     ours = Llama(args, tp_group).eval()
@@ -53,7 +57,9 @@ def test_logits_and_loss_equal_hugging_face(args, tp_group):
         logits = ours(tokens)
         expected = reference(tokens).logits
     assert logits.shape[-1] == 384  # padded vocabulary
-    assert (logits[..., :300] - expected).abs().max().item() < 1e-5
+    difference = (logits[..., :300] - expected).abs().max().item()
+    print(f"max |logit difference| against {type(reference).__name__}: {difference:.3g}")
+    assert difference < 1e-5
     expected_loss = torch.nn.functional.cross_entropy(expected.reshape(-1, args.vocab_size), labels.reshape(-1))
     assert abs(cross_entropy(logits, labels, args.vocab_size).item() - expected_loss.item()) < 1e-5
 
@@ -67,8 +73,10 @@ def test_qkv_regrouping_round_trip_and_head_order():
     assert all(torch.equal(a, b) for a, b in zip(split_qkv(fused, args), (q, k, v)))
 
 
-def test_hf_name_table_round_trip(tp_group):
-    args = LlamaArgs(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=48)
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_hf_name_table_round_trip(qk_norm, tp_group):
+    args = LlamaArgs(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=48,
+                     qk_norm=qk_norm)
     model = Llama(args, tp_group)
     model.init_weights(seed=3)
     ours = {name: p.detach()[:300] if name.endswith(("embedding.weight", "output.weight")) else p.detach()

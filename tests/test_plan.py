@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, TESTS, child_env, launch
 from pretrain import parallel, plan
 from pretrain.config import load, validate
-from pretrain.model.args import ExecutionArgs, LlamaArgs
+from pretrain.model.args import ExecutionArgs, LlamaArgs, MoEArgs
 from pretrain.model.execution import apply_execution
 from pretrain.model.llama import Llama
 
@@ -26,6 +26,8 @@ MODEL_125M = ["model.vocab_size=32000", "model.hidden_size=768", "model.num_laye
               "model.num_kv_heads=12", "model.ffn_hidden_size=2048", "train.micro_batch_size=1",
               "train.global_batch_size=4"]
 BF16, FP32 = ["train.precision=bf16"], ["train.precision=fp32"]
+MOE = ["model.qk_norm=true", "model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_ffn_hidden_size=32",
+       "model.moe.shared_experts=1", "model.moe.first_dense_layers=1"]
 TWO = {
     "tp2_zero1_bf16": ["parallel.tp=2", "optimizer.zero_stage=1", *BF16],
     "dp2_zero0_fp32": ["optimizer.zero_stage=0", *FP32],
@@ -38,6 +40,8 @@ TWO = {
     "pp2_zero1_fp32": ["parallel.pp=2", "optimizer.zero_stage=1", *FP32],
     "125m_dp2_zero1_bf16": ["optimizer.zero_stage=1", *BF16, *MODEL_125M],
     "125m_dp2_zero3_bf16": ["optimizer.zero_stage=3", *BF16, *MODEL_125M],
+    "moe_dp2_zero1_bf16": ["optimizer.zero_stage=1", *BF16, *MOE],
+    "moe_ep2_zero2_fp32": ["optimizer.zero_stage=2", *FP32, *MOE, "parallel.ep=2"],
 }
 FOUR = {
     "tp2_dp2_zero2_bf16_odd": ["parallel.tp=2", "optimizer.zero_stage=2", *BF16, *ODD],
@@ -91,10 +95,13 @@ def saved_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> int:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["saved", "checkpointed"])
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("tied", [False, True, "moe"], ids=["untied", "tied", "moe"])
 def test_activations_equal_what_a_forward_saves(dtype, checkpointing, tied):
+    """"moe": qk_norm, a dense first block, then 8 experts (top 2) and a shared expert."""
+    moe = MoEArgs(num_experts=8, top_k=2, expert_ffn_hidden_size=96, shared_experts=1, first_dense_layers=1) \
+        if tied == "moe" else MoEArgs()
     args = LlamaArgs(vocab_size=1000, hidden_size=128, num_layers=3, num_heads=8, num_kv_heads=2,
-                     ffn_hidden_size=352, seq_len=64, tie_embeddings=tied)
+                     ffn_hidden_size=352, seq_len=64, tie_embeddings=tied is True, qk_norm=tied == "moe", moe=moe)
     context = parallel.initialize(tp=1, pp=1, backend="gloo")
     try:
         model = Llama(args, context.tp_group)
@@ -123,7 +130,8 @@ def plan_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("preset, gpus", [("llama-1b", 16), ("llama-7b", 64), ("tiny", 4)])
+@pytest.mark.parametrize("preset, gpus", [("llama-1b", 16), ("llama-7b", 64), ("tiny", 4), ("olmoe-1b-7b-like", 64),
+                                          ("qwen3-30b-a3b-like", 64)])
 def test_search_proposes_only_layouts_that_validation_accepts(preset, gpus):
     config = ROOT / "configs" / f"{preset}.yaml"
     proposals = json.loads(plan_cli("--config", str(config), "--gpus", str(gpus), "--search", "--top", "1000",

@@ -1,5 +1,6 @@
 """`pretrain convert to-hf`: a checkpoint of any layout -> a folder that `transformers` loads as
-LlamaForCausalLM with no code of ours (config, generation config, safetensors, tokenizer).
+LlamaForCausalLM (Qwen3, Qwen3-MoE or Mixtral: pretrain.model.hf) with no code of ours
+(config, generation config, safetensors, tokenizer).
 
 One process, no distributed job: tensors are read one at a time from the memory-mapped
 checkpoint files and written out in safetensors files of at most `max_shard_bytes` each, so the

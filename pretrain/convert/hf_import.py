@@ -1,5 +1,5 @@
-"""`pretrain convert from-hf`: a Hugging Face Llama folder -> a checkpoint.dir to continue
-pretraining from, plus the config to train it with.
+"""`pretrain convert from-hf`: a Hugging Face folder (Llama, Qwen3, Qwen3-MoE, Mixtral) -> a
+checkpoint.dir to continue pretraining from, plus the config to train it with.
 
 Downloaded folders are untrusted: weights come from safetensors; pickled `pytorch_model*.bin`
 files are read only with --allow-pickle, and then with torch.load(weights_only=True). The result
@@ -90,8 +90,8 @@ def import_hf(model: str | Path, out: str | Path, tp: int = 1, pp: int = 1, allo
     validate_without_data(config, tp * pp)  # the data comes later
 
     tensor, available = hf_weights(model, allow_pickle)
-    names = parameter_names(args.num_layers, args.tie_embeddings)
-    wanted = {hf for name in names for hf in hf_names(name)}
+    names = parameter_names(args)
+    wanted = {hf for name in names for hf in hf_names(name, args)}
     missing = sorted(wanted - available)
     unknown = sorted(n for n in available - wanted if not n.endswith(IGNORED) and n != "lm_head.weight")
     if missing or unknown:

@@ -85,7 +85,7 @@ class CheckpointReader:
         return self.marker["layout"]
 
     def names(self) -> list[str]:
-        return parameter_names(self.args.num_layers, self.args.tie_embeddings)
+        return parameter_names(self.args)
 
     def tensor(self, name: str) -> torch.Tensor:
         """The full tensor of a parameter, vocabulary padding removed, in its stored dtype."""

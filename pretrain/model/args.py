@@ -25,6 +25,34 @@ class RopeScaling:
     beta_slow: float = 1.0  # yarn: rotations below which a frequency is interpolated
 
 
+class RouterScoring(str, enum.Enum):
+    softmax = "softmax"  # Mixtral, Qwen3-MoE: a softmax over the experts
+    sigmoid = "sigmoid"  # DeepSeek-V3: each expert's own sigmoid
+
+
+@dataclass
+class MoEArgs:
+    """Mixture of experts in the MLP of every block after the first `first_dense_layers`
+    (pretrain.model.moe); num_experts=0 is a dense model. Hugging Face names in comments."""
+
+    num_experts: int = 0  # num_experts / num_local_experts; 0 = dense
+    top_k: int = 2  # num_experts_per_tok: experts each token is routed to
+    expert_ffn_hidden_size: int = 0  # moe_intermediate_size: each expert's SwiGLU width
+    shared_experts: int = 0  # experts every token also passes through, unweighted (DeepSeek): one SwiGLU this many wide
+    first_dense_layers: int = 0  # mlp_only_layers = [0 .. n-1]: blocks with the dense MLP (model.ffn_hidden_size)
+    scoring: RouterScoring = RouterScoring.softmax  # how router logits become expert scores
+    renormalize: bool = True  # norm_topk_prob: the top-k scores divided by their sum
+    # aux-loss-free balancing (DeepSeek-V3: 1e-3): experts are chosen by score + a bias that, after each step,
+    # moves by this towards the mean load (up for experts below it, down above); 0 = off
+    bias_update_rate: float = 0.0
+    aux_loss_coeff: float = 0.0  # load-balancing loss (Switch): coeff x experts x sum_e f_e P_e per MoE block
+    z_loss_coeff: float = 0.0  # router z-loss (ST-MoE): coeff x mean logsumexp(router logits)^2 per MoE block
+    capacity_factor: float = 0.0  # 0 = dropless; else each expert takes ceil(factor x tokens x top_k / experts)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer >= self.first_dense_layers
+
+
 @dataclass
 class LlamaArgs:
     """Llama hyper-parameters, named after what they mean (Hugging Face names in comments)."""
@@ -43,6 +71,8 @@ class LlamaArgs:
     init_std: float = 0.02  # initializer_range
     vocab_pad_multiple: int = 128  # embedding rows are padded to a multiple of this times TP
     z_loss: float = 0.0  # PaLM's z-loss: z_loss x log(Z)^2 per token added to the training loss (PaLM: 1e-4)
+    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3, OLMo 2): q_norm, k_norm
+    moe: MoEArgs = field(default_factory=MoEArgs)  # mixture-of-experts MLPs
 
     @property
     def head_dim(self) -> int:
@@ -53,21 +83,33 @@ class LlamaArgs:
         multiple = self.vocab_pad_multiple * tp
         return -(-self.vocab_size // multiple) * multiple
 
+    def _mlp_weights(self, active: bool) -> int:
+        """Matmul weights of all blocks' MLPs: every expert, or (`active`) those a token passes through."""
+        h, moe = self.hidden_size, self.moe
+        moe_layers = sum(moe.is_moe_layer(layer) for layer in range(self.num_layers))
+        experts = (moe.top_k if active else moe.num_experts) + moe.shared_experts
+        moe_mlp = 3 * h * moe.expert_ffn_hidden_size * experts + moe.num_experts * h  # experts, router
+        return (self.num_layers - moe_layers) * 3 * h * self.ffn_hidden_size + moe_layers * moe_mlp
+
     def num_params(self, include_embedding: bool = True) -> int:
-        """Parameter count of the unpadded model (the output head counts unless tied)."""
+        """Parameter count of the unpadded model (the output head counts unless tied; every expert)."""
         h, kv_dim = self.hidden_size, self.num_kv_heads * self.head_dim
         attention = h * h * 2 + h * kv_dim * 2
-        mlp = 3 * h * self.ffn_hidden_size
-        per_layer = attention + mlp + 2 * h
+        per_layer = attention + 2 * h + (2 * self.head_dim if self.qk_norm else 0)
         head = 0 if self.tie_embeddings else self.vocab_size * h
-        total = self.num_layers * per_layer + h + head
+        total = self.num_layers * per_layer + self._mlp_weights(active=False) + h + head
         return total + (self.vocab_size * h if include_embedding else 0)
 
+    def num_active_params(self) -> int:
+        """num_params() counting, of a mixture of experts, only the experts a token passes through."""
+        return self.num_params() - self._mlp_weights(active=False) + self._mlp_weights(active=True)
+
     def flops_per_token(self) -> int:
-        """Training FLOPs per token, PaLM convention: 6 x (weights used in matmuls, head included)
-        plus 12 x layers x hidden x seq_len for attention scores and values (causal not halved)."""
+        """Training FLOPs per token, PaLM convention: 6 x (weights used in matmuls, head included;
+        of a mixture of experts those a token passes through) plus 12 x layers x hidden x seq_len for
+        attention scores and values (causal not halved)."""
         h, kv_dim = self.hidden_size, self.num_kv_heads * self.head_dim
-        matmul_weights = self.num_layers * (2 * h * h + 2 * h * kv_dim + 3 * h * self.ffn_hidden_size)
+        matmul_weights = self.num_layers * (2 * h * h + 2 * h * kv_dim) + self._mlp_weights(active=True)
         matmul_weights += self.vocab_size * h
         return 6 * matmul_weights + 12 * self.num_layers * h * self.seq_len
 

@@ -1,15 +1,20 @@
-"""Hugging Face LlamaForCausalLM <-> our parameter names and config: one name table, the
-explicit regrouping of the fused, group-major qkv projection into q/k/v (see Attention), and the
-config fields, with every Llama variant we do not implement refused by name."""
+"""Hugging Face causal LMs <-> our parameter names and config: one name table per architecture
+(LlamaForCausalLM; Qwen3ForCausalLM for models with qk_norm; for mixtures of experts
+Qwen3MoeForCausalLM with qk_norm and MixtralForCausalLM without), the explicit regrouping of the
+fused, group-major qkv projection into q/k/v (see Attention) and of our stacked expert tensors
+into one tensor per expert, and the config fields, with every variant we do not implement
+refused by name."""
 
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from importlib import metadata
 
 import torch
 
 from pretrain.errors import UserError
-from pretrain.model.args import LlamaArgs, RopeScaling, RopeScalingKind
+from pretrain.model.args import LlamaArgs, MoEArgs, RopeScaling, RopeScalingKind, RouterScoring
+from pretrain.model.weights import EXPERTS
 
 # Ours -> Hugging Face, per block ("{i}" = layer number) and for the whole model.
 BLOCK_NAMES = {
@@ -20,14 +25,55 @@ BLOCK_NAMES = {
     "mlp.up_proj.weight": "mlp.up_proj.weight",
     "mlp.down_proj.weight": "mlp.down_proj.weight",
 }
+DENSE_MLP_NAMES = {name: BLOCK_NAMES.pop(name) for name in ("mlp.gate_proj.weight", "mlp.up_proj.weight",
+                                                             "mlp.down_proj.weight")}
+QK_NORM_NAMES = {
+    "attention.q_norm.weight": "self_attn.q_norm.weight",
+    "attention.k_norm.weight": "self_attn.k_norm.weight",
+}
 MODEL_NAMES = {
     "embedding.weight": "model.embed_tokens.weight",
     "final_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+# A mixture of experts' router, and its stacked experts -> one tensor per expert ("{e}").
+QWEN3_MOE_NAMES = {
+    "mlp.router.weight": "mlp.gate.weight",
+    "mlp.experts.gate_proj": "mlp.experts.{e}.gate_proj.weight",
+    "mlp.experts.up_proj": "mlp.experts.{e}.up_proj.weight",
+    "mlp.experts.down_proj": "mlp.experts.{e}.down_proj.weight",
+}
+MIXTRAL_NAMES = {
+    "mlp.router.weight": "block_sparse_moe.gate.weight",
+    "mlp.experts.gate_proj": "block_sparse_moe.experts.{e}.w1.weight",
+    "mlp.experts.up_proj": "block_sparse_moe.experts.{e}.w3.weight",
+    "mlp.experts.down_proj": "block_sparse_moe.experts.{e}.w2.weight",
+}
 QKV = "attention.qkv_proj.weight"
 REQUIRED_CONFIG = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 HF_QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A Hugging Face model class we export to and import from, and what our model must be for it."""
+
+    name: str  # config.json's architectures[0]
+    model_type: str
+    qk_norm: bool
+    moe: bool
+    block_names: dict[str, str]  # ours -> Hugging Face, per block ({e}: each expert of a stacked tensor)
+
+
+LLAMA = Architecture("LlamaForCausalLM", "llama", qk_norm=False, moe=False,
+                     block_names=BLOCK_NAMES | DENSE_MLP_NAMES)
+QWEN3 = Architecture("Qwen3ForCausalLM", "qwen3", qk_norm=True, moe=False,
+                     block_names=BLOCK_NAMES | DENSE_MLP_NAMES | QK_NORM_NAMES)
+QWEN3_MOE = Architecture("Qwen3MoeForCausalLM", "qwen3_moe", qk_norm=True, moe=True,
+                         block_names=BLOCK_NAMES | DENSE_MLP_NAMES | QK_NORM_NAMES | QWEN3_MOE_NAMES)
+MIXTRAL = Architecture("MixtralForCausalLM", "mixtral", qk_norm=False, moe=True,
+                       block_names=BLOCK_NAMES | MIXTRAL_NAMES)
+ARCHITECTURES = (LLAMA, QWEN3, QWEN3_MOE, MIXTRAL)
 
 
 class UnsupportedModelError(UserError, ValueError):
@@ -59,34 +105,72 @@ def _block_name(name: str) -> tuple[str, str] | None:
     return f"model.layers.{index}.", rest
 
 
-def hf_names(name: str) -> list[str]:
+def architecture(args: LlamaArgs) -> Architecture:
+    """The Hugging Face architecture a model of `args` is exported as: dense, Qwen3 with qk_norm, else
+    Llama; a mixture of experts, Qwen3-MoE with qk_norm, else Mixtral. What none of them holds is refused."""
+    moe = args.moe
+    if not moe.num_experts:
+        return QWEN3 if args.qk_norm else LLAMA
+    problems = []
+    if moe.scoring != RouterScoring.softmax or moe.bias_update_rate:
+        problems.append(f"model.moe.scoring={moe.scoring.value} bias_update_rate={moe.bias_update_rate}: Qwen3MoeForCausalLM "
+                        "and MixtralForCausalLM choose experts by softmax, without a selection bias")
+    if moe.shared_experts:
+        problems.append(f"model.moe.shared_experts={moe.shared_experts}: neither Qwen3MoeForCausalLM nor "
+                        "MixtralForCausalLM has shared experts")
+    if not args.qk_norm and moe.first_dense_layers:
+        problems.append(f"model.moe.first_dense_layers={moe.first_dense_layers} without model.qk_norm: "
+                        "MixtralForCausalLM has experts in every block (Qwen3MoeForCausalLM, with qk_norm, has "
+                        "dense first blocks)")
+    if not args.qk_norm and not moe.renormalize:
+        problems.append("model.moe.renormalize=false without model.qk_norm: MixtralForCausalLM always renormalises "
+                        "the top-k weights (Qwen3MoeForCausalLM, with qk_norm, may not)")
+    if problems:
+        raise UnsupportedModelError("this mixture of experts has no Hugging Face architecture to export to:\n"
+                                    + "\n".join(f"  - {p}" for p in problems))
+    return QWEN3_MOE if args.qk_norm else MIXTRAL
+
+
+def _expert_names(hf: str, args: LlamaArgs) -> list[str]:
+    return [hf.format(e=expert) for expert in range(args.moe.num_experts)] if "{e}" in hf else [hf]
+
+
+def hf_names(name: str, args: LlamaArgs) -> list[str]:
     """The Hugging Face tensors one of our parameters becomes."""
     block = _block_name(name)
     if block is None:
         return [MODEL_NAMES[name]]
     prefix, rest = block
-    return [prefix + hf for hf in HF_QKV] if rest == QKV else [prefix + BLOCK_NAMES[rest]]
+    if rest == QKV:
+        return [prefix + hf for hf in HF_QKV]
+    return [prefix + hf for hf in _expert_names(architecture(args).block_names[rest], args)]
+
+
+def _parts(name: str, tensor: torch.Tensor, args: LlamaArgs) -> tuple[torch.Tensor, ...]:
+    if name.endswith(QKV):
+        return split_qkv(tensor, args)
+    return tensor.unbind(0) if name.endswith(EXPERTS) else (tensor,)
 
 
 def to_hf_tensors(name: str, tensor: torch.Tensor, args: LlamaArgs) -> Iterator[tuple[str, torch.Tensor]]:
     """One of our full, unpadded tensors -> its Hugging Face (name, tensor) pairs."""
-    names = hf_names(name)
-    yield from zip(names, split_qkv(tensor, args)) if len(names) == 3 else [(names[0], tensor)]
+    yield from zip(hf_names(name, args), _parts(name, tensor, args), strict=True)
 
 
 def from_hf_tensor(name: str, hf_tensor: Callable[[str], torch.Tensor], args: LlamaArgs) -> torch.Tensor:
     """Our tensor `name`, built from the Hugging Face tensors that `hf_tensor` returns by name."""
-    names = hf_names(name)
-    if len(names) == 3:
-        return merge_qkv(*(hf_tensor(n) for n in names), args)
-    return hf_tensor(names[0])
+    tensors = [hf_tensor(n) for n in hf_names(name, args)]
+    if name.endswith(QKV):
+        return merge_qkv(*tensors, args)
+    return torch.stack(tensors) if name.endswith(EXPERTS) else tensors[0]
 
 
 def hf_config(args: LlamaArgs, dtype: torch.dtype, bos_id: int, eos_id: int, pad_id: int | None) -> dict:
-    """config.json of the exported LlamaForCausalLM."""
+    """config.json of the exported model (see architecture)."""
+    target = architecture(args)
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [target.name],
+        "model_type": target.model_type,
         "vocab_size": args.vocab_size,
         "hidden_size": args.hidden_size,
         "intermediate_size": args.ffn_hidden_size,
@@ -101,8 +185,7 @@ def hf_config(args: LlamaArgs, dtype: torch.dtype, bos_id: int, eos_id: int, pad
         **rope_config(args),
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "pretraining_tp": 1,
+        **ARCHITECTURE_CONFIG[target.name](args),
         "tie_word_embeddings": args.tie_embeddings,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
@@ -110,6 +193,25 @@ def hf_config(args: LlamaArgs, dtype: torch.dtype, bos_id: int, eos_id: int, pad
         "use_cache": True,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
+
+
+def _moe_config(args: LlamaArgs) -> dict:
+    return {"num_experts_per_tok": args.moe.top_k, "output_router_logits": False}
+
+
+# config.json fields of each architecture beyond the common ones.
+ARCHITECTURE_CONFIG = {
+    LLAMA.name: lambda args: {"mlp_bias": False, "pretraining_tp": 1},
+    QWEN3.name: lambda args: {"use_sliding_window": False, "sliding_window": None, "max_window_layers": args.num_layers},
+    QWEN3_MOE.name: lambda args: {
+        "use_sliding_window": False, "sliding_window": None, "max_window_layers": args.num_layers,
+        "num_experts": args.moe.num_experts, "moe_intermediate_size": args.moe.expert_ffn_hidden_size,
+        "norm_topk_prob": args.moe.renormalize, "decoder_sparse_step": 1,
+        "mlp_only_layers": list(range(args.moe.first_dense_layers)), **_moe_config(args)},
+    MIXTRAL.name: lambda args: {
+        "sliding_window": None, "num_local_experts": args.moe.num_experts, "router_jitter_noise": 0.0,
+        "intermediate_size": args.moe.expert_ffn_hidden_size, **_moe_config(args)},
+}
 
 
 # Our RoPE scaling fields -> Hugging Face's rope parameters, per kind.
@@ -163,15 +265,54 @@ def _rope_scaling(rope: dict, problems: list[str]) -> RopeScaling:
     return RopeScaling(kind=kind, **values | {"original_seq_len": int(values["original_seq_len"])})
 
 
+def _source_architecture(config: dict, problems: list[str]) -> Architecture:
+    """The architecture config.json names, among ARCHITECTURES (else a problem, and Llama's)."""
+    by_type = {arch.model_type: arch for arch in ARCHITECTURES}
+    source = by_type.get(config.get("model_type"), LLAMA)
+    architectures = config.get("architectures") or [source.name]
+    if config.get("model_type") not in by_type or architectures != [source.name]:
+        supported = ", ".join(f"model_type {arch.model_type!r} with {arch.name}" for arch in ARCHITECTURES)
+        problems.append(f"model_type={config.get('model_type')!r} architectures={architectures}: only {supported} "
+                        "are supported")
+    if config.get("use_sliding_window"):
+        problems.append("use_sliding_window=True is not implemented (only full attention)")
+    if source == MIXTRAL and config.get("sliding_window") is not None:
+        problems.append(f"sliding_window={config['sliding_window']} is not implemented (only full attention)")
+    if any(kind != "full_attention" for kind in config.get("layer_types") or ()):
+        problems.append(f"layer_types={config['layer_types']}: only full_attention is implemented")
+    return source
+
+
+def _moe_args(config: dict, source: Architecture, problems: list[str]) -> MoEArgs:
+    """model.moe of a Qwen3-MoE or Mixtral config (of another architecture: none)."""
+    if not source.moe:
+        return MoEArgs()
+    experts = config.get("num_experts", config.get("num_local_experts"))
+    top_k = config.get("num_experts_per_tok")
+    if not isinstance(experts, int) or not isinstance(top_k, int):
+        problems.append("config.json gives no integer num_experts (num_local_experts) and num_experts_per_tok")
+        return MoEArgs()
+    if source == MIXTRAL:
+        if config.get("router_jitter_noise", 0.0):
+            problems.append(f"router_jitter_noise={config['router_jitter_noise']} is not implemented (only 0)")
+        return MoEArgs(num_experts=experts, top_k=top_k, expert_ffn_hidden_size=config["intermediate_size"])
+    dense = list(config.get("mlp_only_layers") or [])
+    if config.get("decoder_sparse_step", 1) != 1 or dense != list(range(len(dense))):
+        problems.append(f"decoder_sparse_step={config.get('decoder_sparse_step')} mlp_only_layers={dense}: only "
+                        "experts in every block after the first dense ones (mlp_only_layers = [0 .. n-1]) are "
+                        "implemented")
+    return MoEArgs(num_experts=experts, top_k=top_k, expert_ffn_hidden_size=config.get("moe_intermediate_size", 0),
+                   first_dense_layers=len(dense), renormalize=bool(config.get("norm_topk_prob", False)))
+
+
 def args_from_hf_config(config: dict) -> LlamaArgs:
-    """Our model arguments for a Hugging Face Llama config; anything we would only approximate
-    (another architecture, rope scaling other than llama3 and yarn, biases, another activation or
-    head size) is refused."""
+    """Our model arguments for a Hugging Face config of an architecture in ARCHITECTURES; anything we
+    would only approximate (another architecture, rope scaling other than llama3 and yarn, biases,
+    another activation or head size, sliding windows, experts not in every block after the first
+    dense ones, router jitter) is refused."""
     problems = []
-    architectures = config.get("architectures") or ["LlamaForCausalLM"]
-    if config.get("model_type") != "llama" or architectures != ["LlamaForCausalLM"]:
-        problems.append(f"model_type={config.get('model_type')!r} architectures={architectures}: only "
-                        "model_type 'llama' with LlamaForCausalLM is supported")
+    source = _source_architecture(config, problems)
+    moe = _moe_args(config, source, problems)
     ropes = [config.get(key) or {} for key in ("rope_parameters", "rope_scaling")]  # transformers 5 / 4 spelling
     scaled = [rope for rope in ropes if rope.get("rope_type", rope.get("type", "default")) != "default"]
     if len({json.dumps({k: v for k, v in rope.items() if k != "rope_theta"}, sort_keys=True) for rope in scaled}) > 1:
@@ -197,4 +338,4 @@ def args_from_hf_config(config: dict) -> LlamaArgs:
         ffn_hidden_size=config["intermediate_size"], seq_len=config.get("max_position_embeddings", 2048),
         rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))), rope_scaling=rope_scaling,
         norm_eps=config.get("rms_norm_eps", 1e-6), tie_embeddings=config.get("tie_word_embeddings", False),
-        init_std=config.get("initializer_range", 0.02))
+        init_std=config.get("initializer_range", 0.02), qk_norm=source.qk_norm, moe=moe)

@@ -34,10 +34,14 @@ from pretrain.model.args import ExecutionArgs, LlamaArgs, RopeScaling, RopeScali
 from pretrain.model.attention import attention
 from pretrain.model.context_parallel import context_parallel_attention
 from pretrain.model.loss import linear_cross_entropy
+from pretrain.model.moe import MoE
 from pretrain.model.sequence_parallel import (
     from_sequence_order, gathered_linear, reduce_grad, scatter_output, split_tokens, to_sequence_order,
 )
 from pretrain.model.weights import drop_empty_extra_state, initialize, mark_tensor_parallel
+
+
+LOSS_PARTS = ("z_loss", "moe_aux_loss", "moe_z_loss")  # what the training loss adds to the cross-entropy
 
 
 def megatron_layer_config(tp: int) -> ModelParallelConfig:
@@ -151,7 +155,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Attention(nn.Module):
     """Grouped-query attention. The fused qkv projection is stored group-major: for each KV head
     g, the query heads it serves, then key g, then value g. A contiguous TP slice therefore holds
-    whole groups, and the layout of the full tensor does not depend on TP."""
+    whole groups, and the layout of the full tensor does not depend on TP. With `qk_norm` each
+    query and key head is RMS-normalised (weights shared by the heads) before RoPE, as in Qwen3."""
 
     def __init__(self, args: LlamaArgs, layer_config: ModelParallelConfig, tp_group):
         super().__init__()
@@ -165,6 +170,12 @@ class Attention(nn.Module):
         qkv_size = (args.num_heads + 2 * args.num_kv_heads) * self.head_dim
         self.qkv_proj = column_parallel(args.hidden_size, qkv_size, layer_config, tp_group)
         self.o_proj = row_parallel(args.num_heads * self.head_dim, args.hidden_size, layer_config, tp_group)
+        if args.qk_norm:  # one weight for all heads; a TP rank sees its heads only, so gradients sum over TP
+            self.q_norm, self.k_norm = RMSNorm(self.head_dim, args.norm_eps), RMSNorm(self.head_dim, args.norm_eps)
+            if tp_group.size() > 1:
+                self.q_norm.grad_reduce_group = self.k_norm.grad_reduce_group = tp_group
+        else:
+            self.q_norm = self.k_norm = None
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sequence_parallel: bool = False):
         """q [batch, heads/tp, seq, head_dim], k and v [batch, kv_heads/tp, seq, head_dim], rotated."""
@@ -175,8 +186,10 @@ class Attention(nn.Module):
         batch, seq, _ = qkv.shape
         qkv = qkv.view(batch, seq, self.local_groups, self.queries_per_group + 2, self.head_dim)
         q, k, v = qkv.split([self.queries_per_group, 1, 1], dim=3)
-        q = q.reshape(batch, seq, -1, self.head_dim).transpose(1, 2)
-        k = k.reshape(batch, seq, -1, self.head_dim).transpose(1, 2)
+        q, k = q.reshape(batch, seq, -1, self.head_dim), k.reshape(batch, seq, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.reshape(batch, seq, -1, self.head_dim).transpose(1, 2)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
@@ -226,13 +239,13 @@ class KVCache:
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, args: LlamaArgs, layer_config: ModelParallelConfig, tp_group):
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, layer_config: ModelParallelConfig, tp_group):
         super().__init__()
         self.tp_group = tp_group
         self.sequence_parallel = False  # set by pretrain.model.parallelize
-        self.gate_proj = column_parallel(args.hidden_size, args.ffn_hidden_size, layer_config, tp_group)
-        self.up_proj = column_parallel(args.hidden_size, args.ffn_hidden_size, layer_config, tp_group)
-        self.down_proj = row_parallel(args.ffn_hidden_size, args.hidden_size, layer_config, tp_group)
+        self.gate_proj = column_parallel(hidden_size, ffn_hidden_size, layer_config, tp_group)
+        self.up_proj = column_parallel(hidden_size, ffn_hidden_size, layer_config, tp_group)
+        self.down_proj = row_parallel(ffn_hidden_size, hidden_size, layer_config, tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.sequence_parallel:
@@ -249,15 +262,27 @@ class SwiGLU(nn.Module):
         return out
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attention(norm(x)), then h + mlp(norm(h))."""
+def build_mlp(args: LlamaArgs, layer: int, layer_config: ModelParallelConfig, tp_group,
+              ep_group=None) -> SwiGLU | MoE:
+    """Block `layer`'s MLP: dense, or a mixture of experts (model.moe; shared out over `ep_group`)."""
+    moe = args.moe
+    if not moe.is_moe_layer(layer):
+        return SwiGLU(args.hidden_size, args.ffn_hidden_size, layer_config, tp_group)
+    shared = SwiGLU(args.hidden_size, moe.shared_experts * moe.expert_ffn_hidden_size, layer_config, tp_group) \
+        if moe.shared_experts else None
+    return MoE(moe, args.hidden_size, shared, ep_group, tp_group, layer)
 
-    def __init__(self, args: LlamaArgs, layer_config: ModelParallelConfig, tp_group):
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attention(norm(x)), then h + mlp(norm(h)); `layer` is its index,
+    `ep_group` the expert-parallel group of its experts (if any)."""
+
+    def __init__(self, args: LlamaArgs, layer_config: ModelParallelConfig, tp_group, layer: int, ep_group=None):
         super().__init__()
         self.attention_norm = RMSNorm(args.hidden_size, args.norm_eps)
         self.attention = Attention(args, layer_config, tp_group)
         self.mlp_norm = RMSNorm(args.hidden_size, args.norm_eps)
-        self.mlp = SwiGLU(args, layer_config, tp_group)
+        self.mlp = build_mlp(args, layer, layer_config, tp_group, ep_group)
         self.rotary = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling)
         self.recompute = False  # activation checkpointing: set by pretrain.model.execution
 
@@ -302,12 +327,13 @@ def output_projection(args: LlamaArgs, layer_config: ModelParallelConfig, tp_gro
 class Llama(nn.Module):
     """Decoder-only Llama. forward(tokens) returns vocab-parallel logits [batch, seq, vocab/tp]:
     each TP rank holds its slice of the (padded) vocabulary. forward(tokens, labels=labels)
-    returns the mean next-token loss instead (in training with model.z_loss, the z-loss included
-    and kept in `last_z_loss`), computed with the output head chunk by chunk (pretrain.model.loss)
-    so that the logits of the whole batch never exist.
+    returns the mean next-token loss instead (in training with model.z_loss, the z-loss included,
+    and with a mixture of experts its router losses; these parts are kept in `last_loss_parts`),
+    computed with the output head chunk by chunk (pretrain.model.loss) so that the logits of the
+    whole batch never exist.
     (pretrain.model.pipeline cuts the same modules into pipeline stages.)"""
 
-    def __init__(self, args: LlamaArgs, tp_group):
+    def __init__(self, args: LlamaArgs, tp_group, ep_group=None):
         super().__init__()
         self.args = args
         self.tp_group = tp_group
@@ -315,11 +341,12 @@ class Llama(nn.Module):
         self.cp_group = None
         layer_config = megatron_layer_config(tp_group.size())
         self.embedding = vocab_embedding(args, layer_config, tp_group)
-        self.layers = nn.ModuleList(Block(args, layer_config, tp_group) for _ in range(args.num_layers))
+        self.layers = nn.ModuleList(Block(args, layer_config, tp_group, layer, ep_group)
+                                    for layer in range(args.num_layers))
         self.final_norm = RMSNorm(args.hidden_size, args.norm_eps)
         self.output = output_projection(args, layer_config, tp_group, tied=args.tie_embeddings)
         self.loss_chunk_tokens = ExecutionArgs.loss_chunk_tokens  # set by pretrain.model.execution
-        self.last_z_loss = torch.zeros(())  # the z-loss part of the last loss (detached), for the logs
+        self.last_loss_parts = torch.zeros(len(LOSS_PARTS))  # of the last loss (detached), for the logs
         mark_tensor_parallel(self)
         drop_empty_extra_state(self)
 
@@ -348,9 +375,18 @@ class Llama(nn.Module):
             x = block(x, position_ids, document_ids)
         x = self.final_norm(x)
         if labels is not None:
-            loss, self.last_z_loss = linear_cross_entropy(
+            loss, z_loss = linear_cross_entropy(
                 x, labels, self.output_weight(), self.args.vocab_size, self.tp_group, self.loss_chunk_tokens, reduction,
                 self.sequence_parallel, self.cp_group, z_loss=self.args.z_loss)
+            routers = [block.mlp for block in self.layers if isinstance(block.mlp, MoE)]
+            aux_loss = z_loss.new_zeros(())
+            router_z_loss = z_loss.new_zeros(())
+            if routers and torch.is_grad_enabled():
+                aux_loss, router_z_loss = sum(r.aux_loss for r in routers), sum(r.z_loss for r in routers)
+                loss = loss + aux_loss + router_z_loss
+                for router in routers:
+                    router.record_load()
+            self.last_loss_parts = torch.stack([z_loss, aux_loss.detach(), router_z_loss.detach()])
             return loss
         if self.sequence_parallel:
             return to_sequence_order(gathered_linear(x, (self.output_weight(),), self.tp_group)[0])

@@ -7,6 +7,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pretrain.model.llama import Attention, Llama, RMSNorm, SwiGLU
+from pretrain.model.moe import MoE
 from pretrain.model.pipeline import EmbeddingStage, HeadLoss
 
 
@@ -14,7 +15,7 @@ def apply_sequence_parallel(model: nn.Module, tp_group: dist.ProcessGroup) -> No
     """Outside the tensor-parallel layers each rank of `tp_group` holds seq/tp of the tokens; the
     replicated norm weights sum their gradients over the group."""
     for module in model.modules():
-        if isinstance(module, (Attention, SwiGLU, Llama, EmbeddingStage)):
+        if isinstance(module, (Attention, SwiGLU, MoE, Llama, EmbeddingStage)):
             module.sequence_parallel = True
         if isinstance(module, RMSNorm):
             module.grad_reduce_group = tp_group

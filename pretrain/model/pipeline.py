@@ -21,6 +21,7 @@ from pretrain.model.llama import (
     Block, RMSNorm, megatron_layer_config, output_projection, vocab_embedding,
 )
 from pretrain.model.loss import linear_cross_entropy
+from pretrain.model.moe import MoE
 from pretrain.model.sequence_parallel import split_tokens
 from pretrain.model.weights import drop_empty_extra_state, initialize, mark_tensor_parallel
 
@@ -44,9 +45,16 @@ class EmbeddingStage(nn.Module):
 
 
 class PipelineBlock(Block):
+    """A block as a stage layer; a mixture of experts records its load and router losses here (its
+    losses train through its output: pretrain.model.moe.attach_router_losses)."""
+
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         hidden, position_ids, *document_ids = inputs
-        return (super().forward(hidden, position_ids, *document_ids), position_ids, *document_ids)
+        hidden = super().forward(hidden, position_ids, *document_ids)
+        if isinstance(self.mlp, MoE) and torch.is_grad_enabled():
+            self.mlp.record_load()
+            self.mlp.record_losses()
+        return (hidden, position_ids, *document_ids)
 
 
 class FinalNormStage(nn.Module):
@@ -106,7 +114,7 @@ def _pass_hidden(_module: EmbeddingStage, hidden: torch.Tensor) -> torch.Tensor:
 
 def layer_specs(args: LlamaArgs, tp_group) -> list:
     layer_config = megatron_layer_config(tp_group.size())
-    blocks = [LayerSpec(PipelineBlock, args, layer_config, tp_group) for _ in range(args.num_layers)]
+    blocks = [LayerSpec(PipelineBlock, args, layer_config, tp_group, layer) for layer in range(args.num_layers)]
     if not args.tie_embeddings:
         return [LayerSpec(EmbeddingStage, args, tp_group), *blocks, LayerSpec(HeadStage, args, tp_group)]
     tied = dict(tied_weight_attr="embedding.weight")
