@@ -1,15 +1,22 @@
 """Reference implementations the tests compare the package against (not part of the package):
-the loss from full vocab-parallel logits, and whole state dicts converted to and from Hugging
-Face names."""
+the loss from full vocab-parallel logits, whole state dicts converted to and from Hugging Face
+names, and a checkpoint's weights in one process."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
+from pretrain import parallel
+from pretrain.convert.reader import CheckpointReader
 from pretrain.model.args import LlamaArgs
+from pretrain.model.llama import Llama
 from pretrain.model.hf import from_hf_tensor, to_hf_tensors
 from pretrain.model.loss import IGNORE_INDEX
-from pretrain.model.weights import parameter_names
+from pretrain.model.weights import load_full_state_dict, parameter_names
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
@@ -36,3 +43,16 @@ def from_hf(hf: dict[str, torch.Tensor], args: LlamaArgs) -> dict[str, torch.Ten
     """Hugging Face tensors -> our names (the inverse of to_hf)."""
     return {name: from_hf_tensor(name, hf.__getitem__, args)
             for name in parameter_names(args)}
+
+
+@contextmanager
+def single_process_model(checkpoint: str | Path) -> Iterator[tuple[Llama, CheckpointReader]]:
+    """Our model in one process (eval mode) with a checkpoint's weights, and the checkpoint's reader."""
+    context = parallel.initialize(tp=1, pp=1, backend="gloo")
+    try:
+        reader = CheckpointReader(checkpoint)
+        model = Llama(reader.args, context.tp_group).eval()
+        load_full_state_dict(model, {name: reader.tensor(name) for name in reader.names()}, 0, 1)
+        yield model, reader
+    finally:
+        parallel.shutdown()

@@ -12,16 +12,14 @@ import pytest
 import torch
 
 from conftest import hf_check, run_layouts
-from pretrain import parallel
 from pretrain.cli import main as cli
 from pretrain.config import load, validate
 from pretrain.convert.hf_export import export
 from pretrain.convert.reader import CheckpointReader
 from pretrain.data import stream
 from pretrain.data.build import build_shards
-from pretrain.model.llama import Llama
-from pretrain.model.weights import load_full_state_dict
 from pretrain.tokenizer import Tokenizer, TokenizerError, train_tokenizer
+from reference import single_process_model
 from test_data import random_documents
 
 pytest.importorskip("transformers")
@@ -113,15 +111,8 @@ def exports(trained, data, tmp_path_factory) -> dict:
 
 def our_logits(checkpoint: Path, tokens: torch.Tensor) -> torch.Tensor:
     """Logits of our single-process model with the checkpoint's weights."""
-    context = parallel.initialize(tp=1, pp=1, backend="gloo")
-    try:
-        reader = CheckpointReader(checkpoint)
-        model = Llama(reader.args, context.tp_group).eval()
-        load_full_state_dict(model, {name: reader.tensor(name) for name in reader.names()}, 0, 1)
-        with torch.no_grad():
-            return model(tokens)[..., : reader.args.vocab_size]
-    finally:
-        parallel.shutdown()
+    with single_process_model(checkpoint) as (model, reader), torch.no_grad():
+        return model(tokens)[..., : reader.args.vocab_size]
 
 
 @pytest.mark.multiprocess

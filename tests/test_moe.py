@@ -24,6 +24,7 @@ from pretrain.model.hf import UnsupportedModelError, architecture
 from pretrain.model.llama import Llama
 from pretrain.model.moe import MoE
 from pretrain.model.weights import parameter_names
+from reference import single_process_model
 
 TOKENS, HIDDEN, EXPERT_FFN = 40, 32, 48
 
@@ -309,20 +310,11 @@ def transformers_moe(kind: str, folder) -> None:
 def ours(checkpoint, tokens: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """Our single-process model with the checkpoint's weights: its logits of `tokens`, and the 6 tokens
     it decodes greedily (with the KV cache) after the first 8 of tokens[0], up to EOS (2)."""
-    from pretrain.convert.reader import CheckpointReader
     from pretrain.generate import ModelDecoder, Sampling, generate
-    from pretrain.model.weights import load_full_state_dict
 
-    context = parallel.initialize(tp=1, pp=1, backend="gloo")
-    try:
-        reader = CheckpointReader(checkpoint)
-        model = Llama(reader.args, context.tp_group).eval()
-        load_full_state_dict(model, {name: reader.tensor(name) for name in reader.names()}, 0, 1)
-        with torch.no_grad():
-            logits = model(tokens)[..., : reader.args.vocab_size]
+    with single_process_model(checkpoint) as (model, reader), torch.no_grad():
+        logits = model(tokens)[..., : reader.args.vocab_size]
         return logits, generate(ModelDecoder(model), [tokens[0, :8].tolist()], Sampling(max_new_tokens=6), 2, 0)[0]
-    finally:
-        parallel.shutdown()
 
 
 @pytest.mark.multiprocess
