@@ -265,7 +265,7 @@ def test_bf16_moe_trains_within_2_percent_of_fp32(moe_runs):
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("name", ["exportable", "balanced"])
-def test_a_moe_run_resumes_bit_for_bit(name, moe_runs):
+def test_a_moe_run_resumes_bit_for_bit(name, moe_runs, tmp_path, capsys):
     """Softmax routing, and sigmoid routing with aux-loss-free balancing (its biases restored)."""
     from pretrain.convert.reader import CheckpointReader
 
@@ -275,6 +275,9 @@ def test_a_moe_run_resumes_bit_for_bit(name, moe_runs):
     assert all(resumed["loss"][step] == runs[name]["loss"][step] for step in (3, 4, 5))
     assert resumed["valid_loss"][5] == runs[name]["valid_loss"][5]
     if name == "balanced":  # the biases moved (one step of 0.05 up or down per optimizer step) and were saved
+        assert cli(["convert", "reshard", "--checkpoint", str(moe_runs["root"] / name), "--tp", "1", "--pp", "1",
+                    "--out", str(tmp_path / "resharded")]) == 1
+        assert "does not carry the routers' balancing biases yet" in capsys.readouterr().err
         reader = CheckpointReader(moe_runs["root"] / name)  # the last step
         module = torch.load(reader.path / "mp_rank_00_model_states.pt", weights_only=False)["module"]
         biases = torch.stack([module[f"layers.{i}.mlp.router_bias_steps"] for i in (1, 2, 3)])

@@ -43,6 +43,11 @@ def reshard(checkpoint: str | Path, out: str | Path, tp: int, pp: int, step: int
             f"{reader.path} was trained with optimizer.name=muon: DeepSpeed's universal format, which resharding goes "
             "through, carries Adam's moments but not Muon's momentum. For the weights alone: `pretrain convert to-hf` "
             "then `pretrain convert from-hf --tp N --pp M`")
+    if config.model.moe.bias_update_rate > 0:
+        raise CheckpointError(
+            f"{reader.path} was trained with model.moe.bias_update_rate={config.model.moe.bias_update_rate}: DeepSpeed's "
+            "universal format, which resharding goes through, does not carry the routers' balancing biases yet. "
+            "Resume it at its own parallel.tp/parallel.pp")
     validate_without_data(dataclasses.replace(  # the new layout fits the model and the optimizer stage
         config, parallel=dataclasses.replace(config.parallel, tp=tp, pp=pp, cp=1, sequence_parallel="auto"),
         train=dataclasses.replace(config.train, global_batch_size=config.train.micro_batch_size)), tp * pp)
