@@ -8,7 +8,9 @@ folder holds the weights in one of three forms (`format` in its marker): DeepSpe
 training wrote them, DeepSpeed's universal form (`pretrain convert reshard`), or full weights in
 safetensors (`pretrain convert from-hf`); beside them `tokenizer/`, a copy of the run's
 tokenizer, and `complete.json`, the marker, written last: the format, the step, the parallel
-layout it was written with, and every file with its size. A folder is written as
+layout it was written with, and every file with its size. Under expert parallelism DeepSpeed's
+files hold the experts of the first expert-parallel rank only: `experts_ep_rank_XX.pt`, one per
+expert-parallel rank, holds each rank's share of every expert tensor. A folder is written as
 `<name>.partial/` and renamed once complete. A folder without the marker, or whose files no
 longer have the sizes the marker records, is torn: never loaded, reported by name."""
 
@@ -100,9 +102,15 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
-def layout_record(tp: int, pp: int, dp: int | None, cp: int = 1) -> dict:
+def layout_record(tp: int, pp: int, dp: int | None, cp: int = 1, ep: int = 1) -> dict:
     """The parallel sizes a step was written with (dp None: loadable at any data- and context-parallel size)."""
-    return {"tp": tp, "pp": pp, "dp": dp, "cp": cp}
+    return {"tp": tp, "pp": pp, "dp": dp, "cp": cp, "ep": ep}
+
+
+def experts_file(ep_rank: int) -> str:
+    """The file of a step folder holding expert-parallel rank `ep_rank`'s experts: {parameter name:
+    its num_experts / ep experts, from the first one this rank holds}."""
+    return f"experts_ep_rank_{ep_rank:02d}.pt"
 
 
 def replicas(layout: dict) -> int | None:

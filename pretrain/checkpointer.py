@@ -1,8 +1,9 @@
 """Training's checkpoints: when to save, and the whole training state saved into and restored
 from a step folder of the checkpoint format (pretrain.checkpoint): DeepSpeed's files (weights,
 fp32 master weights, optimizer and scheduler state, counters, the client state below) plus
-`rank_XXXXX.pt` per rank (RNG states, this rank's data-stream state) and the tokenizer copy.
-Saves are atomic across ranks; resuming at another data-parallel size goes through DeepSpeed's
+`rank_XXXXX.pt` per rank (RNG states, this rank's data-stream state), under expert parallelism
+the experts of each expert-parallel rank (pretrain.checkpoint.experts_file), and the tokenizer
+copy. Saves are atomic across ranks; resuming at another data-parallel size goes through DeepSpeed's
 universal form of the checkpoint, made once beside it."""
 
 import os
@@ -18,7 +19,7 @@ import torch.distributed as dist
 
 from pretrain.checkpoint import (
     DEEPSPEED, MARKER, PARTIAL, UNIVERSAL, UNIVERSAL_FORMAT, WEIGHTS, CheckpointError, checkpoint_format, claim_run,
-    find_checkpoint, fsync, layout_record, partial_dir, prune, publish, read_marker, replicas, safe_load, step_dir,
+    experts_file, find_checkpoint, fsync, layout_record, partial_dir, prune, publish, read_marker, replicas, safe_load, step_dir,
     store_tokenizer, to_universal, verify_files, write_marker,
 )
 from pretrain.config import CheckpointConfig, Config, DataSource, Layout, OptimizerConfig, OptimizerName, run_id, to_yaml
@@ -60,6 +61,17 @@ def _rank_file(path: Path, rank: int) -> Path:
     return path / f"rank_{rank:05d}.pt"
 
 
+def _expert_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """This rank's share of the experts under expert parallelism (none without it): DeepSpeed saves
+    only the first expert-parallel rank's, and would look for its own MoE layers' files on load."""
+    return {name: param for name, param in module.named_parameters() if hasattr(param, "first_expert")}
+
+
+def _ep_rank(experts: dict[str, torch.nn.Parameter]) -> int:
+    param = next(iter(experts.values()))
+    return param.first_expert // param.shape[0]
+
+
 class Checkpointer:
     """Claims checkpoint.dir for this run, finds the checkpoint it starts from, decides when to
     save, and saves and restores the engine's state (collectives: every rank calls each method)."""
@@ -68,7 +80,7 @@ class Checkpointer:
         self.settings: CheckpointConfig = config.checkpoint
         self.root = Path(config.checkpoint.dir) if config.checkpoint.dir else None
         self.config = config
-        self.layout = layout_record(layout.tp, layout.pp, layout.dp, layout.cp)
+        self.layout = layout_record(layout.tp, layout.pp, layout.dp, layout.cp, layout.ep)
         self.tokenizer_sha256 = tokenizer_sha256
         self.run_id = run_id(config)
         self.lease: FolderLease | None = None
@@ -223,6 +235,11 @@ def save(engine, root: Path, step: int, client_state: dict, rank_state: dict, la
             own = _rank_file(partial, rank)
             torch.save({**rank_state, "rng": rng_state()}, own)
             fsync(own)
+            experts = _expert_parameters(engine.module)
+            if experts and rank < layout["ep"]:  # the first expert-data-parallel rank of each expert-parallel rank
+                file = partial / experts_file(_ep_rank(experts))
+                torch.save({name: param.detach().cpu().clone() for name, param in experts.items()}, file)
+                fsync(file)
         except (OSError, RuntimeError) as caught:
             error = caught
     _agree_written(error, root, partial)
@@ -264,6 +281,15 @@ def _agree_written(error: Exception | None, root: Path, partial: Path) -> None:
 
 def check_layout(path: Path, saved: dict, current: dict, optimizer: OptimizerConfig) -> None:
     """Refuse, with what to do, the layout changes a resume cannot handle yet."""
+    saved_ep, current_ep = saved.get("ep", 1), current.get("ep", 1)
+    if saved_ep != current_ep or (saved_ep > 1 and replicas(saved) != replicas(current)):
+        saved_at = f"parallel.ep={saved_ep}" + (f" and {replicas(saved)} data-parallel ranks" if replicas(saved) else "")
+        raise CheckpointError(
+            f"{path} was saved with {saved_at}; this run has parallel.ep={current_ep} and {replicas(current)} "
+            "data-parallel ranks. A checkpoint resumes only at the parallel.ep it was saved with, an expert-parallel "
+            f"one only at its data-parallel size too: resume with parallel.ep={saved_ep}"
+            + (f" and {replicas(saved) * saved['tp'] * saved['pp']} processes" if replicas(saved) else "")
+            + ", or start from its weights alone: `pretrain convert to-hf`, then `pretrain convert from-hf`")
     if (saved["tp"], saved["pp"]) != (current["tp"], current["pp"]):
         raise CheckpointError(
             f"{path} was saved with parallel.tp={saved['tp']} parallel.pp={saved['pp']}; this run has "
@@ -303,6 +329,25 @@ def universal_copy(path: Path) -> Path:
     return universal
 
 
+def _load_deepspeed(engine, path: Path) -> dict | None:
+    """DeepSpeed's load of a step folder it wrote, then, under expert parallelism, this rank's experts
+    (DeepSpeed's model file holds the first expert-parallel rank's; ZeRO's files, each rank's
+    optimizer state and fp32 weights)."""
+    experts = _expert_parameters(engine.module)
+    if not experts:
+        return engine.load_checkpoint(str(path.parent), tag=path.name)[1]
+    engine.has_moe_layers = False  # for this load only: DeepSpeed would read expert files of its own MoE layers
+    try:
+        _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+    finally:
+        engine.has_moe_layers = True
+    saved = safe_load(path / experts_file(_ep_rank(experts)))
+    with torch.no_grad():
+        for name, param in experts.items():
+            param.copy_(saved[name])
+    return client_state
+
+
 def load(engine, path: Path, layout: dict, optimizer: OptimizerConfig) -> tuple[dict, dict | None]:
     """Load a complete checkpoint into the engine: returns (client state, this rank's own state
     when the checkpoint was written by the same number of ranks in the same layout, else None). A
@@ -323,7 +368,7 @@ def load(engine, path: Path, layout: dict, optimizer: OptimizerConfig) -> tuple[
         finally:
             engine._config.load_universal_checkpoint = False
     else:
-        _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+        client_state = _load_deepspeed(engine, path)
     if client_state is None:
         raise CheckpointError(f"DeepSpeed could not load {path}")
     own = _rank_file(path, dist.get_rank())

@@ -518,9 +518,6 @@ def _check_expert_parallel(config: Config, dp: int, need: Callable[[bool, str], 
     need(config.optimizer.zero_stage in (1, 2),
          f"parallel.ep={ep} needs optimizer.zero_stage 1 or 2 (not {config.optimizer.zero_stage}): only there does "
          "DeepSpeed partition and reduce expert gradients over the expert-data-parallel ranks")
-    need(not config.checkpoint.dir,
-         f"parallel.ep={ep} cannot save checkpoints yet (DeepSpeed writes the experts of its own MoE layers to separate "
-         "files, which our reader and resume do not handle); unset checkpoint.dir or set parallel.ep=1")
     need(not config.log.sample_interval and not config.downstream.interval,
          f"parallel.ep={ep} cannot be combined with log.sample_interval or downstream.interval yet (they run on one "
          "data-parallel replica; every rank of an expert-parallel group must take part); set them to 0")

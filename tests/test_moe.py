@@ -163,7 +163,6 @@ def test_expert_load_records_the_balance_and_warns_of_idle_experts(tmp_path, cap
     ("parallel.ep=3", "parallel.ep=3 needs a mixture of experts whose model.moe.num_experts (8) it divides"),
     ("parallel.ep=4", "parallel.ep=4 must divide the data-parallel size (2)"),
     ("parallel.ep=2 optimizer.zero_stage=0", "parallel.ep=2 needs optimizer.zero_stage 1 or 2 (not 0)"),
-    ("parallel.ep=2 checkpoint.dir=x", "parallel.ep=2 cannot save checkpoints yet"),
 ])
 def test_moe_settings_are_checked_by_name(override, named):
     config = load(ROOT / "configs" / "moe-tiny.yaml", override.split())
@@ -181,8 +180,8 @@ def moe_runs(generate_data, tmp_path_factory) -> dict:
     """configs/moe-tiny.yaml on conftest's shards for 5 steps of 4 micro-batches, validated at the end:
     in one process; at DP2 and EP2 with ZeRO-1 and 2, TP2 with and without sequence parallelism
     (experts whole on each rank, shared experts TP-sharded), and at DP2 without shared experts with
-    checkpoints every 2 steps (to export), then resumed from step 2 (one launch); at EP4 and EP2 x
-    expert-DP2, and that checkpoint resumed at DP4 (one launch of 4)."""
+    checkpoints every 2 steps (to export), then resumed from step 2, and likewise at EP2 with ZeRO-2 (one
+    launch); at EP4 and EP2 x expert-DP2, and the DP2 checkpoint resumed at DP4 (one launch of 4)."""
     root, data = tmp_path_factory.mktemp("moe"), generate_data
     base = [f"data.path={data / 'train'}", f"data.valid_path={data / 'valid'}", "data.num_workers=0",
             "data.source=shards", "model.vocab_size=0", "model.seq_len=32", "train.max_steps=5", "log.interval=1",
@@ -203,6 +202,10 @@ def moe_runs(generate_data, tmp_path_factory) -> dict:
         "resumed": EXPORTABLE + [f"checkpoint.dir={root / 'resumed'}",
                                  f"checkpoint.resume={root / 'checkpoint' / 'step_00000002'}"],
         "balanced": BALANCED + [f"checkpoint.dir={root / 'balanced'}", "checkpoint.interval=2", "checkpoint.keep_last=0"],
+        "ep2_saved": EXPORTABLE + ["parallel.ep=2", "optimizer.zero_stage=2", f"checkpoint.dir={root / 'ep2'}",
+                                   "checkpoint.interval=2", "checkpoint.keep_last=0"],
+        "ep2_resumed": EXPORTABLE + ["parallel.ep=2", "optimizer.zero_stage=2", f"checkpoint.dir={root / 'ep2_resumed'}",
+                                     f"checkpoint.resume={root / 'ep2' / 'step_00000002'}"],
         "balanced_resumed": BALANCED + [f"checkpoint.dir={root / 'balanced_resumed'}",
                                         f"checkpoint.resume={root / 'balanced' / 'step_00000002'}"]}, config=MOE_TINY)
     runs |= run_layouts(root / "four", 4, base, {
@@ -264,13 +267,14 @@ def test_bf16_moe_trains_within_2_percent_of_fp32(moe_runs):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("name", ["exportable", "balanced"])
+@pytest.mark.parametrize("name", ["exportable", "balanced", "ep2_saved"])
 def test_a_moe_run_resumes_bit_for_bit(name, moe_runs, tmp_path, capsys):
-    """Softmax routing, and sigmoid routing with aux-loss-free balancing (its biases restored)."""
+    """Softmax routing, sigmoid routing with aux-loss-free balancing (its biases restored), and expert
+    parallelism (each expert-parallel rank's experts restored from its own file)."""
     from pretrain.convert.reader import CheckpointReader
 
     runs = moe_runs["runs"]
-    resumed = runs[{"exportable": "resumed", "balanced": "balanced_resumed"}[name]]
+    resumed = runs[{"exportable": "resumed", "balanced": "balanced_resumed", "ep2_saved": "ep2_resumed"}[name]]
     assert sorted(resumed["loss"]) == [3, 4, 5]
     assert all(resumed["loss"][step] == runs[name]["loss"][step] for step in (3, 4, 5))
     assert resumed["valid_loss"][5] == runs[name]["valid_loss"][5]
@@ -289,6 +293,45 @@ def test_a_moe_run_resumes_bit_for_bit(name, moe_runs, tmp_path, capsys):
             assert all(torch.equal(model.layers[i].mlp.router_bias_steps, biases[i - 1]) for i in (1, 2, 3))
         finally:
             parallel.shutdown()
+
+
+@pytest.mark.multiprocess
+def test_an_expert_parallel_checkpoint_exports_like_a_data_parallel_one(moe_runs, tmp_path, capsys):
+    """`convert to-hf` of the EP2 checkpoint of step 2 assembles whole expert tensors from the experts
+    files: the export of the DP2 run's checkpoint of the same step, up to the order of the sums; the
+    marker lists the experts files; `convert reshard` refuses it by name."""
+    from safetensors.torch import load_file
+
+    from pretrain.checkpoint import experts_file, read_marker
+
+    root = moe_runs["root"]
+    step = root / "ep2" / "step_00000002"
+    marker = read_marker(step)
+    assert marker["layout"]["ep"] == 2 and {experts_file(0), experts_file(1)} <= marker["files"].keys()
+    for name, folder in (("ep2", step), ("dp2", root / "checkpoint" / "step_00000002")):
+        export(folder, tmp_path / name, dtype="fp32", tokenizer="none")
+    ep2, dp2 = (load_file(tmp_path / name / "model.safetensors") for name in ("ep2", "dp2"))
+    assert ep2.keys() == dp2.keys() and all(ep2[k].shape == dp2[k].shape for k in ep2)
+    diff = max((ep2[k] - dp2[k]).abs().max().item() for k in ep2)
+    print(f"EP2 vs DP2 export after 2 steps: max |tensor diff| {diff:.3g} over {len(ep2)} tensors")
+    assert diff <= 1e-5
+    assert cli(["convert", "reshard", "--checkpoint", str(step), "--tp", "1", "--pp", "1",
+                "--out", str(tmp_path / "resharded")]) == 1
+    assert "was saved with parallel.ep=2: resharding does not handle expert-parallel checkpoints" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("saved, current, named", [
+    (dict(dp=2, ep=2), dict(dp=2, ep=1), "resume with parallel.ep=2 and 2 processes"),
+    (dict(dp=2, ep=2), dict(dp=4, ep=2), "resume with parallel.ep=2 and 2 processes"),
+    (dict(dp=2, ep=1), dict(dp=2, ep=2), "resume with parallel.ep=1 and 2 processes"),
+])
+def test_an_expert_parallel_resume_in_another_layout_is_refused_by_name(saved, current, named, tmp_path):
+    from pretrain.checkpoint import CheckpointError, layout_record
+    from pretrain.checkpointer import check_layout
+    from pretrain.config import OptimizerConfig
+
+    with pytest.raises(CheckpointError, match=named):
+        check_layout(tmp_path, layout_record(1, 1, **saved), layout_record(1, 1, **current), OptimizerConfig())
 
 
 def transformers_moe(kind: str, folder) -> None:

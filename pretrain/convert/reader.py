@@ -3,7 +3,8 @@
 Three kinds of step directory hold weights (`format` in complete.json):
 - deepspeed (written by training): per TP rank `mp_rank_XX_model_states.pt` (PP=1, ZeRO 0-2),
   per pipeline layer and TP rank `layer_XX-model_YY-model_states.pt` (PP>1), or, with ZeRO-3,
-  fp32 partitions per data-parallel rank in `zero_pp_rank_D_mp_rank_XX_optim_states.pt`;
+  fp32 partitions per data-parallel rank in `zero_pp_rank_D_mp_rank_XX_optim_states.pt`; under
+  expert parallelism the experts in `experts_ep_rank_XX.pt`, num_experts / ep of each tensor per rank;
 - universal (written by `pretrain convert reshard`): `zero/<name>/fp32.pt`, full tensors;
 - weights (written by `pretrain convert from-hf`): full tensors in safetensors files.
 Files are memory-mapped and only the slices a tensor needs are read, so converting a model
@@ -18,13 +19,13 @@ from pathlib import Path
 import torch
 
 from pretrain.checkpoint import (
-    DEEPSPEED, MARKER, UNIVERSAL_FORMAT, WEIGHTS, CheckpointError, find_checkpoint, read_marker, replicas,
-    safe_load, step_dir, tokenizer_dir, torn_reason,
+    DEEPSPEED, MARKER, UNIVERSAL_FORMAT, WEIGHTS, CheckpointError, experts_file, find_checkpoint, read_marker,
+    replicas, safe_load, step_dir, tokenizer_dir, torn_reason,
 )
 from pretrain.config import Config, from_yaml
 from pretrain.model.args import LlamaArgs
 from pretrain.model.pipeline import pipeline_name
-from pretrain.model.weights import VOCAB_PARAMETERS, parameter_names, partition_dim
+from pretrain.model.weights import EXPERTS, VOCAB_PARAMETERS, parameter_names, partition_dim
 from pretrain.tokenizer import Tokenizer, TokenizerError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -94,6 +95,8 @@ class CheckpointReader:
         elif self.format == UNIVERSAL_FORMAT:
             stored = name if self.layout["pp"] == 1 else pipeline_name(name, self.args)
             full = safe_load(self.path / "zero" / stored / "fp32.pt", mmap=True)["param"]
+        elif self.layout.get("ep", 1) > 1 and name.endswith(EXPERTS):
+            full = torch.cat([self._file(experts_file(ep_rank))[name] for ep_rank in range(self.layout["ep"])])
         else:
             dim = partition_dim(name)
             shards = [self._shard(name, tp_rank) for tp_rank in range(self.layout["tp"] if dim is not None else 1)]

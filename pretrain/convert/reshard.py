@@ -31,6 +31,12 @@ def reshard(checkpoint: str | Path, out: str | Path, tp: int, pp: int, step: int
     if reader.format == WEIGHTS:
         raise CheckpointError(f"{reader.path} holds weights only (from `pretrain convert from-hf`): it loads at any "
                               "parallel.tp/parallel.pp as it is; no resharding needed")
+    if reader.layout.get("ep", 1) > 1:
+        raise CheckpointError(
+            f"{reader.path} was saved with parallel.ep={reader.layout['ep']}: resharding does not handle expert-parallel "
+            "checkpoints yet (DeepSpeed's universal format, which it goes through, holds only the first expert-parallel "
+            "rank's experts). Resume it in its own layout, or for the weights alone: `pretrain convert to-hf` then "
+            "`pretrain convert from-hf --tp N --pp M`")
     zero_stage = reader.client_state["ds_config"]["zero_optimization"]["stage"]
     if zero_stage not in (1, 2):
         raise CheckpointError(
