@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from pretrain.checkpoint import (
     DEEPSPEED, MARKER, PARTIAL, UNIVERSAL, UNIVERSAL_FORMAT, WEIGHTS, CheckpointError, checkpoint_format, claim_run,
-    experts_file, find_checkpoint, fsync, layout_record, partial_dir, prune, publish, read_marker, replicas, safe_load, step_dir,
-    store_tokenizer, to_universal, verify_files, write_marker,
+    experts_file, find_checkpoint, fsync, layout_record, partial_dir, prune, publish, read_marker, replicas, safe_load,
+    step_dir, store_tokenizer, to_universal, verify_files, write_marker,
 )
 from pretrain.config import CheckpointConfig, Config, DataSource, Layout, OptimizerConfig, OptimizerName, run_id, to_yaml
 from pretrain.lease import FolderLease

@@ -299,15 +299,25 @@ def test_a_moe_run_resumes_bit_for_bit(name, moe_runs, tmp_path, capsys):
 def test_an_expert_parallel_checkpoint_exports_like_a_data_parallel_one(moe_runs, tmp_path, capsys):
     """`convert to-hf` of the EP2 checkpoint of step 2 assembles whole expert tensors from the experts
     files: the export of the DP2 run's checkpoint of the same step, up to the order of the sums; the
-    marker lists the experts files; `convert reshard` refuses it by name."""
+    marker lists the experts files, the trust check reads them; `convert reshard` refuses it by name."""
+    import shutil
+
     from safetensors.torch import load_file
 
-    from pretrain.checkpoint import experts_file, read_marker
+    from pretrain.checkpoint import CheckpointError, experts_file, read_marker, verify_files
 
     root = moe_runs["root"]
     step = root / "ep2" / "step_00000002"
     marker = read_marker(step)
     assert marker["layout"]["ep"] == 2 and {experts_file(0), experts_file(1)} <= marker["files"].keys()
+    shutil.copytree(step, tmp_path / "tampered")
+    class Code:
+        def __reduce__(self):
+            return exec, ("",)
+
+    torch.save({"layers.1.mlp.experts.gate_proj": Code()}, tmp_path / "tampered" / experts_file(1))
+    with pytest.raises(CheckpointError, match=rf"{experts_file(1)} holds more than tensors and settings \(exec\)"):
+        verify_files(tmp_path / "tampered")
     for name, folder in (("ep2", step), ("dp2", root / "checkpoint" / "step_00000002")):
         export(folder, tmp_path / name, dtype="fp32", tokenizer="none")
     ep2, dp2 = (load_file(tmp_path / name / "model.safetensors") for name in ("ep2", "dp2"))
