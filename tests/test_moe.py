@@ -181,7 +181,8 @@ def moe_runs(generate_data, tmp_path_factory) -> dict:
     in one process; at DP2 and EP2 with ZeRO-1 and 2, TP2 with and without sequence parallelism
     (experts whole on each rank, shared experts TP-sharded), and at DP2 without shared experts with
     checkpoints every 2 steps (to export), then resumed from step 2, and likewise at EP2 with ZeRO-2 (one
-    launch); at EP4 and EP2 x expert-DP2, and the DP2 checkpoint resumed at DP4 (one launch of 4)."""
+    launch); at EP4 and EP2 x expert-DP2 (with checkpoints, then resumed from step 2), and the DP2
+    checkpoint resumed at DP4 (one launch of 4)."""
     root, data = tmp_path_factory.mktemp("moe"), generate_data
     base = [f"data.path={data / 'train'}", f"data.valid_path={data / 'valid'}", "data.num_workers=0",
             "data.source=shards", "model.vocab_size=0", "model.seq_len=32", "train.max_steps=5", "log.interval=1",
@@ -209,7 +210,10 @@ def moe_runs(generate_data, tmp_path_factory) -> dict:
         "balanced_resumed": BALANCED + [f"checkpoint.dir={root / 'balanced_resumed'}",
                                         f"checkpoint.resume={root / 'balanced' / 'step_00000002'}"]}, config=MOE_TINY)
     runs |= run_layouts(root / "four", 4, base, {
-        "ep4": ["parallel.ep=4"], "ep2_dp4": ["parallel.ep=2"],
+        "ep4": ["parallel.ep=4"],
+        "ep2_dp4": ["parallel.ep=2", f"checkpoint.dir={root / 'ep2_dp4'}", "checkpoint.interval=2", "checkpoint.keep_last=0"],
+        "ep2_dp4_resumed": ["parallel.ep=2", f"checkpoint.dir={root / 'ep2_dp4_resumed'}",
+                            f"checkpoint.resume={root / 'ep2_dp4' / 'step_00000002'}"],
         "resumed_dp4": EXPORTABLE + [f"checkpoint.dir={root / 'resumed_dp4'}",
                                      f"checkpoint.resume={root / 'checkpoint' / 'step_00000002'}"]}, config=MOE_TINY)
     return {"runs": runs, "root": root}
@@ -267,14 +271,15 @@ def test_bf16_moe_trains_within_2_percent_of_fp32(moe_runs):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("name", ["exportable", "balanced", "ep2_saved"])
+@pytest.mark.parametrize("name", ["exportable", "balanced", "ep2_saved", "ep2_dp4"])
 def test_a_moe_run_resumes_bit_for_bit(name, moe_runs, tmp_path, capsys):
     """Softmax routing, sigmoid routing with aux-loss-free balancing (its biases restored), and expert
-    parallelism (each expert-parallel rank's experts restored from its own file)."""
+    parallelism, EP2 and EP2 x expert-DP2 (each expert-parallel rank's experts restored from its own file)."""
     from pretrain.convert.reader import CheckpointReader
 
     runs = moe_runs["runs"]
-    resumed = runs[{"exportable": "resumed", "balanced": "balanced_resumed", "ep2_saved": "ep2_resumed"}[name]]
+    resumed = runs[{"exportable": "resumed", "balanced": "balanced_resumed", "ep2_saved": "ep2_resumed",
+                    "ep2_dp4": "ep2_dp4_resumed"}[name]]
     assert sorted(resumed["loss"]) == [3, 4, 5]
     assert all(resumed["loss"][step] == runs[name]["loss"][step] for step in (3, 4, 5))
     assert resumed["valid_loss"][5] == runs[name]["valid_loss"][5]
