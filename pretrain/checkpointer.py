@@ -3,8 +3,8 @@ from a step folder of the checkpoint format (pretrain.checkpoint): DeepSpeed's f
 fp32 master weights, optimizer and scheduler state, counters, the client state below) plus
 `rank_XXXXX.pt` per rank (RNG states, this rank's data-stream state), under expert parallelism
 the experts of each expert-parallel rank (pretrain.checkpoint.experts_file), and the tokenizer
-copy. Saves are atomic across ranks; resuming at another data-parallel size goes through DeepSpeed's
-universal form of the checkpoint, made once beside it."""
+copy. Saves are atomic across ranks; resuming at another data-parallel size goes through
+DeepSpeed's universal form of the checkpoint, made once beside it."""
 
 import os
 import random
@@ -330,9 +330,9 @@ def universal_copy(path: Path) -> Path:
 
 
 def _load_deepspeed(engine, path: Path) -> dict | None:
-    """DeepSpeed's load of a step folder it wrote, then, under expert parallelism, this rank's experts
-    (DeepSpeed's model file holds the first expert-parallel rank's; ZeRO's files, each rank's
-    optimizer state and fp32 weights)."""
+    """DeepSpeed's load of a step folder it wrote (each rank's ZeRO partitions: optimizer state and
+    fp32 weights), then, under expert parallelism, this rank's experts from its file (DeepSpeed's
+    model file holds the first expert-parallel rank's). Returns the client state."""
     experts = _expert_parameters(engine.module)
     if not experts:
         return engine.load_checkpoint(str(path.parent), tag=path.name)[1]
