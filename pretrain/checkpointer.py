@@ -236,7 +236,9 @@ def save(engine, root: Path, step: int, client_state: dict, rank_state: dict, la
             torch.save({**rank_state, "rng": rng_state()}, own)
             fsync(own)
             experts = _expert_parameters(engine.module)
-            if experts and rank < layout["ep"]:  # the first expert-data-parallel rank of each expert-parallel rank
+            # the first expert-data-parallel rank of each expert-parallel rank, on TP rank 0 (TP peers hold the
+            # same experts; ranks are ordered tensor-parallel fastest)
+            if experts and rank % layout["tp"] == 0 and rank < layout["ep"] * layout["tp"]:
                 file = partial / experts_file(_ep_rank(experts))
                 torch.save({name: param.detach().cpu().clone() for name, param in experts.items()}, file)
                 fsync(file)

@@ -491,8 +491,6 @@ def _check_moe(config: Config, need: Callable[[bool, str], None]) -> None:
     need(not (sequence_parallel and moe.capacity_factor),
          f"model.moe.capacity_factor={moe.capacity_factor} cannot be combined with sequence parallelism yet (each "
          "tensor-parallel rank would cap its own tokens); set parallel.sequence_parallel=false or capacity_factor=0")
-    need(parallel.tp == 1 or parallel.ep == 1,
-         f"parallel.ep={parallel.ep} cannot be combined with parallel.tp={parallel.tp} yet; set one of them to 1")
     need(moe.shared_experts * moe.expert_ffn_hidden_size % parallel.tp == 0,
          f"model.moe.shared_experts x expert_ffn_hidden_size = {moe.shared_experts * moe.expert_ffn_hidden_size} "
          f"(the shared experts' width) is not divisible by parallel.tp={parallel.tp}")

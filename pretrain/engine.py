@@ -108,5 +108,5 @@ def build_engine(model: nn.Module, config: Config, layout: Layout, context: para
     if isinstance(optimizer, Muon) and config.optimizer.zero_stage in (1, 2):
         optimizer.use_zero_partitions(engine.optimizer)
     if layout.ep > 1:
-        check_deepspeed_groups(layout.ep)
+        check_deepspeed_groups(layout.ep, layout.tp)
     return engine

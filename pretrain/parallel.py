@@ -19,7 +19,7 @@ import torch.distributed as dist
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.core import parallel_state
 
-from pretrain.model.expert_parallel import new_expert_parallel_group
+from pretrain.model.expert_parallel import forget_deepspeed_groups, new_expert_parallel_group
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ def initialize(tp: int, pp: int, backend: str = "auto", timeout_minutes: float =
         cp=cp, cp_rank=parallel_state.get_context_parallel_rank(),
         device=device, backend=dist.get_backend(),
         topology=PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp * cp),
-        ep=ep, ep_group=new_expert_parallel_group(ep) if ep > 1 else None,
+        ep=ep, ep_group=new_expert_parallel_group(ep, tp) if ep > 1 else None,
     )
     check_coordinates(context)
     return context
@@ -143,10 +143,11 @@ def check_coordinates(context: ParallelContext) -> None:
 
 
 def shutdown(destroy_process_group: bool = True) -> None:
-    """Tear down the grid and (by default) the process group: a rank that exits without
-    destroying it can abort its peers at their exit barrier."""
+    """Tear down the grid (DeepSpeed's expert groups with it) and (by default) the process group: a
+    rank that exits without destroying it can abort its peers at their exit barrier."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    forget_deepspeed_groups()
     if destroy_process_group and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -162,6 +162,7 @@ def test_expert_load_records_the_balance_and_warns_of_idle_experts(tmp_path, cap
     ("model.moe.bias_update_rate=-1", "model.moe.bias_update_rate=-1.0 must be >= 0"),
     ("parallel.ep=3", "parallel.ep=3 needs a mixture of experts whose model.moe.num_experts (8) it divides"),
     ("parallel.ep=4", "parallel.ep=4 must divide the data-parallel size (2)"),
+    ("parallel.tp=2 parallel.ep=2", "parallel.ep=2 must divide the data-parallel size (1)"),
     ("parallel.ep=2 optimizer.zero_stage=0", "parallel.ep=2 needs optimizer.zero_stage 1 or 2 (not 0)"),
 ])
 def test_moe_settings_are_checked_by_name(override, named):
@@ -170,8 +171,15 @@ def test_moe_settings_are_checked_by_name(override, named):
         validate(config, 2)
 
 
+def test_expert_parallelism_composes_with_tensor_parallelism_at_config_load():
+    """EP2 x TP2 over 4 processes validates (each TP rank's 2 data-parallel ranks form its expert group)."""
+    layout = validate(load(ROOT / "configs" / "moe-tiny.yaml", ["parallel.ep=2", "parallel.tp=2"]), 4)
+    assert (layout.ep, layout.tp, layout.dp) == (2, 2, 2)
+
+
 MOE_TINY = str(ROOT / "configs" / "moe-tiny.yaml")
 EXPORTABLE = ["model.moe.shared_experts=0"]  # Qwen3-MoE has none
+EP2_TP2 = ["parallel.ep=2", "parallel.tp=2"]  # expert-parallel groups of the same TP rank: ranks {0, 2} and {1, 3}
 BALANCED = ["model.moe.scoring=sigmoid", "model.moe.bias_update_rate=0.05", "model.moe.aux_loss_coeff=0"]
 
 
@@ -181,8 +189,8 @@ def moe_runs(generate_data, tmp_path_factory) -> dict:
     in one process; at DP2 and EP2 with ZeRO-1 and 2, TP2 with and without sequence parallelism
     (experts whole on each rank, shared experts TP-sharded), and at DP2 without shared experts with
     checkpoints every 2 steps (to export), then resumed from step 2, and likewise at EP2 with ZeRO-2 (one
-    launch); at EP4 and EP2 x expert-DP2 (with checkpoints, then resumed from step 2), and the DP2
-    checkpoint resumed at DP4 (one launch of 4)."""
+    launch); at EP4, EP2 x expert-DP2 and EP2 x TP2 without sequence parallelism (each with checkpoints,
+    then resumed from step 2), EP2 x TP2 with it, and the DP2 checkpoint resumed at DP4 (one launch of 4)."""
     root, data = tmp_path_factory.mktemp("moe"), generate_data
     base = [f"data.path={data / 'train'}", f"data.valid_path={data / 'valid'}", "data.num_workers=0",
             "data.source=shards", "model.vocab_size=0", "model.seq_len=32", "train.max_steps=5", "log.interval=1",
@@ -214,6 +222,11 @@ def moe_runs(generate_data, tmp_path_factory) -> dict:
         "ep2_dp4": ["parallel.ep=2", f"checkpoint.dir={root / 'ep2_dp4'}", "checkpoint.interval=2", "checkpoint.keep_last=0"],
         "ep2_dp4_resumed": ["parallel.ep=2", f"checkpoint.dir={root / 'ep2_dp4_resumed'}",
                             f"checkpoint.resume={root / 'ep2_dp4' / 'step_00000002'}"],
+        "ep2_tp2": EP2_TP2 + ["parallel.sequence_parallel=false", f"checkpoint.dir={root / 'ep2_tp2'}",
+                              "checkpoint.interval=2", "checkpoint.keep_last=0"],
+        "ep2_tp2_resumed": EP2_TP2 + ["parallel.sequence_parallel=false", f"checkpoint.dir={root / 'ep2_tp2_resumed'}",
+                                      f"checkpoint.resume={root / 'ep2_tp2' / 'step_00000002'}"],
+        "ep2_tp2_sp": EP2_TP2,
         "resumed_dp4": EXPORTABLE + [f"checkpoint.dir={root / 'resumed_dp4'}",
                                      f"checkpoint.resume={root / 'checkpoint' / 'step_00000002'}"]}, config=MOE_TINY)
     return {"runs": runs, "root": root}
@@ -234,7 +247,7 @@ def test_moe_tiny_trains_alike_in_one_process_and_at_dp2(moe_runs):
     assert all(r["layer1/max_over_mean"] >= 1 and r["layer1/dropped"] == 0 for r in load_records)  # dropless
     assert single["loss"][5] < single["loss"][1]
     folders = {"one": ["single"], "two": ["dp2_zero1", "dp2_zero2", "ep2_zero1", "ep2_zero2", "tp2", "tp2_sp", "pp2"],
-               "four": ["ep4", "ep2_dp4"]}
+               "four": ["ep4", "ep2_dp4", "ep2_tp2", "ep2_tp2_sp"]}
     for launch, names in folders.items():
         for name in names:  # the busiest expert's pairs (integers, summed over the ranks) agree at every step
             logged = [json.loads(line) for line in (root / launch / name / "metrics.jsonl").read_text().splitlines()]
@@ -242,7 +255,8 @@ def test_moe_tiny_trains_alike_in_one_process_and_at_dp2(moe_runs):
             for part in ("moe_aux_loss", "moe_z_loss"):  # the router losses too
                 theirs = [r[part] for r in logged if r["group"] == "train"]
                 assert max(abs(a / b - 1) for a, b in zip(theirs, [r[part] for r in train_records])) <= 1e-5, name
-    for name in ("dp2_zero1", "dp2_zero2", "ep2_zero1", "ep2_zero2", "ep4", "ep2_dp4", "tp2", "tp2_sp", "pp2"):
+    for name in ("dp2_zero1", "dp2_zero2", "ep2_zero1", "ep2_zero2", "ep4", "ep2_dp4", "ep2_tp2", "ep2_tp2_sp", "tp2",
+                 "tp2_sp", "pp2"):
         diff = max(abs(runs[name]["loss"][step] - single["loss"][step]) for step in range(1, 6))
         norm_diff = max(abs(runs[name]["grad_norm"][step] / single["grad_norm"][step] - 1) for step in range(1, 6))
         valid_diff = abs(runs[name]["valid_loss"][5] - single["valid_loss"][5])
@@ -271,15 +285,16 @@ def test_bf16_moe_trains_within_2_percent_of_fp32(moe_runs):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("name", ["exportable", "balanced", "ep2_saved", "ep2_dp4"])
+@pytest.mark.parametrize("name", ["exportable", "balanced", "ep2_saved", "ep2_dp4", "ep2_tp2"])
 def test_a_moe_run_resumes_bit_for_bit(name, moe_runs, tmp_path, capsys):
     """Softmax routing, sigmoid routing with aux-loss-free balancing (its biases restored), and expert
-    parallelism, EP2 and EP2 x expert-DP2 (each expert-parallel rank's experts restored from its own file)."""
+    parallelism, EP2, EP2 x expert-DP2 and EP2 x TP2 (each expert-parallel rank's experts restored from its
+    own file, which TP rank 0 of the rank's first expert-data-parallel group wrote)."""
     from pretrain.convert.reader import CheckpointReader
 
     runs = moe_runs["runs"]
     resumed = runs[{"exportable": "resumed", "balanced": "balanced_resumed", "ep2_saved": "ep2_resumed",
-                    "ep2_dp4": "ep2_dp4_resumed"}[name]]
+                    "ep2_dp4": "ep2_dp4_resumed", "ep2_tp2": "ep2_tp2_resumed"}[name]]
     assert sorted(resumed["loss"]) == [3, 4, 5]
     assert all(resumed["loss"][step] == runs[name]["loss"][step] for step in (3, 4, 5))
     assert resumed["valid_loss"][5] == runs[name]["valid_loss"][5]
@@ -333,6 +348,19 @@ def test_an_expert_parallel_checkpoint_exports_like_a_data_parallel_one(moe_runs
     assert cli(["convert", "reshard", "--checkpoint", str(step), "--tp", "1", "--pp", "1",
                 "--out", str(tmp_path / "resharded")]) == 1
     assert "was saved with parallel.ep=2: resharding does not handle expert-parallel checkpoints" in capsys.readouterr().err
+
+
+@pytest.mark.multiprocess
+def test_an_ep2_tp2_checkpoint_reads_like_an_ep2_expert_dp2_one(moe_runs):
+    """The reader joins EP2 x TP2's experts files and TP shards into the tensors the EP2 x expert-DP2
+    run saved at step 2, up to the order of the sums."""
+    from pretrain.convert.reader import CheckpointReader
+
+    ep2_tp2, ep2_dp4 = (CheckpointReader(moe_runs["root"] / name / "step_00000002") for name in ("ep2_tp2", "ep2_dp4"))
+    assert ep2_tp2.layout["tp"] == 2 and ep2_tp2.names() == ep2_dp4.names()
+    diff = max((ep2_tp2.tensor(name) - ep2_dp4.tensor(name)).abs().max().item() for name in ep2_tp2.names())
+    print(f"EP2 x TP2 vs EP2 x expert-DP2 checkpoint after 2 steps: max |tensor diff| {diff:.3g}")
+    assert diff <= 1e-5
 
 
 @pytest.mark.parametrize("saved, current, named", [

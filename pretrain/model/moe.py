@@ -26,10 +26,11 @@ Parameters: `router.weight` [experts, hidden]; `experts.gate_proj` and `experts.
 [experts, expert_ffn, hidden], `experts.down_proj` [experts, hidden, expert_ffn] (each expert's
 weight as nn.Linear stores it); with shared experts, `shared` is a SwiGLU every token passes.
 Under expert parallelism (an `ep_group`) `experts` holds this rank's num_experts / ep of them
-(pretrain.model.expert_parallel). Under tensor parallelism the router and experts are whole on
-every TP rank; with sequence parallelism each TP rank routes its own seq/tp tokens, the router's
-and experts' gradients are summed over the TP group, and the router losses and load counts are
-those of the whole micro-batch (counts and sums all-reduced over the group).
+(pretrain.model.expert_parallel). Under tensor parallelism the router and experts (all of them, or
+under expert parallelism this rank's share) are whole on every TP rank; with sequence parallelism
+each TP rank routes its own seq/tp tokens, the router's and experts' gradients are summed over the
+TP group, and the router losses and load counts are those of the whole micro-batch (counts and
+sums all-reduced over the group).
 """
 
 import math
@@ -169,7 +170,7 @@ class MoE(nn.Module):
         if self.ep_group is None:
             out = self.experts(rows, routing.counts, group)
         else:
-            out = expert_parallel(self.experts, rows, routing.counts, self.ep_group)
+            out = expert_parallel(self.experts, rows, routing.counts, self.ep_group, group)
         out = out * routing.weight[:, None].to(x.dtype)
         out = torch.zeros_like(flat).index_add_(0, routing.token, out).view_as(x)
         if self.shared is not None:
