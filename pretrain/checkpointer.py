@@ -293,11 +293,13 @@ def check_layout(path: Path, saved: dict, current: dict, optimizer: OptimizerCon
             + (f" and {replicas(saved) * saved['tp'] * saved['pp']} processes" if replicas(saved) else "")
             + ", or start from its weights alone: `pretrain convert to-hf`, then `pretrain convert from-hf`")
     if (saved["tp"], saved["pp"]) != (current["tp"], current["pp"]):
+        reshard = (f"reshard it: `pretrain convert reshard --checkpoint {path} --tp {current['tp']} --pp {current['pp']} "
+                   "--out NEW_DIR`, then checkpoint.dir=NEW_DIR") if saved_ep == 1 else (
+                   "start from its weights alone (expert-parallel checkpoints are not resharded yet): `pretrain convert "
+                   "to-hf`, then `pretrain convert from-hf`")
         raise CheckpointError(
             f"{path} was saved with parallel.tp={saved['tp']} parallel.pp={saved['pp']}; this run has "
-            f"parallel.tp={current['tp']} parallel.pp={current['pp']}. Resume with the saved sizes, or reshard it: "
-            f"`pretrain convert reshard --checkpoint {path} --tp {current['tp']} --pp {current['pp']} --out NEW_DIR`, "
-            "then checkpoint.dir=NEW_DIR")
+            f"parallel.tp={current['tp']} parallel.pp={current['pp']}. Resume with the saved sizes, or {reshard}")
     if replicas(saved) != replicas(current) and optimizer.zero_stage == 3:
         raise CheckpointError(
             f"{path} was saved with {replicas(saved)} data- x context-parallel ranks and ZeRO-3; this run has "

@@ -367,6 +367,8 @@ def test_an_ep2_tp2_checkpoint_reads_like_an_ep2_expert_dp2_one(moe_runs):
     (dict(dp=2, ep=2), dict(dp=2, ep=1), "resume with parallel.ep=2 and 2 processes"),
     (dict(dp=2, ep=2), dict(dp=4, ep=2), "resume with parallel.ep=2 and 2 processes"),
     (dict(dp=2, ep=1), dict(dp=2, ep=2), "resume with parallel.ep=1 and 2 processes"),
+    (dict(tp=2, dp=2, ep=2), dict(dp=2, ep=2), "parallel.tp=2 parallel.pp=1; this run has parallel.tp=1 parallel.pp=1. "
+                                               "Resume with the saved sizes, or start from its weights alone"),
 ])
 def test_an_expert_parallel_resume_in_another_layout_is_refused_by_name(saved, current, named, tmp_path):
     from pretrain.checkpoint import CheckpointError, layout_record
@@ -374,7 +376,8 @@ def test_an_expert_parallel_resume_in_another_layout_is_refused_by_name(saved, c
     from pretrain.config import OptimizerConfig
 
     with pytest.raises(CheckpointError, match=named):
-        check_layout(tmp_path, layout_record(1, 1, **saved), layout_record(1, 1, **current), OptimizerConfig())
+        check_layout(tmp_path, layout_record(**{"tp": 1, "pp": 1} | saved), layout_record(**{"tp": 1, "pp": 1} | current),
+                     OptimizerConfig())
 
 
 def transformers_moe(kind: str, folder) -> None:
