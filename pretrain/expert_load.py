@@ -1,7 +1,8 @@
 """How a mixture of experts spreads its tokens, recorded every log.interval steps: per MoE block the
 busiest expert's token-expert pairs over the mean (1 = perfectly balanced) and the share of pairs
 dropped by a capacity factor, summed over the data-parallel ranks since the last record, as
-`moe/layer<i>/max_over_mean` and `moe/layer<i>/dropped`; and a warning when an expert received no
+`moe/layer<i>/max_over_mean` and `moe/layer<i>/dropped`, and its router losses (aux loss and
+z-loss, the mean over those passes) as `moe/layer<i>/aux_loss` and `moe/layer<i>/z_loss`; and a warning when an expert received no
 token for log.moe_idle_intervals records in a row (routing collapse). Pipeline stages hold their
 own blocks: their records are gathered over the pipeline."""
 
@@ -35,16 +36,22 @@ class ExpertLoad:
 
     def _values(self, step: int) -> dict[str, float]:
         load = torch.stack([moe.load for _, moe in self.layers])
+        losses = torch.stack([moe.logged_losses.to(load.device) for _, moe in self.layers])
         dist.all_reduce(load, group=self.replica_group)
+        dist.all_reduce(losses, group=self.replica_group)
         for _, moe in self.layers:
             moe.load.zero_()
-        load = load.cpu()
+            moe.logged_losses.zero_()
+        load, losses = load.cpu(), losses.cpu()
         routed, dropped = load[:, :-1], load[:, -1]
         values = {}
         for row, (index, _) in enumerate(self.layers):
             pairs = routed[row].sum().clamp(min=1)
             values[f"layer{index}/max_over_mean"] = (routed[row].max() * routed.shape[1] / pairs).item()
             values[f"layer{index}/dropped"] = (dropped[row] / pairs).item()
+            passes = losses[row, 2].clamp(min=1)
+            values[f"layer{index}/aux_loss"] = (losses[row, 0] / passes).item()
+            values[f"layer{index}/z_loss"] = (losses[row, 1] / passes).item()
         self.idle = (self.idle + 1) * (routed == 0)
         if self.idle_intervals and self.warns:
             for row, expert in (self.idle >= self.idle_intervals).nonzero().tolist():

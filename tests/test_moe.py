@@ -143,7 +143,8 @@ def test_expert_load_records_the_balance_and_warns_of_idle_experts(tmp_path, cap
     finally:
         parallel.shutdown()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1] == {"step": 2, "group": "moe", "layer1/max_over_mean": 2.5, "layer1/dropped": 0.25}
+    assert records[-1] == {"step": 2, "group": "moe", "layer1/max_over_mean": 2.5, "layer1/dropped": 0.25,
+                           "layer1/aux_loss": 0.0, "layer1/z_loss": 0.0}  # no training pass recorded
     out = capsys.readouterr().out
     assert "step 2: expert 2 of block 1 received no token in the last 2 log intervals" in out
     assert "expert 3 of block 1" in out and "step 1:" not in out
@@ -245,13 +246,20 @@ def test_moe_tiny_trains_alike_in_one_process_and_at_dp2(moe_runs):
     load_records = [r for r in records if r["group"] == "moe"]  # blocks 1-3 have experts (first_dense_layers=1)
     assert len(load_records) == 5 and all(r.keys() >= {"layer1/max_over_mean", "layer3/dropped"} for r in load_records)
     assert all(r["layer1/max_over_mean"] >= 1 and r["layer1/dropped"] == 0 for r in load_records)  # dropless
+    for train, load in zip(train_records, load_records):  # log.interval=1: the blocks' losses add up to the step's
+        for part in ("aux_loss", "z_loss"):
+            per_block = [load[f"layer{i}/{part}"] for i in (1, 2, 3)]
+            assert min(per_block) > 0 and abs(sum(per_block) / train[f"moe_{part}"] - 1) <= 1e-5, (part, per_block)
     assert single["loss"][5] < single["loss"][1]
     folders = {"one": ["single"], "two": ["dp2_zero1", "dp2_zero2", "ep2_zero1", "ep2_zero2", "tp2", "tp2_sp", "pp2"],
                "four": ["ep4", "ep2_dp4", "ep2_tp2", "ep2_tp2_sp"]}
     for launch, names in folders.items():
         for name in names:  # the busiest expert's pairs (integers, summed over the ranks) agree at every step
             logged = [json.loads(line) for line in (root / launch / name / "metrics.jsonl").read_text().splitlines()]
-            assert [r for r in logged if r["group"] == "moe"] == load_records, name
+            theirs = [r for r in logged if r["group"] == "moe"]
+            assert [{k: v for k, v in r.items() if "loss" not in k} for r in theirs] == \
+                [{k: v for k, v in r.items() if "loss" not in k} for r in load_records], name
+            assert all(abs(a[k] / b[k] - 1) <= 1e-5 for a, b in zip(theirs, load_records) for k in a if "loss" in k)
             for part in ("moe_aux_loss", "moe_z_loss"):  # the router losses too
                 theirs = [r[part] for r in logged if r["group"] == "train"]
                 assert max(abs(a / b - 1) for a, b in zip(theirs, [r[part] for r in train_records])) <= 1e-5, name

@@ -142,6 +142,7 @@ class MoE(nn.Module):
         # pipeline stages: the router losses train through the output, their gradient this (1 / micro-batches)
         self.attach_scale: float | None = None
         self.router_losses = torch.zeros(2)  # aux and z-loss summed over recorded passes, for the logs (pipeline)
+        self.logged_losses = torch.zeros(3)  # this block's aux loss, z-loss and passes since the last load record
         ep = ep_group.size() if ep_group is not None else 1
         self.router = nn.Linear(hidden_size, args.num_experts, bias=False)
         self.experts = Experts(args.num_experts // ep, hidden_size, args.expert_ffn_hidden_size)
@@ -201,6 +202,9 @@ class MoE(nn.Module):
         """Count the last training forward pass's load (once per pass, also when activation
         checkpointing recomputes the block)."""
         self.load += self.last_load
+        passes = torch.ones((), device=self.aux_loss.device)
+        self.logged_losses = self.logged_losses.to(self.aux_loss.device) + torch.stack(
+            [self.aux_loss.detach().float(), self.z_loss.detach().float(), passes])
         if self.args.bias_update_rate > 0:
             self.step_load += self.last_load[:-1]
 
