@@ -97,7 +97,9 @@ def run_eval(checkpoint: str, step: int | None, data: str, batches: int | None, 
     config: Config = reader.config
     config.data.valid_path, config.train.eval_steps = data, batches or config.train.eval_steps
     config.data.path, config.data.tokenizer = data, ""
-    config.parallel.tp, config.parallel.pp = 1, 1  # one process holds the whole model
+    # one process holds the whole model (the reader joins TP, PP and expert-parallel shards)
+    config.parallel.tp = config.parallel.pp = config.parallel.cp = config.parallel.ep = 1
+    config.parallel.sequence_parallel = "auto"
     info = stream.resolve(config)
     stream.verify_shards(info, rank=0, world_size=1, tolerate=False)
     recorded = (reader.client_state.get("tokenizer") or {}).get("sha256")

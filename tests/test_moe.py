@@ -446,6 +446,26 @@ def test_hugging_face_exports_and_imports_of_mixtures_of_experts(moe_runs, tmp_p
         assert generated == (theirs[:theirs.index(2)] if 2 in theirs else theirs), name
 
 
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("name, folder", [("exportable", "checkpoint"), ("balanced", "balanced"), ("ep2_saved", "ep2"),
+                                          ("ep2_tp2", "ep2_tp2")])
+def test_pretrain_eval_of_a_moe_checkpoint_gives_the_trainers_validation_loss(name, folder, moe_runs, generate_data,
+                                                                              tmp_path):
+    """Softmax routing, aux-loss-free biases, and expert-parallel checkpoints (experts joined by the reader);
+    `pretrain generate` completes from each."""
+    from pretrain.generate import Sampling
+    from pretrain.inference import run_eval, run_generate
+
+    result = run_eval(str(moe_runs["root"] / folder), None, str(generate_data / "valid"), batches=2,
+                      out=str(tmp_path / "eval.json"), device="cpu")
+    expected = moe_runs["runs"][name]["valid_loss"][5]
+    print(f"{name}: pretrain eval {result['loss']:.6f}, the trainer's validation loss {expected:.6f}")
+    assert abs(result["loss"] - expected) < 1e-5
+    [completion] = run_generate(str(moe_runs["root"] / folder), None, ["def "], Sampling(max_new_tokens=4),
+                                tokenizer=None, device="cpu")
+    assert 1 <= len(completion) <= 4
+
+
 @pytest.mark.parametrize("rate", [0.0, 0.02])
 def test_aux_loss_free_balancing_evens_out_a_router_that_favours_two_experts(rate):
     """A router whose weights point two experts at the inputs' mean direction, the bias alone adapting
