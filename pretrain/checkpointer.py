@@ -84,7 +84,7 @@ class Checkpointer:
         self.tokenizer_sha256 = tokenizer_sha256
         self.run_id = run_id(config)
         self.lease: FolderLease | None = None
-        self.weights_only = False  # the checkpoint start() found gives weights only: step 0, fresh optimizer
+        self.from_weights_only = False  # the checkpoint start() found gives weights only: step 0, fresh optimizer
 
     def start(self) -> Path | None:
         """Claim checkpoint.dir (rank 0: the run record and the lease) and find the checkpoint
@@ -102,7 +102,7 @@ class Checkpointer:
         dist.broadcast_object_list(outcome, src=0)
         if isinstance(outcome[0], Exception):
             raise outcome[0]
-        found, self.weights_only = outcome
+        found, self.from_weights_only = outcome
         return found
 
     def _find(self) -> list:

@@ -88,12 +88,12 @@ class Trainer:
     def _build(self, resume_from: Path | None, log_dir: Path) -> None:
         config, layout, context, data = self.config, self.layout, self.context, self.data
         self.model = build_model(config, layout, context)
-        if self.checkpointer.weights_only:  # before DeepSpeed copies the weights into its optimizer
+        if self.checkpointer.from_weights_only:  # before DeepSpeed copies the weights into its optimizer
             self.checkpointer.load_weights(self.model, resume_from, context.tp_rank, single_stage_names(config, layout))
         precision = resolve_precision(config.train.precision, context.device)
         self.engine = build_engine(self.model, config, layout, context, precision, self.last_step)
         self.progress = Progress()
-        if resume_from is not None and not self.checkpointer.weights_only:
+        if resume_from is not None and not self.checkpointer.from_weights_only:
             with loading_checkpoint(self.engine, config.optimizer.zero_stage):
                 self.progress = self.checkpointer.resume(self.engine, resume_from)
         self.start_step = self.progress.step
